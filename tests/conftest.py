@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("NEUROSPEC_NO_PROGRESS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Real-model tests are part of the suite; NEUROSPEC_SKIP_SLOW=1 leaves them out for quick local loops.
+    if os.environ.get("NEUROSPEC_SKIP_SLOW"):
+        skip = pytest.mark.skip(reason="NEUROSPEC_SKIP_SLOW is set")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)

