@@ -57,3 +57,28 @@ def tiny_inputs(family: str, batch: int = 2, seq: int = 12, seed: int = 0) -> di
     if family == "vit":
         return {"pixel_values": torch.randn(batch, 1, 8, 8, generator=g)}
     return {"input_ids": torch.randint(2, VOCAB, (batch, seq), generator=g)}
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII (97 ids < VOCAB), built in-process."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for ch in string.printable[:95]:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def write_corpus(path, n_docs: int = 40, seed: int = 0, words=("alpha", "beta", "gamma", "delta")) -> str:
+    """A small text file of blank-line separated documents; returns the path as a string."""
+    import random
+
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs))
+    return str(path)

@@ -71,14 +71,14 @@ class Progress:
 
         if not self.enabled:
             return
+        now = time.perf_counter()
         if label not in self._tasks:
-            self._tasks[label] = self._bar.add_task(label, total=total, rate="")
-            self._t0[label] = time.perf_counter()
-            return_rate = ""
-        else:
-            dt = time.perf_counter() - self._t0[label]
-            return_rate = f"{done / dt:,.0f} tok/s" if dt > 0 else ""
-        self._bar.update(self._tasks[label], completed=done, total=total, rate=return_rate)
+            self._tasks[label] = self._bar.add_task(label, total=total, completed=done, rate="")
+            self._t0[label] = (now, done)
+            return
+        t0, d0 = self._t0[label]
+        rate = f"{(done - d0) / (now - t0):,.0f} tok/s" if now > t0 else ""
+        self._bar.update(self._tasks[label], completed=done, total=total, rate=rate)
 
 
 def init_distributed() -> None:

@@ -56,16 +56,18 @@ def models_cmd(json_: bool = typer.Option(False, "--json", help="machine-readabl
 @handle_errors
 def tasks_cmd(json_: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Bundled tasks, with source, size and licence."""
-    from neurospec.data.corpora import list_corpora
+    from neurospec.data.corpora import corpus_rows
 
-    rows = list_corpora()
+    rows = corpus_rows()
 
     def human():
         t = Table(title="bundled tasks (use a name, or NAME=SOURCE for your own data)")
         for c in ("task", "description", "documents", "characters", "licence"):
             t.add_column(c)
         for r in rows:
-            t.add_row(r["name"], r["description"], str(r.get("documents", "?")), str(r.get("characters", "?")),
+            chars = r.get("characters")
+            chars = "?" if chars is None else (f"{chars:,}" if r.get("exact") else f"~{chars:,}")
+            t.add_row(r["name"], r["description"], str(r.get("documents", r.get("error", "?"))), chars,
                       r.get("licence", ""))
         out.print(t)
 

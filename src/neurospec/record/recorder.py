@@ -88,14 +88,18 @@ class RecordConfig:
 # ----------------------------------------------------------------------------------------------- accumulators
 
 
-def make_accumulators(site: Site, cfg: RecordConfig, range_sync=None) -> dict[str, Any]:
+def make_accumulators(site: Site, cfg: RecordConfig, range_sync=None, rank: int = 0) -> dict[str, Any]:
+    """Fresh accumulators of one site. The reservoir's seed depends on the site and the rank, so the parts recorded
+    by different ranks are independent samples (their merge is a uniform sample of all tokens, though not the same
+    sample a single process would draw)."""
     accs: dict[str, Any] = {
         "stats": NeuronStats(
             site.width, hist_bins=cfg.hist_bins, hist_sample_every=cfg.hist_sample_every, range_sync=range_sync
         )
     }
     if cfg.reservoir:
-        accs["reservoir"] = Reservoir(site.width, cfg.reservoir, seed=cfg.seed * 100_003 + site.layer * 2 + (site.kind == "attn"))
+        seed = cfg.seed * 1_000_003 + rank * 10_007 + site.layer * 2 + (site.kind == "attn")
+        accs["reservoir"] = Reservoir(site.width, cfg.reservoir, seed=seed)
     if site.kind in cfg.comoments:
         accs["comoments"] = CoMoments(site.width)
     return accs
@@ -192,7 +196,7 @@ def record_task(
             for group in accs.values():
                 group["stats"].range_sync = sync
     else:
-        accs, done = {s.name: make_accumulators(s, cfg, sync) for s in sites}, 0
+        accs, done = {s.name: make_accumulators(s, cfg, sync, rank) for s in sites}, 0
     model = loaded.model
     body = _forward_body(model)
     device = loaded.device
@@ -211,15 +215,17 @@ def record_task(
     for s in sites:
         handles.append(model.get_submodule(s.module).register_forward_pre_hook(make_hook(s, accs[s.name])))
     tokens_total = len(mine) * cfg.batch_size * blocks.shape[1]
+    if progress is not None:
+        progress(task_name, done * cfg.batch_size * blocks.shape[1], tokens_total)
     try:
         with torch.inference_mode():
             for i, b in enumerate(mine[done:], start=done):
                 batch = blocks[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)
                 body(input_ids=batch)
-                if progress is not None:
-                    progress(task_name, (i + 1) * cfg.batch_size * blocks.shape[1], tokens_total)
                 if checkpoint is not None and (i + 1) % checkpoint_every == 0 and i + 1 < len(mine):
                     checkpoint(accs, i + 1)
+                if progress is not None:
+                    progress(task_name, (i + 1) * cfg.batch_size * blocks.shape[1], tokens_total)
     finally:
         for h in handles:
             h.remove()

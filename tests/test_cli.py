@@ -1,0 +1,67 @@
+"""The command line: JSON contracts and clear errors, on a tiny model saved to disk."""
+
+import json
+
+import pytest
+from tiny import char_tokenizer, tiny_model, write_corpus
+from typer.testing import CliRunner
+
+from neurospec.cli import _register, app
+
+_register()
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_models_and_tasks_json():
+    r = invoke("models", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert {b["alias"] for b in data["bundled"]} == {"smollm2-135m", "minilm-l6"}
+    assert {"llama", "gpt2", "gpt_neox", "opt", "bert", "vit"} <= {f["name"] for f in data["families"]}
+    r = invoke("tasks", "--json")
+    assert r.exit_code == 0, r.output
+    names = {row["name"] for row in json.loads(r.stdout)}
+    assert {"python", "c", "prose", "dialog", "dialog-french", "dialog-spanish", "dialog-german"} <= names
+
+
+def test_sites_and_record_json_contract(model_dir, tmp_path):
+    r = invoke("sites", model_dir, "--json")
+    assert r.exit_code == 0, r.output
+    sites = json.loads(r.stdout)["sites"]
+    assert [s["name"] for s in sites] == ["layers.0.mlp", "layers.0.attn", "layers.1.mlp", "layers.1.attn"]
+    corpus = write_corpus(tmp_path / "a.txt")
+    args = ["record", "--model", model_dir, "--task", f"words={corpus}", "--task", "prose", "--tokens", 256,
+            "--eval-tokens", 64, "--seq-len", 32, "--batch-size", 4, "--out", tmp_path / "run", "--json"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["run"] == str(tmp_path / "run")
+    assert out["tasks"] == {"words": 256, "prose": 256}
+    assert [{k: s[k] for k in ("name", "kind", "layer", "width")} for s in sites] == out["sites"]
+    r = invoke(*args)  # the same record again: nothing to do, same answer
+    assert r.exit_code == 0 and json.loads(r.stdout)["tasks"] == out["tasks"]
+
+
+def test_errors_are_one_clear_line(model_dir, tmp_path):
+    r = invoke("sites", tmp_path / "nope")
+    assert r.exit_code == 2 and "no such model" in r.output and "Traceback" not in r.output
+    r = invoke("record", "--model", model_dir, "--task", "prose", "--task", "prose", "--out", tmp_path / "r",
+               "--tokens", 64, "--seq-len", 32)
+    assert r.exit_code == 2 and "more than once" in r.output
+    r = invoke("record", "--model", model_dir, "--task", f"x={tmp_path / 'missing.txt'}", "--out", tmp_path / "r",
+               "--tokens", 64, "--seq-len", 32)
+    assert r.exit_code == 2 and "missing.txt" in r.output
