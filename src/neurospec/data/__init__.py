@@ -18,6 +18,7 @@ _LAZY = {
     "CorpusSize": "neurospec.data.corpora",
     "get_corpus": "neurospec.data.corpora",
     "list_corpora": "neurospec.data.corpora",
+    "corpus_rows": "neurospec.data.corpora",
     "corpus_names": "neurospec.data.corpora",
     "register_corpus": "neurospec.data.corpora",
     "Document": "neurospec.data.sources",

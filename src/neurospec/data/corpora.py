@@ -109,6 +109,28 @@ def list_corpora() -> tuple[Corpus, ...]:
     return tuple(_REGISTRY.values())
 
 
+def corpus_rows() -> list[dict[str, object]]:
+    """One JSON-ready row per corpus for listings: name, description, origin, licence, documents, characters,
+    exact (False where characters are estimated), aliases; ``error`` instead of the sizes if it is unavailable."""
+    rows: list[dict[str, object]] = []
+    for corpus in _REGISTRY.values():
+        row: dict[str, object] = {
+            "name": corpus.name,
+            "description": corpus.description,
+            "origin": corpus.origin,
+            "licence": corpus.licence,
+            "aliases": [alias for alias, target in _ALIASES.items() if target == corpus.name],
+        }
+        try:
+            size = corpus.size()
+        except TaskError as exc:
+            row["error"] = str(exc)
+        else:
+            row.update(documents=size.documents, characters=size.characters, exact=size.exact)
+        rows.append(row)
+    return rows
+
+
 def get_corpus(name: str) -> Corpus:
     """The corpus called ``name`` (or an alias of it); TaskError listing the corpora if there is none."""
     resolved = resolve_corpus_name(name)

@@ -3,6 +3,7 @@
 A *source string* names one of:
 
 - a bundled corpus (``python``, ``c``, ``prose``, ``dialog``, ``dialog-french``, ... see ``neurospec.data.corpora``);
+  the name wins over a same-named path (write ``./python`` for a directory called ``python``);
 - a local ``.txt`` file: documents are separated by one or more blank lines (lines holding only whitespace);
   a file with no blank line is one document;
 - a local directory of ``.txt`` files, searched recursively (hidden files and folders skipped): one document per
@@ -15,6 +16,8 @@ A *source string* names one of:
 - ``hf:NAME``: a dataset loaded with ``datasets.load_dataset(NAME, config, split=..., data_files=...)``. It works
   when the hub is reachable or the dataset is in the local Hugging Face cache (set ``HF_HUB_OFFLINE=1`` to skip
   the network). ``NAME`` may be a packaged builder (``json``, ``csv``, ``parquet``, ``text``) with ``data_files``.
+  ``load_dataset`` downloads and prepares the whole split, which may take much disk and time for a large
+  dataset: a slice such as ``split=train[:20000]`` (percent-encoded in a source string) keeps it small.
 
 Options follow a ``?`` as ``key=value`` pairs joined by ``&`` (values may be percent-encoded):
 ``column`` (text column), ``split``, ``config`` (hub configuration) and ``data_files`` (hub builders). Examples::
@@ -25,8 +28,9 @@ Options follow a ``?`` as ``key=value`` pairs joined by ``&`` (values may be per
     hf:wikitext?config=wikitext-2-raw-v1&split=test
     hf:json?data_files=data/train.jsonl
 
-An option that a source does not use is an error, never ignored. Blank documents (empty or only whitespace, or a
-null cell) are kept as documents here and skipped when tokenising.
+An option that a source does not use is an error, never ignored. Blank documents (empty or only whitespace, a
+null cell, a JSON row without the column) are kept as documents here and skipped when tokenising; a table where no
+row has the column is an error that lists the columns it has.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
@@ -285,6 +289,14 @@ def _not_found_message(source: str) -> str:
     )
 
 
+_KIND_LABELS = {
+    "corpus": "bundled corpus",
+    "text-file": "text file",
+    "text-dir": "directory of .txt files",
+    "table": "table file",
+    "saved-dataset": "saved dataset",
+    "hub": "datasets name",
+}
 _ALLOWED_OPTIONS = {
     "corpus": (),
     "text-file": (),
@@ -314,7 +326,7 @@ def open_source(
     if unused:
         allowed = ", ".join(_ALLOWED_OPTIONS[kind]) or "none"
         raise TaskError(
-            f"option {', '.join(unused)} does not apply to {source!r} (a {kind.replace('-', ' ')}); "
+            f"option {', '.join(unused)} does not apply to {source!r} (a {_KIND_LABELS[kind]}); "
             f"its options: {allowed}"
         )
     if kind == "corpus":
@@ -439,8 +451,24 @@ def _text_value(value: Any, where: str, column: str) -> str | None:
     )
 
 
-def _read_jsonl(path: Path, column: str) -> list[str | None]:
+def _column_of_rows(rows: Iterable[tuple[str, Any]], path: Path, column: str) -> list[str | None]:
+    """The text column of JSON rows ``(where, row)``: a row without it is a null cell; no row with it is an error."""
     values: list[str | None] = []
+    keys: dict[str, None] = {}
+    found = False
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise TaskError(f"{where} is a JSON {type(row).__name__}, not an object with a text column")
+        if column in row:
+            found = True
+        keys.update(dict.fromkeys(row))
+        values.append(_text_value(row.get(column), where, column))
+    if values and not found:
+        raise _missing_column(str(path), column, list(keys))
+    return values
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         handle = path.open(encoding="utf-8-sig")
     except OSError as exc:
@@ -452,21 +480,17 @@ def _read_jsonl(path: Path, column: str) -> list[str | None]:
                     continue
                 where = f"{path} line {lineno}"
                 try:
-                    row = json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise TaskError(
                         f"{where} is not valid JSON ({exc.msg}); a .jsonl file holds one JSON object per line"
                     ) from None
-                if not isinstance(row, dict):
-                    raise TaskError(
-                        f"{where} is a JSON {type(row).__name__}, not an object with a text column"
-                    )
-                if column not in row:
-                    raise _missing_column(where, column, list(row))
-                values.append(_text_value(row[column], where, column))
         except UnicodeDecodeError as exc:
             raise TaskError(f"{path} is not UTF-8 text (invalid byte {exc.object[exc.start]:#x})") from None
-    return values
+
+
+def _read_jsonl(path: Path, column: str) -> list[str | None]:
+    return _column_of_rows(_jsonl_rows(path), path, column)
 
 
 def _read_json(path: Path, column: str) -> list[str | None]:
@@ -486,15 +510,7 @@ def _read_json(path: Path, column: str) -> list[str | None]:
         return [_text_value(v, f"{path} item {i}", column) for i, v in enumerate(rows)]
     if not isinstance(data, list):
         raise TaskError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects")
-    values = []
-    for i, row in enumerate(data):
-        where = f"{path} item {i}"
-        if not isinstance(row, dict):
-            raise TaskError(f"{where} is a JSON {type(row).__name__}, not an object with a text column")
-        if column not in row:
-            raise _missing_column(where, column, list(row))
-        values.append(_text_value(row[column], where, column))
-    return values
+    return _column_of_rows(((f"{path} item {i}", row) for i, row in enumerate(data)), path, column)
 
 
 def _read_csv(path: Path, column: str, delimiter: str) -> Any:
@@ -552,19 +568,19 @@ def _read_parquet(path: Path, column: str) -> Any:
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence the progress bars of ``datasets`` for the duration (library code never prints)."""
+    import datasets
     from datasets.utils import logging as ds_logging
-    from datasets.utils import tqdm as ds_tqdm
 
-    bars_were_off = ds_tqdm.are_progress_bars_disabled()
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
     level = ds_logging.get_verbosity()
-    ds_tqdm.disable_progress_bars()
+    datasets.utils.disable_progress_bars()
     ds_logging.set_verbosity_error()
     try:
         yield
     finally:
         ds_logging.set_verbosity(level)
         if not bars_were_off:
-            ds_tqdm.enable_progress_bars()
+            datasets.utils.enable_progress_bars()
 
 
 def _pick_split(obj: Any, split: str | None, where: str) -> Any:
@@ -651,5 +667,8 @@ def _open_hub(
         ) from None
     # With a split, load_dataset has already chosen it and returns a Dataset.
     dataset = _pick_split(obj, None, where)
-    licence = getattr(dataset.info, "license", None) or f"see the card of dataset {name!r}"
+    if data_files is not None:
+        licence = "user data"
+    else:
+        licence = getattr(dataset.info, "license", None) or f"see the card of dataset {name!r}"
     return dataset_source(dataset, column, where, licence=licence)

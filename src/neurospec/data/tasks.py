@@ -15,8 +15,8 @@ only when the text before the first ``=`` is such a name (so ``./a=b.txt`` is a 
 How ``build_task_data`` makes the blocks, for each split (``collect`` and ``eval``):
 
 1. Every document goes to the evaluation split when a stable hash of ``(seed, doc_id)`` falls below
-   ``eval_fraction``, else to the collection split. A document is in one split only, so the splits never share a
-   token of the same document. An exact duplicate of a document already used is skipped, so no text appears twice.
+   ``eval_fraction``, else to the collection split, so no document feeds both splits. An exact duplicate of a
+   document already used (in either split) is skipped, so no text appears twice.
 2. Documents are visited in a seeded shuffle (sorting by a stable hash of ``(seed, doc_id)``); blank ones are
    skipped. Only documents of a split that still needs tokens are read and tokenised, so a large corpus is never
    tokenised whole.
@@ -40,14 +40,18 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import numpy as np
 import torch
 
 from neurospec.data.corpora import resolve_corpus_name
 from neurospec.data.sources import HUB_PREFIX, OPTION_KEYS, DocumentSource, open_source, split_options
 from neurospec.errors import TaskError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SPLITS = ("collect", "eval")
 DATA_FORMAT = 1  # bump when the packing changes what a spec and a tokenizer produce
@@ -254,7 +258,7 @@ class TaskData:
 # Tokenizer helpers
 
 
-def separator_id(tokenizer: Any) -> int | None:
+def separator_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The token put between documents: eos, else sep, else None (documents simply abut)."""
     for attr in ("eos_token_id", "sep_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -263,7 +267,7 @@ def separator_id(tokenizer: Any) -> int | None:
     return None
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     encoded = tokenizer(
         texts,
         add_special_tokens=False,
@@ -274,7 +278,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return encoded["input_ids"]
 
 
-def tokenizer_identity(tokenizer: Any, *, exact: bool = False) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase, *, exact: bool = False) -> dict[str, Any]:
     """What identifies a tokenizer: vocabulary size, a hash of a fixed probe's token ids and the separator.
 
     With ``exact``, also a hash of the fast tokenizer's full definition (without padding and truncation
@@ -319,11 +323,13 @@ def shuffled_ids(ids: Sequence[str], seed: int) -> list[str]:
 
 @dataclass
 class _Stream:
+    """One split's token stream while it is filled: pieces (documents and separators) and document offsets."""
+
     wanted: int  # tokens: requested blocks * seq_len
-    pieces: list[list[int]] = dataclasses.field(default_factory=list)
+    pieces: list[np.ndarray] = dataclasses.field(default_factory=list)
     starts: list[tuple[str, int, bytes]] = dataclasses.field(
         default_factory=list
-    )  # (doc id, offset, text sha)
+    )  # (id, offset, text sha256)
     length: int = 0
     duplicates: int = 0
 
@@ -334,7 +340,7 @@ class _Stream:
 
 def _fill_streams(
     source: DocumentSource,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     separator: int | None,
     streams: dict[str, _Stream],
     *,
@@ -378,21 +384,17 @@ def _fill_streams(
                 continue
             used.add(digest)
             if stream.length and separator is not None:
-                stream.pieces.append([separator])
+                stream.pieces.append(np.array([separator], dtype=np.int64))
                 stream.length += 1
             stream.starts.append((doc_id, stream.length, digest))
-            stream.pieces.append(list(ids))
+            stream.pieces.append(np.asarray(ids, dtype=np.int64))
             stream.length += len(ids)
 
 
 def _blocks(stream: _Stream, seq_len: int) -> torch.Tensor:
     kept = min(stream.length, stream.wanted) // seq_len * seq_len
-    flat: list[int] = []
-    for piece in stream.pieces:
-        if len(flat) >= kept:
-            break
-        flat.extend(piece)
-    return torch.tensor(flat[:kept], dtype=torch.long).reshape(-1, seq_len)
+    flat = np.concatenate(stream.pieces) if stream.pieces else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(flat[:kept].copy()).reshape(-1, seq_len)
 
 
 def _check_budgets(
@@ -429,7 +431,7 @@ def _too_small(
 
 def build_task_data(
     spec: TaskSpec | str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     seq_len: int,
     collect_tokens: int,
@@ -521,9 +523,6 @@ def build_task_data(
     return data
 
 
-# The names the package re-exports at its top level (``neurospec.load_task``, ``neurospec.Task``).
-load_task = build_task_data
-Task = TaskData
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -541,7 +540,7 @@ def cache_dir() -> Path:
 
 
 def _cache_path(
-    spec: TaskSpec, source: DocumentSource, tokenizer: Any, arguments: dict[str, Any]
+    spec: TaskSpec, source: DocumentSource, tokenizer: PreTrainedTokenizerBase, arguments: dict[str, Any]
 ) -> Path | None:
     source_identity = source.identity()
     tokenizer_id = tokenizer_identity(tokenizer, exact=True)

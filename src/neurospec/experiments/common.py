@@ -1,0 +1,97 @@
+"""Pieces every pipeline shares: building tasks once, recording them, and evaluating a task under any head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurospec.errors import NeurospecError, TaskError
+from neurospec.models.loading import LoadedModel
+from neurospec.record.recorder import ProgressFn, RecordConfig, record
+from neurospec.record.store import Run, open_run
+
+
+def build_tasks(loaded: LoadedModel, specs: Sequence[Any], cfg: RecordConfig) -> dict[str, Any]:
+    """``{name: TaskData}`` for every spec (strings like ``"python"`` or ``"name=path"``, or TaskSpec)."""
+    from neurospec.data.tasks import TaskData, TaskSpec, build_task_data, parse_task_spec
+
+    out: dict[str, TaskData] = {}
+    for s in specs:
+        if isinstance(s, TaskData):
+            data = s
+        else:
+            spec = s if isinstance(s, TaskSpec) else parse_task_spec(str(s))
+            data = build_task_data(spec, loaded.tokenizer, seq_len=cfg.seq_len, collect_tokens=cfg.tokens,
+                                   eval_tokens=cfg.eval_tokens, seed=cfg.seed)
+        if data.name in out:
+            raise TaskError(f"task {data.name!r} is named more than once")
+        if data.eval.shape[0] == 0:
+            raise TaskError(f"task {data.name!r} has no evaluation blocks; give it more data or lower --seq-len")
+        out[data.name] = data
+    return out
+
+
+def record_tasks(
+    loaded: LoadedModel, tasks: Mapping[str, Any], out: Path, cfg: RecordConfig, *, force: bool = False,
+    progress: ProgressFn | None = None,
+) -> Run:
+    record(loaded, list(tasks.values()), out, cfg, force=force, progress=progress)
+    return open_run(out)
+
+
+def _without_histogram(stats):
+    """A copy of a NeuronStats whose histogram is emptied (edges unset), so that it merges with any other."""
+    state = stats.state_dict()
+    state["hist"] = torch.zeros_like(state["hist"])
+    state["hist_lo"] = torch.full_like(state["hist_lo"], float("nan"))
+    state["hist_hi"] = torch.full_like(state["hist_hi"], float("nan"))
+    return type(stats).from_state_dict(state, **stats.meta())
+
+
+def merged_stats(run: Run, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Moment statistics of the union of several tasks' tokens, by exact merging of their accumulators.
+
+    Each task's histogram has its own calibrated edges, so histograms are dropped before merging: the moments
+    (mean, std, rms, mean |x|, ...) are exact, the histogram-derived ``peak`` of the result is not meaningful.
+    """
+    merged = None
+    for t in tasks:
+        accs = run.accumulators(t)
+        if merged is None:
+            merged = {s: _without_histogram(a["stats"]) for s, a in accs.items()}
+        else:
+            for s, a in accs.items():
+                merged[s].merge(_without_histogram(a["stats"]))
+    if merged is None:
+        raise NeurospecError("no task to merge")
+    return {s: st.compute() for s, st in merged.items()}
+
+
+def skip_ids_for(blocks: torch.Tensor, n: int = 50) -> torch.Tensor:
+    """The ``n`` most frequent tokens of a task's collection split (left out by the "skip" top-1)."""
+    from neurospec.evaluate import most_frequent_tokens
+
+    return most_frequent_tokens(blocks, n=n)
+
+
+def task_metrics(
+    loaded: LoadedModel, blocks: torch.Tensor, *, skip_ids: torch.Tensor | None = None, batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Metrics of one task's evaluation blocks for whatever head the model has.
+
+    Causal LMs: next-token top-1, top-10, skip top-1, loss, perplexity. Masked LMs: the same on a seeded 15% of
+    masked positions. Head-less encoders have no such metric (an error says what to use instead).
+    """
+    from neurospec import evaluate as ev
+
+    if loaded.head in ("causal-lm", "masked-lm"):
+        return ev.evaluate_lm(loaded, blocks, batch_size=batch_size, skip_ids=skip_ids, seed=seed)
+    raise NeurospecError(
+        f"model {loaded.name} has head {loaded.head!r}: next-token metrics need a causal or masked LM head. "
+        "For a head-less encoder use neurospec.evaluate.evaluate_representation (the change of the final hidden "
+        "states against the unablated model)"
+    )

@@ -1,0 +1,199 @@
+"""Selective pruning (METHODS.md section 1): remove the neurons most specific to a forget task F relative to a
+retain task R, step by step, and measure both tasks after each step.
+
+Per step ``i`` (step 0 is the unpruned model) the pruned set is the top ``frac * i`` MLP neurons and
+``attn_frac * i`` attention neurons by score, ranked over all layers at once (``scope="global"``) or per layer.
+
+- ``mode="cumulative"``: one set of statistics; step ``i`` takes the top ``frac * i`` of the same scores.
+- ``mode="iterative"``: after each step the statistics are recorded again on the pruned model and the next
+  ``frac`` of the still unpruned neurons are added.
+
+Pruned neurons are replaced by a constant: 0 (``ablation="zero"``) or their mean on the retain task
+(``ablation="mean"``), folded into the output projections (no hooks; the pruned model can be saved).
+
+Summary: the curve of accuracy on F (x) against accuracy on R (y). Its area, from the points measured plus the
+point (0, last R accuracy), normalised by ``0.5 * acc_F0 * acc_R0``: 1 means both tasks fall together (the
+diagonal), 2 means F is removed with R untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurospec.errors import NeurospecError
+from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for, task_metrics
+from neurospec.intervene.ablate import ablated
+from neurospec.intervene.neuronset import NeuronSet
+from neurospec.models.loading import LoadedModel
+from neurospec.record.recorder import ProgressFn, RecordConfig, record
+from neurospec.record.store import open_run
+from neurospec.score import score_neurons
+
+MODES = ("cumulative", "iterative")
+ABLATIONS = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    score: str = "abs"
+    frac: float = 0.02
+    attn_frac: float = 0.0
+    steps: int = 5
+    mode: str = "cumulative"
+    scope: str = "global"
+    ablation: str = "zero"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("frac", "attn_frac"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise NeurospecError(f"{name} must be in [0, 1], got {v}")
+        if self.frac == 0 and self.attn_frac == 0:
+            raise NeurospecError("frac and attn_frac are both 0: nothing would be pruned")
+        if max(self.frac, self.attn_frac) * self.steps > 1:
+            raise NeurospecError(f"{self.steps} steps of {max(self.frac, self.attn_frac)} exceed all neurons")
+        if self.steps < 1:
+            raise NeurospecError("steps must be >= 1")
+        if self.mode not in MODES:
+            raise NeurospecError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.ablation not in ABLATIONS:
+            raise NeurospecError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
+        if self.scope not in ("global", "per_site"):
+            raise NeurospecError(f"scope must be 'global' or 'per_site', got {self.scope!r}")
+
+    def to_dict(self) -> dict:
+        return {"type": "PruneConfig", "version": 1, **asdict(self)}
+
+
+def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, scope: str,
+           exclude: NeuronSet | None = None, sites=None) -> NeuronSet:
+    """Top ``frac`` of MLP and ``attn_frac`` of attention neurons by score (excluded neurons never chosen)."""
+    parts = []
+    for kind, f in (("mlp", frac), ("attn", attn_frac)):
+        sc = {s: v.clone() for s, v in scores.items() if s.endswith("." + kind)}
+        if not sc or f <= 0:
+            continue
+        if exclude is not None:
+            for s in sc:
+                if s in exclude.site_names:
+                    sc[s][exclude.mask(s)] = -torch.inf
+        parts.append(NeuronSet.top_k(sc, frac=f, scope=scope, sites=sites))
+    if not parts:
+        raise NeurospecError("no site of the requested kinds was recorded")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out | p
+    return out
+
+
+def _widen(ns: NeuronSet, widths: Mapping[str, int]) -> NeuronSet:
+    """The same neurons over a superset of sites (so set operations line up)."""
+    return NeuronSet({s: ns.indices(s) if s in ns.site_names else [] for s in widths}, widths)
+
+
+def _task_name(spec: Any) -> str:
+    from neurospec.data.tasks import parse_task_spec
+
+    return spec.name if hasattr(spec, "name") else parse_task_spec(str(spec)).name
+
+
+def normalised_area(acc_f: list[float], acc_r: list[float]) -> float:
+    """Area under acc_R as a function of acc_F, normalised by 0.5 * acc_F0 * acc_R0 (see module docstring)."""
+    f0, r0 = acc_f[0], acc_r[0]
+    if f0 <= 0 or r0 <= 0:
+        return float("nan")
+    pts = sorted(zip([*acc_f, 0.0], [*acc_r, acc_r[-1]], strict=True))
+    x = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    return float(np.trapezoid(y, x) / (0.5 * f0 * r0))
+
+
+def selective_pruning(
+    loaded: LoadedModel,
+    forget: Any,
+    retain: Any | list[Any],
+    out: str | Path,
+    *,
+    record_cfg: RecordConfig | None = None,
+    prune_cfg: PruneConfig | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    save_dir: str | Path | None = None,
+) -> dict:
+    """Run selective pruning of ``forget`` against ``retain`` (one task or a list, merged). Records into ``out``.
+
+    Returns ``{"steps": [{"step", "fraction", "attn_fraction", "n_pruned", "forget": {...}, "retain": {...}}],
+    "area", "forget", "retain", "config"}``; ``save_dir`` also writes the final pruned model with
+    ``save_pretrained``.
+    """
+    rcfg = record_cfg or RecordConfig()
+    pcfg = prune_cfg or PruneConfig()
+    retain_list = list(retain) if isinstance(retain, list | tuple) else [retain]
+    if not retain_list:
+        raise NeurospecError("selective pruning needs at least one retain task")
+    f_name = _task_name(forget)
+    if f_name in [_task_name(r) for r in retain_list]:
+        raise NeurospecError(f"the forget task {f_name!r} is also a retain task: choose a different retain task")
+    tasks = build_tasks(loaded, [forget, *retain_list], rcfg)
+    names = list(tasks)
+    f_name, r_names = names[0], names[1:]
+    out = Path(out)
+    kinds = tuple(k for k, f in (("mlp", pcfg.frac), ("attn", pcfg.attn_frac)) if f > 0)
+    rcfg = RecordConfig(**{**{k: v for k, v in asdict(rcfg).items()}, "kinds": kinds})
+    record(loaded, list(tasks.values()), out / "step0", rcfg, force=force, progress=progress)
+    run = open_run(out / "step0")
+    sites = loaded.sites
+    widths = {s.name: s.width for s in sites.select(kinds=kinds)}
+    skip_f = skip_ids_for(tasks[f_name].collect)
+    skip_r = skip_ids_for(torch.cat([tasks[n].collect for n in r_names]))
+    r_eval = torch.cat([tasks[n].eval for n in r_names])
+
+    def measure() -> dict:
+        f = task_metrics(loaded, tasks[f_name].eval, skip_ids=skip_f, batch_size=pcfg.batch_size)
+        r = task_metrics(loaded, r_eval, skip_ids=skip_r, batch_size=pcfg.batch_size)
+        return {"forget": f, "retain": r}
+
+    f_stats = run.stats(f_name)
+    r_stats = merged_stats(run, r_names)
+    scores = score_neurons(pcfg.score, f_stats, r_stats, seed=pcfg.seed)
+    offsets = {s: v["mean"].float() for s, v in r_stats.items()} if pcfg.ablation == "mean" else None
+    rows = [{"step": 0, "fraction": 0.0, "attn_fraction": 0.0, "n_pruned": 0, **measure()}]
+    pruned = NeuronSet({s: [] for s in widths}, widths)
+    for step in range(1, pcfg.steps + 1):
+        if pcfg.mode == "cumulative":
+            pruned = _widen(select(scores, pcfg.frac * step, pcfg.attn_frac * step, pcfg.scope, sites=sites), widths)
+        else:
+            if step > 1:
+                with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
+                    sub = out / f"step{step - 1}"
+                    record(loaded, [tasks[n] for n in names], sub, rcfg, force=force, progress=progress)
+                step_run = open_run(sub)
+                scores = score_neurons(pcfg.score, step_run.stats(f_name), merged_stats(step_run, r_names),
+                                       seed=pcfg.seed)
+            new = select(scores, pcfg.frac, pcfg.attn_frac, pcfg.scope, exclude=pruned, sites=sites)
+            pruned = pruned | _widen(new, widths)
+        with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
+            rows.append({"step": step, "fraction": pcfg.frac * step, "attn_fraction": pcfg.attn_frac * step,
+                         "n_pruned": len(pruned), **measure()})
+    pruned.save(out / "pruned_neurons.txt")
+    if save_dir is not None:
+        from neurospec.intervene.ablate import fold_ablation
+
+        fold_ablation(loaded.model, sites, pruned, offsets, method=pcfg.ablation)
+        loaded.model.save_pretrained(save_dir)
+        if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
+            loaded.tokenizer.save_pretrained(save_dir)
+    acc_f = [r["forget"]["top1"] for r in rows]
+    acc_r = [r["retain"]["top1"] for r in rows]
+    return {
+        "forget": f_name, "retain": r_names, "config": pcfg.to_dict(), "steps": rows,
+        "area": normalised_area(acc_f, acc_r), "run": str(out / "step0"),
+    }

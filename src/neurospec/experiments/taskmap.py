@@ -1,0 +1,182 @@
+"""The task map: each task's specific neurons, how much they overlap across tasks, and how selectively pruning
+them hurts their own task (METHODS.md section 1), on the model and on a randomly initialised copy.
+
+For N tasks, task i's specific neurons are the top fraction by a selective-pruning score with task i as forget
+task and the union of the other tasks (their accumulators merged exactly) as retain task, or a named retain task.
+
+- Overlap: ``|A_i ∩ A_j| / |A_i|`` at each fraction, overall and per site, with two chance baselines
+  (:mod:`neurospec.analyze.overlap`).
+- Selectivity: prune task i's neurons (``select_frac``), measure every task j: ``drop[i, j] = top1_j(unpruned) -
+  top1_j(pruned i)``. Selective pruning shows as a dominant diagonal.
+- Random init: the same overlaps for a seeded re-initialisation of the same architecture (recorded on the same
+  tokens). Selectivity is not measured there (a random model has no accuracy to lose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurospec.analyze.overlap import overlap, overlap_matrix, per_layer_counts
+from neurospec.errors import NeurospecError, TaskError
+from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for, task_metrics
+from neurospec.experiments.selective import select
+from neurospec.intervene.ablate import ablated
+from neurospec.models.loading import LoadedModel, random_init_copy
+from neurospec.record.recorder import ProgressFn, RecordConfig, record
+from neurospec.record.store import atomic_write_json, open_run
+from neurospec.score import score_neurons
+
+FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class TaskMapConfig:
+    score: str = "abs"
+    fractions: tuple[float, ...] = FRACTIONS
+    select_frac: float = 0.02
+    kind: str = "mlp"
+    retain: str | None = None  # a named retain task; None = the union of the other tasks
+    ablation: str = "zero"
+    random_init: bool = True
+    random_seed: int = 0
+    batch_size: int = 8
+    top_n: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
+        for f in (*self.fractions, self.select_frac):
+            if not 0 < f <= 1:
+                raise NeurospecError(f"fractions must be in (0, 1], got {f}")
+        if self.kind not in ("mlp", "attn"):
+            raise NeurospecError(f"kind must be 'mlp' or 'attn', got {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fractions"] = list(self.fractions)
+        return {"type": "TaskMapConfig", "version": 1, **d}
+
+
+def _scores(run, names: list[str], cfg: TaskMapConfig) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for t in names:
+        retain = [cfg.retain] if cfg.retain else [n for n in names if n != t]
+        if t in retain:
+            raise NeurospecError(f"task {t!r} cannot be its own retain task")
+        out[t] = score_neurons(cfg.score, run.stats(t), merged_stats(run, retain))
+    return out
+
+
+def _masks(scores, frac: float, kind: str, sites) -> dict[str, torch.Tensor]:
+    ns = select(scores, frac if kind == "mlp" else 0.0, frac if kind == "attn" else 0.0, "global", sites=sites)
+    return {s: ns.mask(s) if s in ns.site_names else torch.zeros(v.numel(), dtype=torch.bool)
+            for s, v in scores.items()}
+
+
+def _overlaps(scores_by_task, names, cfg, sites) -> dict:
+    res: dict[str, Any] = {"overall": {}, "chance_global": {}, "chance_matched": {}, "per_site": {}, "counts": {}}
+    for f in cfg.fractions:
+        sets = [_masks(scores_by_task[t], f, cfg.kind, sites) for t in names]
+        ov, cg, cm = overlap_matrix(sets)
+        key = f"{f:g}"
+        res["overall"][key] = ov.tolist()
+        res["chance_global"][key] = cg.tolist()
+        res["chance_matched"][key] = cm.tolist()
+        res["per_site"][key] = {
+            f"{a}|{b}": overlap(sets[i], sets[j])["per_site"] for i, a in enumerate(names) for j, b in enumerate(names)
+            if i != j
+        }
+        res["counts"][key] = {t: per_layer_counts(s) for t, s in zip(names, sets, strict=True)}
+    return res
+
+
+def task_map(
+    loaded: LoadedModel,
+    task_specs: list[Any],
+    out: str | Path,
+    *,
+    record_cfg: RecordConfig | None = None,
+    cfg: TaskMapConfig | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Build the task map of ``task_specs`` on ``loaded``; writes ``taskmap.json`` in ``out`` and returns it."""
+    rcfg = record_cfg or RecordConfig()
+    cfg = cfg or TaskMapConfig()
+    if len(task_specs) < 2 and cfg.retain is None:
+        raise TaskError("a task map needs at least two tasks (or a named retain task)")
+    rcfg = RecordConfig(**{**asdict(rcfg), "kinds": (cfg.kind,)})
+    out = Path(out)
+    tasks = build_tasks(loaded, task_specs, rcfg)
+    names = list(tasks)
+    if cfg.retain is not None and cfg.retain not in names:
+        raise TaskError(f"retain task {cfg.retain!r} is not among the tasks {names}")
+    record(loaded, list(tasks.values()), out / "model", rcfg, force=force, progress=progress)
+    run = open_run(out / "model")
+    sites = loaded.sites
+    scores = _scores(run, names, cfg)
+    result: dict[str, Any] = {
+        "tasks": names,
+        "config": cfg.to_dict(),
+        "record_config": rcfg.to_dict(),
+        "model": loaded.describe(),
+        "task_info": {n: {"fingerprint": d.fingerprint, "collect_tokens": int(d.collect.numel()),
+                          "eval_tokens": int(d.eval.numel())} for n, d in tasks.items()},
+    }
+    ov = _overlaps(scores, names, cfg, sites)
+    result["overlap"] = ov["overall"]
+    result["overlap_chance"] = {"global": ov["chance_global"], "matched": ov["chance_matched"]}
+    result["overlap_per_site"] = ov["per_site"]
+    result["layer_counts"] = ov["counts"]
+    result["top_neurons"] = {}
+    for t in names:
+        flat = [(float(v[i]), f"{s}:{i}") for s, v in scores[t].items() for i in torch.topk(v, min(cfg.top_n, v.numel())).indices.tolist()]
+        flat.sort(key=lambda p: -p[0])
+        result["top_neurons"][t] = [{"neuron": n, "score": sc} for sc, n in flat[: cfg.top_n]]
+
+    # selectivity: prune each task's neurons, measure every task
+    skip = {n: skip_ids_for(d.collect) for n, d in tasks.items()}
+    if loaded.head in ("causal-lm", "masked-lm"):
+        def measure() -> dict[str, dict]:
+            return {n: task_metrics(loaded, d.eval, skip_ids=skip[n], batch_size=cfg.batch_size)
+                    for n, d in tasks.items()}
+
+        base = measure()
+        drop = np.zeros((len(names), len(names)))
+        loss_up = np.zeros_like(drop)
+        pruned_metrics = {}
+        for i, t in enumerate(names):
+            ns = select(scores[t], cfg.select_frac if cfg.kind == "mlp" else 0, cfg.select_frac if cfg.kind == "attn" else 0,
+                        "global", sites=sites)
+            with ablated(loaded.model, sites, ns, cfg.ablation):
+                m = measure()
+            pruned_metrics[t] = m
+            for j, u in enumerate(names):
+                drop[i, j] = base[u]["top1"] - m[u]["top1"]
+                loss_up[i, j] = m[u]["loss"] - base[u]["loss"]
+        result["baseline"] = base
+        result["selectivity"] = drop.tolist()
+        result["selectivity_loss"] = loss_up.tolist()
+        result["pruned_metrics"] = pruned_metrics
+    else:
+        result["selectivity"] = None
+        result["selectivity_note"] = f"head {loaded.head!r} has no next-token metric"
+
+    if cfg.random_init:
+        rnd = random_init_copy(loaded, seed=cfg.random_seed)
+        record(rnd, list(tasks.values()), out / "random_init", rcfg, force=force, progress=progress)
+        rrun = open_run(out / "random_init")
+        rov = _overlaps(_scores(rrun, names, cfg), names, cfg, rnd.sites)
+        result["random_init"] = {
+            "overlap": rov["overall"],
+            "overlap_chance": {"global": rov["chance_global"], "matched": rov["chance_matched"]},
+            "layer_counts": rov["counts"],
+            "fingerprint": rnd.fingerprint,
+        }
+        del rnd
+    atomic_write_json(out / "taskmap.json", result)
+    return result

@@ -1,0 +1,174 @@
+"""The self-contained HTML report of a run directory.
+
+Reads whatever results the directory holds (``taskmap/taskmap.json``, ``prune/*/result.json``,
+``ablation/ablation.json``, ``clusters/*.json``), draws their figures into ``figures/`` (PNG and SVG) and writes
+``report.html`` with the PNGs embedded as data URIs, so the file opens offline and can be mailed around.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neurospec import __version__
+from neurospec.errors import RunStoreError
+from neurospec.report import figures as F
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _section(title: str, caption: str, body: str) -> str:
+    return f'<section><h2>{html.escape(title)}</h2><p class="cap">{html.escape(caption)}</p>{body}</section>'
+
+
+def _load(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
+    out = []
+    names = tm["tasks"]
+    for frac in tm["overlap"]:
+        mats = [np.array(tm["overlap"][frac]), np.array(tm["overlap_chance"]["matched"][frac])]
+        titles = ["trained model", "chance (layer-matched)"]
+        if tm.get("random_init"):
+            mats.insert(1, np.array(tm["random_init"]["overlap"][frac]))
+            titles.insert(1, "random init")
+        png = F.heatmaps(mats, titles, names, figdir / f"overlap_{frac}",
+                         suptitle=f"overlap |A∩B|/|A| of task-specific neurons, top {float(frac):.0%}")
+        out.append(_section(
+            f"Overlap of task neurons at {float(frac):.0%}",
+            "Row task A, column task B: the share of A's specific neurons that B also selected. Compare the trained "
+            "model with the random-init copy and with chance (random sets of the same per-layer sizes). Related "
+            "tasks should overlap more than unrelated ones and more than chance.",
+            _img(png, f"overlap heatmap at {frac}"),
+        ))
+    if tm.get("selectivity") is not None:
+        sel = np.array(tm["selectivity"])
+        png = F.heatmaps([sel], ["top-1 drop"], names, figdir / "selectivity", vmin=None, vmax=None,
+                         cmap="magma", fmt="{:.3f}",
+                         suptitle=f"prune row task's top {tm['config']['select_frac']:.0%} neurons, top-1 drop of column task")
+        base = tm["baseline"]
+        rows = [[n, base[n]["top1"], base[n]["top10"], base[n]["skip_top1"], base[n]["loss"]] for n in names]
+        out.append(_section(
+            "Selectivity matrix",
+            "Row i: the model with task i's specific neurons pruned; column j: how much task j's next-token top-1 "
+            "accuracy drops. A dominant diagonal means pruning is selective: each task's neurons serve that task.",
+            _img(png, "selectivity matrix") + _table(["task", "top1", "top10", "skip top1", "loss"], rows),
+        ))
+    key = f"{tm['config']['select_frac']:g}" if f"{tm['config']['select_frac']:g}" in tm["layer_counts"] else next(iter(tm["layer_counts"]))
+    png = F.layer_distribution(tm["layer_counts"][key], figdir / "layer_distribution",
+                               title=f"where each task's top {float(key):.0%} neurons are")
+    out.append(_section("Per-layer distribution", "Number of each task's specific neurons in every layer.",
+                        _img(png, "per-layer distribution")))
+    tables = []
+    for t, top in tm["top_neurons"].items():
+        tables.append(f"<h3>{html.escape(t)}</h3>" + _table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]))
+    out.append(_section("Top neurons per task", "The ten highest-scoring neurons of each task (score: "
+                        f"{tm['config']['score']}).", '<div class="grid">' + "".join(tables) + "</div>"))
+    return out
+
+
+def _prune_sections(results: dict[str, dict], figdir: Path) -> list[str]:
+    png = F.pruning_curves({t: r["steps"] for t, r in results.items()}, figdir / "pruning_curves")
+    rows = [[t, r["retain"] if isinstance(r["retain"], str) else "+".join(r["retain"]), r["area"],
+             r["steps"][0]["forget"]["top1"], r["steps"][-1]["forget"]["top1"], r["steps"][0]["retain"]["top1"],
+             r["steps"][-1]["retain"]["top1"]] for t, r in results.items()]
+    return [_section(
+        "Selective pruning",
+        "Left: retain-task vs forget-task top-1 along the pruning steps (each curve starts top right). A curve that "
+        "drops left while staying high is selective. Area: under the curve, normalised so that 1 = both tasks fall "
+        "together, 2 = only the forget task falls.",
+        _img(png, "pruning curves") + _table(
+            ["forget", "retain", "area", "forget top1 start", "forget top1 end", "retain top1 start", "retain top1 end"],
+            rows),
+    )]
+
+
+def _ablation_sections(ab: dict, figdir: Path) -> list[str]:
+    from neurospec.experiments.ablation import plot_ablation
+
+    png = plot_ablation(ab["rows"], figdir / "ablation_methods")[0]
+    return [_section(
+        "Ablation methods",
+        "Loss increase as a growing random fraction of neurons is ablated, one line per method (band: spread over "
+        "seeds). Lower is gentler. Published finding: resampling usually degrades most; the best of zero, mean and "
+        "peak depends on the model.",
+        _img(Path(png), "ablation methods"),
+    )]
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+.cap{color:#555;font-size:.92em} img.fig{max-width:100%;display:block;margin:.6em 0}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
+th{background:#f4f4f4} .grid{display:flex;flex-wrap:wrap;gap:1.5em} pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+"""
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """(Re)build ``report.html`` (and ``figures/``) of a run directory; returns the HTML path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunStoreError(f"no run directory {run_dir}")
+    figdir = run_dir / "figures"
+    sections: list[str] = []
+    tm = _load(run_dir / "taskmap" / "taskmap.json") or _load(run_dir / "taskmap.json")
+    if tm:
+        sections += _taskmap_sections(tm, figdir)
+    prune = {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "prune").glob("*/result.json"))}
+    if not prune and (run_dir / "result.json").exists():
+        r = json.loads((run_dir / "result.json").read_text())
+        prune = {r["forget"]: r}
+    if prune:
+        sections += _prune_sections(prune, figdir)
+    ab = _load(run_dir / "ablation" / "ablation.json") or _load(run_dir / "ablation.json")
+    if ab:
+        sections += _ablation_sections(ab, figdir)
+    if not sections:
+        raise RunStoreError(
+            f"{run_dir} holds no results to report (looked for taskmap.json, prune/*/result.json, ablation.json); "
+            "run `neurospec run`, `taskmap`, `prune` or `ablate` into it first"
+        )
+    main = _load(run_dir / "main.json") or {}
+    prov = {
+        "run": str(run_dir),
+        "neurospec": __version__,
+        "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": (tm or {}).get("model") or main.get("model"),
+        "tasks": (tm or {}).get("task_info") or main.get("tasks"),
+        "config": main.get("config") or (tm or {}).get("config"),
+        "command": main.get("command"),
+    }
+    doc = (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>neurospec report</title>"
+        f"<style>{CSS}</style></head><body><h1>neurospec report</h1>"
+        + _section("Provenance", "Everything needed to reproduce these numbers.",
+                   f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre>")
+        + "".join(sections) + "</body></html>"
+    )
+    path = run_dir / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    return path

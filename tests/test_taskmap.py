@@ -1,0 +1,113 @@
+"""Task-specific neurons: a planted neuron is found and pruning it hurts only its task; pipelines and contracts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import char_tokenizer, write_corpus
+
+from neurospec.errors import NeurospecError, TaskError
+from neurospec.experiments.selective import PruneConfig, normalised_area, selective_pruning
+from neurospec.experiments.taskmap import TaskMapConfig, task_map
+from neurospec.models.loading import from_module
+from neurospec.record.recorder import RecordConfig
+
+RC = RecordConfig(tokens=640, eval_tokens=320, seq_len=32, batch_size=4, reservoir=0, hist_bins=32)
+NEURON = 17
+
+
+def planted_model():
+    """A tiny Llama whose MLP neuron layers.0.mlp:17 fires only on the character 'q' and then predicts 'u'."""
+    import transformers as T
+
+    tok = char_tokenizer()
+    q, u = tok.convert_tokens_to_ids("q"), tok.convert_tokens_to_ids("u")
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, :2] = 0
+        emb[q, 0] = 5.0  # dimension 0 carries "this token is q"
+        for layer in model.model.layers:  # nothing else writes dimensions 0 and 1
+            layer.self_attn.o_proj.weight[:2] = 0
+            layer.mlp.down_proj.weight[:2] = 0
+        mlp = model.model.layers[0].mlp
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            w[NEURON] = 0
+            w[NEURON, 0] = 4.0
+        mlp.down_proj.weight[:, NEURON] = 0
+        mlp.down_proj.weight[1, NEURON] = 3.0  # the neuron writes dimension 1 ...
+        head = model.lm_head.weight
+        head[:, 1] = 0
+        head[u] = 0
+        head[u, 1] = 30.0  # ... which is read only by the logit of 'u'
+    return from_module(model, tok, name="planted")
+
+
+@pytest.fixture
+def corpora(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
+    quack = write_corpus(tmp_path / "q.txt", seed=1, words=("quick", "quiet", "queen", "aqua", "equal"))
+    plain = write_corpus(tmp_path / "p.txt", seed=2, words=("alpha", "beta", "delta", "gamma"))
+    other = write_corpus(tmp_path / "o.txt", seed=3, words=("one", "two", "three", "five"))
+    return {"quack": f"quack={quack}", "plain": f"plain={plain}", "other": f"other={other}"}, tmp_path
+
+
+def test_planted_neuron_is_found_and_pruning_it_hurts_only_its_task(corpora):
+    tasks, tmp = corpora
+    loaded = planted_model()
+    res = selective_pruning(
+        loaded, tasks["quack"], [tasks["plain"]], tmp / "prune", record_cfg=RC,
+        prune_cfg=PruneConfig(score="abs", frac=0.006, steps=1),  # floor(0.006 * 192) = 1 neuron
+    )
+    ids = [ln for ln in (tmp / "prune" / "pruned_neurons.txt").read_text().splitlines() if not ln.startswith("#")]
+    assert ids == [f"layers.0.mlp:{NEURON}"]
+    base, pruned = res["steps"]
+    assert base["n_pruned"] == 0 and pruned["n_pruned"] == 1
+    assert base["forget"]["top1"] - pruned["forget"]["top1"] > 0.05, "its task loses the q->u predictions"
+    assert pruned["retain"]["top1"] == base["retain"]["top1"], "the other task does not see the neuron at all"
+    assert pruned["retain"]["loss"] == pytest.approx(base["retain"]["loss"], abs=1e-6)
+
+
+def test_task_map_selectivity_and_contract(corpora):
+    tasks, tmp = corpora
+    loaded = planted_model()
+    res = task_map(loaded, [tasks["quack"], tasks["plain"], tasks["other"]], tmp / "map", record_cfg=RC,
+                   cfg=TaskMapConfig(fractions=(0.006, 0.1), select_frac=0.006))
+    assert res["tasks"] == ["quack", "plain", "other"]
+    assert set(res["overlap"]) == {"0.006", "0.1"}
+    assert res["top_neurons"]["quack"][0]["neuron"] == f"layers.0.mlp:{NEURON}"
+    sel = np.array(res["selectivity"])
+    assert sel[0, 0] > 0.05 and sel[0, 0] > 5 * abs(sel[0, 1:]).max()
+    for m in res["overlap"].values():
+        assert np.allclose(np.diag(m), 1.0)
+    rnd = res["random_init"]
+    assert rnd["fingerprint"] != loaded.fingerprint and set(rnd["overlap"]) == set(res["overlap"])
+    saved = json.loads((tmp / "map" / "taskmap.json").read_text())
+    assert saved["selectivity"] == res["selectivity"]
+
+
+def test_bad_inputs(corpora):
+    tasks, tmp = corpora
+    loaded = planted_model()
+    with pytest.raises(TaskError, match="at least two"):
+        task_map(loaded, [tasks["quack"]], tmp / "m", record_cfg=RC)
+    with pytest.raises(TaskError, match="more than once"):
+        task_map(loaded, [tasks["quack"], tasks["quack"]], tmp / "m", record_cfg=RC)
+    with pytest.raises(NeurospecError, match="also a retain task"):
+        selective_pruning(loaded, tasks["quack"], [tasks["plain"], tasks["quack"]], tmp / "p", record_cfg=RC)
+    for bad in (dict(frac=1.5), dict(frac=0.0, attn_frac=0.0), dict(frac=0.5, steps=3), dict(mode="x")):
+        with pytest.raises(NeurospecError):
+            PruneConfig(**bad)
+    with pytest.raises(NeurospecError, match=r"\(0, 1\]"):
+        TaskMapConfig(fractions=(0.0,))
+
+
+def test_normalised_area():
+    assert normalised_area([0.5, 0.25, 0.0], [0.4, 0.2, 0.0]) == pytest.approx(1.0)  # both fall together
+    # a curve that stops early is extended at its last retain accuracy: (0.25, 0.2) -> (0, 0.2)
+    assert normalised_area([0.5, 0.25], [0.4, 0.2]) == pytest.approx((0.25 * 0.3 + 0.25 * 0.2) / 0.1)
+    assert normalised_area([0.5, 0.0], [0.4, 0.4]) == pytest.approx(2.0)  # only the forget task falls
