@@ -11,6 +11,8 @@ Per step ``i`` (step 0 is the unpruned model) the pruned set is the top ``frac *
 Pruned neurons are replaced by a constant: 0 (``ablation="zero"``) or their mean on the retain task
 (``ablation="mean"``), folded into the output projections (no hooks; the pruned model can be saved).
 
+The retain task is measured on as many evaluation blocks as the forget task, taken in turn from each retain task.
+
 Summary: the curve of accuracy on F (x) against accuracy on R (y). Its area, from the points measured plus the
 point (0, last R accuracy), normalised by ``0.5 * acc_F0 * acc_R0``: 1 means both tasks fall together (the
 diagonal), 2 means F is removed with R untouched.
@@ -99,6 +101,15 @@ def _widen(ns: NeuronSet, widths: Mapping[str, int]) -> NeuronSet:
     return NeuronSet({s: ns.indices(s) if s in ns.site_names else [] for s in widths}, widths)
 
 
+def _interleave(blocks: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Up to ``n`` evaluation blocks taken in turn from each retain task (so the retain measurement costs no more
+    than the forget one and weighs the retain tasks equally)."""
+    rows = []
+    for i in range(max(b.shape[0] for b in blocks)):
+        rows += [b[i] for b in blocks if i < b.shape[0]]
+    return torch.stack(rows[: max(n, len(blocks))])
+
+
 def _task_name(spec: Any) -> str:
     from neurospec.data.tasks import parse_task_spec
 
@@ -127,12 +138,14 @@ def selective_pruning(
     force: bool = False,
     progress: ProgressFn | None = None,
     save_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
 ) -> dict:
     """Run selective pruning of ``forget`` against ``retain`` (one task or a list, merged). Records into ``out``.
 
     Returns ``{"steps": [{"step", "fraction", "attn_fraction", "n_pruned", "forget": {...}, "retain": {...}}],
     "area", "forget", "retain", "config"}``; ``save_dir`` also writes the final pruned model with
-    ``save_pretrained``.
+    ``save_pretrained``. ``run_dir``: where the unpruned statistics are recorded (default ``out/step0``); an existing
+    run with the same model and config is reused without recording again.
     """
     rcfg = record_cfg or RecordConfig()
     pcfg = prune_cfg or PruneConfig()
@@ -148,13 +161,15 @@ def selective_pruning(
     out = Path(out)
     kinds = tuple(k for k, f in (("mlp", pcfg.frac), ("attn", pcfg.attn_frac)) if f > 0)
     rcfg = RecordConfig(**{**{k: v for k, v in asdict(rcfg).items()}, "kinds": kinds})
-    record(loaded, list(tasks.values()), out / "step0", rcfg, force=force, progress=progress)
-    run = open_run(out / "step0")
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir) if run_dir is not None else out / "step0"
+    record(loaded, list(tasks.values()), run_dir, rcfg, force=force, progress=progress)
+    run = open_run(run_dir)
     sites = loaded.sites
     widths = {s.name: s.width for s in sites.select(kinds=kinds)}
     skip_f = skip_ids_for(tasks[f_name].collect)
     skip_r = skip_ids_for(torch.cat([tasks[n].collect for n in r_names]))
-    r_eval = torch.cat([tasks[n].eval for n in r_names])
+    r_eval = _interleave([tasks[n].eval for n in r_names], tasks[f_name].eval.shape[0])
 
     def measure() -> dict:
         f = task_metrics(loaded, tasks[f_name].eval, skip_ids=skip_f, batch_size=pcfg.batch_size)
@@ -195,5 +210,5 @@ def selective_pruning(
     acc_r = [r["retain"]["top1"] for r in rows]
     return {
         "forget": f_name, "retain": r_names, "config": pcfg.to_dict(), "steps": rows,
-        "area": normalised_area(acc_f, acc_r), "run": str(out / "step0"),
+        "area": normalised_area(acc_f, acc_r), "run": str(run_dir),
     }

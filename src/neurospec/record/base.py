@@ -23,6 +23,7 @@ file stores.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -55,7 +56,9 @@ class Accumulator:
             raise TypeError(f"{cls.__name__}.reductions has unknown rules {bad}; known rules: {REDUCTIONS}")
         if cls.kind:
             if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
-                raise TypeError(f"accumulator kind {cls.kind!r} is already used by {_REGISTRY[cls.kind].__name__}")
+                raise TypeError(
+                    f"accumulator kind {cls.kind!r} is already used by {_REGISTRY[cls.kind].__name__}"
+                )
             _REGISTRY[cls.kind] = cls
 
     def __init__(self) -> None:
@@ -76,8 +79,16 @@ class Accumulator:
         """The constructor's keyword arguments as JSON-able values: ``type(self)(**self.meta())`` is a fresh twin."""
         raise NotImplementedError
 
+    @classmethod
+    def _check_states(cls, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` if states ``a`` and ``b`` cannot be merged; called before anything changes.
+
+        Both hold at least the ``"custom"`` states (the distributed all-reduce passes only those, and checks every
+        pair of processes so that all of them raise alike).
+        """
+
     def _merge_custom(self, other: Mapping[str, Tensor]) -> None:
-        """Combine the ``"custom"`` states of ``other`` (a full state mapping) into ``self``."""
+        """Combine the ``"custom"`` states of ``other`` into ``self``; read only custom states from ``other``."""
         raise NotImplementedError(f"{type(self).__name__} declares custom states but no _merge_custom")
 
     def _state_changed(self) -> None:
@@ -85,7 +96,10 @@ class Accumulator:
 
     # ----------------------------------------------------------------------------------------- shared
     def _checked_initial_state(self) -> dict[str, Tensor]:
-        state = self._initial_state()
+        # State tensors are only ever updated in place. Creating them outside inference mode keeps them usable
+        # (merge, all-reduce, load) after an inference-mode recording loop.
+        with torch.inference_mode(False):
+            state = self._initial_state()
         if set(state) != set(self.reductions):
             raise TypeError(
                 f"{type(self).__name__}._initial_state gives {sorted(state)}, reductions declare {sorted(self.reductions)}"
@@ -107,7 +121,9 @@ class Accumulator:
             raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
         mine, theirs = self._merge_key(), other._merge_key()
         if mine != theirs:
-            raise ValueError(f"cannot merge {type(self).__name__}s with different settings: {mine} vs {theirs}")
+            raise ValueError(
+                f"cannot merge {type(self).__name__}s with different settings: {mine} vs {theirs}"
+            )
         self._merge_state(other._state)
         return self
 
@@ -115,7 +131,8 @@ class Accumulator:
         return {k: v for k, v in self.meta().items() if k not in self.merge_ignores}
 
     def _merge_state(self, other: Mapping[str, Tensor]) -> None:
-        # Check every "same" state before changing anything, so that a failed merge leaves self untouched.
+        # Check everything before changing anything, so that a failed merge leaves self untouched.
+        self._check_states(self._state, other)
         merged_same = {
             name: _merge_same(name, self._state[name], other[name])
             for name, rule in self.reductions.items()
@@ -155,7 +172,8 @@ class Accumulator:
                     f"{type(self).__name__} state {name!r}: expected {ref.dtype} of shape {tuple(ref.shape)}, "
                     f"got {t.dtype} of shape {tuple(t.shape)} (saved with other settings?)"
                 )
-        self._state = {name: state[name].detach().to(self._state[name].device, copy=True) for name in self._state}
+        for name, t in state.items():
+            self._state[name].copy_(t.detach())
         self._state_changed()
 
     @classmethod
@@ -168,6 +186,43 @@ class Accumulator:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.meta().items())
         return f"{type(self).__name__}({args})"
+
+
+def as_rows(x: Tensor, width: int, who: str) -> Tensor:
+    """``x`` ``[..., width]`` as a detached ``[tokens, width]`` tensor in its compute dtype (float32 or float64).
+
+    Half-precision input (float16, bfloat16) is converted to float32; float32 and float64 stay as they are.
+    """
+    if x.ndim < 2 or x.shape[-1] != width:
+        raise ValueError(f"{who}.update expects activations of shape [tokens, {width}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{who}.update expects floating-point activations, got {x.dtype}")
+    x = x.detach().reshape(-1, width)
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable uninitialised CPU buffer of ``shape`` for per-batch temporaries (one per thread and ``slot``).
+
+    Reusing one batch-sized buffer instead of allocating a fresh one per update avoids the page faults of big
+    fresh allocations (a sizeable share of the cost on the CPU). Accelerators get a fresh tensor: their
+    caching allocators already reuse memory. The buffer is overwritten by the next call with the same slot.
+    """
+    numel = 1
+    for n in shape:
+        numel *= n
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buf = torch.empty(numel, dtype=dtype)
+        pool[(slot, dtype)] = buf
+    return buf[:numel].view(shape)
 
 
 def _merge_same(name: str, mine: Tensor, theirs: Tensor) -> Tensor:
@@ -205,7 +260,9 @@ def to_safetensors(acc: Accumulator) -> tuple[dict[str, Tensor], dict[str, str]]
     return acc.state_dict(), metadata
 
 
-def from_safetensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], **runtime: Any) -> Accumulator:
+def from_safetensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], **runtime: Any
+) -> Accumulator:
     """Inverse of :func:`to_safetensors`; ``runtime`` adds constructor arguments that are not saved (callables)."""
     try:
         kind = metadata["neurospec.accumulator"]

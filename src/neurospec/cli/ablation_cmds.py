@@ -1,0 +1,218 @@
+"""Commands of evaluation and ablation: evaluate, ablate, and the main job `run`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neurospec.cli import app
+from neurospec.cli.common import Progress, emit, err, handle_errors
+from neurospec.cli.foundation import MODEL_HELP
+
+out = Console()
+
+
+def _task_data(loaded, specs, tokens: int, seq_len: int, seed: int = 0, collect: int | None = None):
+    from neurospec.experiments.common import build_tasks
+    from neurospec.record.recorder import RecordConfig
+
+    cfg = RecordConfig(tokens=collect or tokens, eval_tokens=tokens, seq_len=seq_len, seed=seed)
+    return build_tasks(loaded, list(specs), cfg)
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    task: list[str] = typer.Option(..., "--task", "-t", help="task (repeat)"),
+    tokens: int = typer.Option(20_000, help="evaluation tokens per task (its evaluation split)"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option(None),
+    dtype: str = typer.Option(None),
+    json_: bool = typer.Option(False, "--json"),
+) -> None:
+    """Next-token top-1, top-10, skip top-1, loss and perplexity of each task's evaluation split."""
+    from neurospec.experiments.common import skip_ids_for, task_metrics
+    from neurospec.models.loading import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
+    res = {}
+    for name, data in tasks.items():
+        m = task_metrics(loaded, data.eval, skip_ids=skip_ids_for(data.collect), batch_size=batch_size)
+        res[name] = {k: m[k] for k in ("top1", "top10", "skip_top1", "loss", "perplexity", "tokens")}
+
+    def human():
+        t = Table(title=f"{model}: evaluation splits")
+        for c in ("task", "top1", "top10", "skip top1", "loss", "perplexity", "tokens"):
+            t.add_column(c, justify="right")
+        for name, m in res.items():
+            t.add_row(name, f"{m['top1']:.4f}", f"{m['top10']:.4f}", f"{m['skip_top1']:.4f}", f"{m['loss']:.4f}",
+                      f"{m['perplexity']:.2f}", f"{m['tokens']:,}")
+        out.print(t)
+
+    emit(res, json_, human)
+
+
+@app.command("ablate")
+@handle_errors
+def ablate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    reference: Path = typer.Option(..., help="reference run (recorded on this model) for mean/peak/resample values"),
+    reference_task: str = typer.Option(None, "--reference-task",
+                                       help="task of the reference run to take values from (default: the evaluated "
+                                            "task when the run has it, else the run's first task)"),
+    task: list[str] = typer.Option(None, "--task", "-t", help="tasks to evaluate (study mode)"),
+    kind: str = typer.Option("attn", help="attn, mlp or both (study mode)"),
+    random_frac: float = typer.Option(0.05, "--random-frac", help="fraction of each layer added per step"),
+    steps: int = typer.Option(10),
+    methods: str = typer.Option("zero,mean,peak,resample"),
+    seeds: str = typer.Option("0,1,2", help="seeds of the random draws (spread over seeds is reported)"),
+    neurons: Path = typer.Option(None, help="file of neuron ids (one per line) to ablate (fold mode)"),
+    method: str = typer.Option("mean", help="method for --neurons: zero, mean or peak"),
+    save: Path = typer.Option(None, help="with --neurons: fold the ablation into the weights and save the model here"),
+    tokens: int = typer.Option(20_000, help="evaluation tokens per task"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    peak_bins: int = typer.Option(100, "--peak-bins"),
+    peak_smooth: float = typer.Option(0.0, "--peak-smooth", help="Gaussian smoothing of the histogram, in bins"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="directory for the study's table, figure and report"),
+    device: str = typer.Option(None),
+    dtype: str = typer.Option(None),
+    json_: bool = typer.Option(False, "--json"),
+) -> None:
+    """Ablation-method study on random neurons (--task), or fold an ablation of given neurons into the weights."""
+    from neurospec.errors import NeurospecError
+    from neurospec.experiments.references import reference_values
+    from neurospec.models.loading import load_model
+    from neurospec.record.store import atomic_write_json, open_run
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    ref = open_run(reference)
+    ref.check_model(loaded.fingerprint)
+    if not ref.tasks:
+        raise NeurospecError(f"reference run {reference} has no finished task")
+
+    def ref_task_for(name: str | None) -> str:
+        if reference_task:
+            if reference_task not in ref.tasks:
+                raise NeurospecError(f"reference run {reference} has no task {reference_task!r}; it has {ref.tasks}")
+            return reference_task
+        return name if name in ref.tasks else ref.tasks[0]
+
+    if neurons is not None:
+        from neurospec.intervene.ablate import fold_ablation
+        from neurospec.intervene.neuronset import NeuronSet
+
+        if save is None:
+            raise NeurospecError("--neurons needs --save DIR (the folded model is written there)")
+        ns = NeuronSet.load(neurons, loaded.sites)
+        if method == "resample":
+            raise NeurospecError("resample ablation needs a hook and cannot be folded into weights; use zero, mean "
+                                 "or peak")
+        offsets = None
+        if method != "zero":
+            offs, _ = reference_values(ref, ref_task_for(None), [method], peak_bins=peak_bins, peak_smooth=peak_smooth,
+                                       sites=ns.site_names)
+            offsets = offs[method]
+        info = fold_ablation(loaded.model, loaded.sites, ns, offsets, method=method)
+        loaded.model.save_pretrained(save)
+        if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
+            loaded.tokenizer.save_pretrained(save)
+        res = {"saved": str(save), "method": method, "n_ablated": len(ns), "ablation": info.to_dict()}
+        emit(res, json_, lambda: out.print(f"ablated {len(ns)} neurons ({method}); model saved to {save}"))
+        return
+
+    if not task:
+        raise NeurospecError("give --task (an ablation study) or --neurons with --save (fold given neurons)")
+    from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
+    from neurospec.experiments.common import skip_ids_for
+
+    if not 0 < random_frac <= 1:
+        raise NeurospecError(f"--random-frac must be in (0, 1], got {random_frac}")
+    method_list = [m for m in methods.split(",") if m]
+    seed_list = [int(s) for s in seeds.split(",") if s]
+    tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
+    rows = []
+    for name, data in tasks.items():
+        offs, samples = reference_values(ref, ref_task_for(name), method_list, peak_bins=peak_bins,
+                                         peak_smooth=peak_smooth)
+        rows += ablation_study(loaded, loaded.sites, {name: data.eval}, kind=kind, frac_per_step=random_frac,
+                               steps=steps, methods=method_list, offsets_by_method=offs, samples=samples,
+                               seeds=seed_list, batch_size=batch_size, skip_ids=skip_ids_for(data.collect))
+    res = {"steps": [{k: r[k] for k in ("fraction", "method", "task", "loss", "top1", "seed", "loss_increase",
+                                        "top1_drop", "n_ablated")} for r in rows],
+           "summary": summarise(rows)}
+    if out_dir is not None:
+        from neurospec.report.html import build_report
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "ablation.json", {"rows": rows, "command": " ".join(sys.argv)})
+        res["figure"] = str(plot_ablation(rows, out_dir / "ablation_methods")[0])
+        res["report"] = str(build_report(out_dir))
+
+    def human():
+        t = Table(title="ablation methods: loss increase (mean over seeds)")
+        for c in ("task", "fraction", *method_list):
+            t.add_column(c, justify="right")
+        summ = res["summary"]
+        keys = sorted({(s["task"], s["fraction"]) for s in summ})
+        for tk, fr in keys:
+            vals = {s["method"]: s for s in summ if s["task"] == tk and s["fraction"] == fr}
+            t.add_row(tk, f"{fr:.2f}", *(f"{vals[m]['loss_increase_mean']:+.4f}" if m in vals else "" for m in method_list))
+        out.print(t)
+
+    emit(res, json_, human)
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    task: list[str] = typer.Option(None, "--task", "-t", help="tasks (default: the bundled python, c, prose, "
+                                                              "dialog, dialog-spanish, dialog-italian)"),
+    out_dir: Path = typer.Option(Path("runs/main"), "--out", "-o"),
+    tokens: int = typer.Option(4096, help="tokens recorded per task"),
+    eval_tokens: int = typer.Option(1024, "--eval-tokens", help="tokens evaluated per task and condition"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    random_init: bool = typer.Option(True, "--random-init/--no-random-init"),
+    ablation_task: list[str] = typer.Option(None, "--ablation-task", help="tasks of the ablation-method study"),
+    device: str = typer.Option(None),
+    dtype: str = typer.Option(None),
+    force: bool = typer.Option(False, "--force"),
+    json_: bool = typer.Option(False, "--json"),
+) -> None:
+    """The main job: task map, selective pruning, ablation methods and the HTML report, in one run directory."""
+    from neurospec.experiments.main import DEFAULT_TASKS, RunConfig, main_job
+    from neurospec.models.loading import load_model
+
+    tasks = tuple(task) if task else DEFAULT_TASKS
+    ab = tuple(ablation_task) if ablation_task else tuple(t for t in ("python", "prose") if t in tasks) or tasks[:2]
+    cfg = RunConfig(tasks=tasks, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
+                    random_init=random_init, ablation_tasks=ab)
+    b = cfg.budget()
+    err.print(f"[bold]budget[/]: {b['tasks']} tasks x {tokens:,} tokens recorded ({b['record_tokens']:,} forward tokens "
+              f"with the random-init control and the ablation reference), {b['eval_tokens']:,} evaluation tokens. "
+              "Raise it with --tokens / --eval-tokens.")
+    loaded = load_model(model, device=device, dtype=dtype)
+    with Progress() as progress:
+        res = main_job(loaded, out_dir, cfg, force=force, progress=progress, command=" ".join(["neurospec", *sys.argv[1:]]),
+                       log=lambda m: err.print(f"[cyan]{m}[/]"))
+
+    def human():
+        out.print(f"done in {res['seconds']['total']:.0f} s; report: [bold]{res['report']}[/]")
+        if res.get("prune_area"):
+            t = Table(title="selective pruning area (1 = not selective, 2 = perfectly selective)")
+            t.add_column("forget task")
+            t.add_column("area", justify="right")
+            for k, v in res["prune_area"].items():
+                t.add_row(k, f"{v:.3f}")
+            out.print(t)
+
+    emit(res, json_, human)

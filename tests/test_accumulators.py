@@ -1,0 +1,501 @@
+"""Accumulators against brute-force NumPy/SciPy answers on the full data, merge properties and round trips."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from scipy import ndimage, stats
+
+from neurospec.record.accumulators import (
+    CoMoments,
+    NeuronStats,
+    Reservoir,
+    from_safetensors,
+    peak,
+    quantiles,
+    rebin,
+    spearman_from_samples,
+    to_safetensors,
+)
+from neurospec.record.histogram import calibrated_range, cdf, gaussian_smooth
+
+W = 24
+
+
+def make_batches(
+    seed: int, dtype: torch.dtype, sizes=(300, 211, 257), nonfinite: bool = True
+) -> list[torch.Tensor]:
+    """Batches with varied per-neuron scales and offsets, a large-mean neuron, a constant one and non-finite values."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-2, 1, W, dtype=torch.float64)
+    offset = torch.linspace(-3, 3, W, dtype=torch.float64)
+    out = []
+    for i, n in enumerate(sizes):
+        x = torch.randn(n, W, generator=g, dtype=torch.float64) * scale + offset
+        x[:, 0] = 100.0 + 0.01 * torch.randn(n, generator=g, dtype=torch.float64)  # mean >> std
+        x[:, 1] = 0.0  # dead neuron
+        x[:, 2] = torch.relu(x[:, 2])  # many exact zeros
+        x = x.to(dtype)
+        if nonfinite and i > 0:  # the first (calibration) batch stays finite
+            x[3, 5] = math.nan
+            x[7, 5] = math.inf
+            x[11, 6] = -math.inf
+            x[:, 7] = math.nan  # a neuron that is all NaN in this batch
+            x[0, :] = math.nan  # a whole row
+        out.append(x)
+    return out
+
+
+def reference_stats(x: np.ndarray) -> dict[str, np.ndarray]:
+    fin = np.isfinite(x)
+    xz = np.where(fin, x, 0.0)
+    n = fin.sum(0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = xz.sum(0) / n
+        var = np.array([np.var(x[fin[:, j], j]) if n[j] else np.nan for j in range(x.shape[1])])
+        return {
+            "count": n,
+            "nonfinite": (~fin).sum(0).astype(np.float64),
+            "mean": mean,
+            "var": var,
+            "std": np.sqrt(var),
+            "rms": np.sqrt((xz**2).sum(0) / n),
+            "mean_abs": np.abs(xz).sum(0) / n,
+            "mean_sqrt_abs": np.sqrt(np.abs(xz)).sum(0) / n,
+            "frac_pos": (xz > 0).sum(0) / n,
+            "mean_pos": np.where(xz > 0, xz, 0).sum(0) / n,
+            "mean_neg": np.where(xz <= 0, xz, 0).sum(0) / n,
+            "min": np.where(fin, x, np.inf).min(0),
+            "max": np.where(fin, x, -np.inf).max(0),
+        }
+
+
+def feed(acc, batches):
+    for b in batches:
+        acc.update(b)
+    return acc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_neuron_stats_match_brute_force(dtype):
+    batches = make_batches(0, dtype)
+    got = feed(NeuronStats(W), batches).compute()
+    x = torch.cat(batches).double().numpy()
+    ref = reference_stats(x)
+    for name in ("count", "nonfinite", "frac_pos", "min", "max"):
+        np.testing.assert_array_equal(got[name].numpy(), ref[name], err_msg=name)
+    for name in ("mean", "rms", "mean_abs", "mean_sqrt_abs", "mean_pos", "mean_neg"):
+        np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=2e-6, atol=1e-7, err_msg=name)
+    # Variance relative to itself: the large-mean neuron 0 (mean 100, std 0.01) needs the per-batch centring.
+    live = ref["var"] > 0
+    np.testing.assert_allclose(got["var"].numpy()[live], ref["var"][live], rtol=1e-4)
+    np.testing.assert_allclose(got["std"].numpy()[live], ref["std"][live], rtol=1e-4)
+    assert got["var"][1] == 0 and got["mean"][1] == 0 and got["peak"][1] == 0
+    assert all(v.dtype == torch.float64 and v.shape == (W,) for v in got.values())
+
+
+def test_neuron_stats_without_finite_values_are_nan():
+    x = torch.randn(50, 4)
+    x[:, 3] = math.nan
+    got = feed(NeuronStats(4), [x]).compute()
+    assert got["count"][3] == 0 and got["nonfinite"][3] == 50
+    for name in ("mean", "var", "rms", "frac_pos", "min", "max", "peak"):
+        assert torch.isnan(got[name][3]) and torch.isfinite(got[name][:3]).all(), name
+
+
+def reference_bins(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 histogram of the finite values, and per neuron how many values sit within 1e-3 bin of an edge."""
+    fin = np.isfinite(x)
+    pos = (np.where(fin, x, 0.0) - lo) / (hi - lo) * bins + 1
+    idx = np.floor(np.clip(pos, 0, bins + 1)).astype(int)
+    near = fin & (np.abs(pos - np.round(pos)) < 1e-3)
+    counts = np.stack([np.bincount(idx[fin[:, j], j], minlength=bins + 2) for j in range(x.shape[1])])
+    return counts, near.sum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_histogram_matches_float64_binning(dtype):
+    batches = make_batches(1, dtype)
+    acc = feed(NeuronStats(W, hist_bins=64, calib_margin=0.05), batches)
+    h = acc.histogram()
+    first = batches[0].double()
+    lo, hi = calibrated_range(first.amin(0), first.amax(0), 0.05)
+    torch.testing.assert_close(h.lo, lo, rtol=0, atol=0)
+    torch.testing.assert_close(h.hi, hi, rtol=0, atol=0)
+    ref, near = reference_bins(torch.cat(batches).double().numpy(), lo.numpy(), hi.numpy(), 64)
+    got = h.counts.numpy()
+    np.testing.assert_array_equal(got.sum(1), ref.sum(1))
+    assert (np.abs(got - ref).sum(1) <= 2 * near).all()
+    assert got[:, 0].sum() + got[:, -1].sum() > 0  # later batches overflow the calibrated range somewhere
+
+
+def test_histogram_sample_every():
+    batches = make_batches(2, torch.float32)
+    acc = feed(NeuronStats(W, hist_sample_every=3), batches)
+    rows = torch.cat([b[::3] for b in batches])
+    np.testing.assert_array_equal(acc.histogram().counts.sum(1).numpy(), torch.isfinite(rows).sum(0).numpy())
+    assert acc.compute()["count"].sum() == sum(torch.isfinite(b).sum().item() for b in batches)
+    assert acc.meta()["hist_sample_every"] == 3
+
+
+def test_calibration_constant_and_degenerate_ranges():
+    lo, hi = calibrated_range(
+        torch.tensor([0.0, 5.0, -2.0, math.inf, 1.0]),
+        torch.tensor([0.0, 5.0, 2.0, -math.inf, math.inf]),
+        0.25,
+    )
+    assert torch.all(hi > lo)
+    assert lo[0] < 0 < hi[0] and lo[1] < 5 < hi[1]
+    assert (lo[2], hi[2]) == (-3.0, 3.0)
+    assert (lo[3], hi[3]) == (lo[4], hi[4]) == (-1.5, 1.5)
+
+
+def test_calibration_waits_for_finite_values_and_calls_range_sync():
+    calls = []
+
+    def sync(lo, hi):
+        calls.append((lo.clone(), hi.clone()))
+        return lo - 1, hi + 1
+
+    acc = NeuronStats(3, calib_margin=0.0, range_sync=sync)
+    acc.update(torch.empty(0, 3))
+    acc.update(torch.full((4, 3), math.nan))
+    assert not acc.calibrated and len(calls) == 2 and torch.isinf(calls[1][0]).all()
+    acc.update(torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 3.0]]))
+    acc.update(torch.tensor([[10.0, 10.0, 10.0]]))
+    assert acc.calibrated and len(calls) == 3
+    h = acc.histogram()
+    torch.testing.assert_close(h.lo, torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(h.hi, torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64))
+    assert h.counts.sum() == 9 and h.counts[:, -1].tolist() == [1, 1, 1]
+    assert acc.compute()["nonfinite"].tolist() == [4.0, 4.0, 4.0]
+
+
+# ------------------------------------------------------------------------------------------------- merge
+def pinned_range(batch: torch.Tensor):
+    lo, hi = batch.double().amin(0), batch.double().amax(0)
+    return lambda _lo, _hi: (lo, hi)
+
+
+def test_merge_equals_sequential_exactly():
+    a, b = make_batches(3, torch.float32, sizes=(400, 333))
+    whole = feed(NeuronStats(W), [a, b])
+    left = feed(NeuronStats(W), [a])
+    right = feed(NeuronStats(W, range_sync=pinned_range(a)), [b])
+    merged = left.merge(right)
+    for name, t in whole.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], t), name
+
+
+def test_merge_of_several_batches_matches_up_to_rounding():
+    batches = make_batches(4, torch.bfloat16, sizes=(200, 150, 170, 90))
+    whole = feed(NeuronStats(W), batches)
+    left = feed(NeuronStats(W), batches[:2])
+    right = feed(NeuronStats(W, range_sync=pinned_range(batches[0])), batches[2:])
+    merged = left.merge(right).state_dict()
+    for name, t in whole.state_dict().items():
+        if t.dtype == torch.float64:
+            torch.testing.assert_close(merged[name], t, rtol=1e-13, atol=1e-12, equal_nan=True)
+        else:
+            assert torch.equal(merged[name], t), name
+
+
+def test_merge_with_empty_is_identity_and_adopts_edges():
+    a = make_batches(5, torch.float32, sizes=(100,))[0]
+    full = feed(NeuronStats(W), [a])
+    before = full.state_dict()
+    full.merge(NeuronStats(W))
+    assert all(
+        torch.equal(before[k], v) for k, v in full.state_dict().items() if k not in ("hist_lo", "hist_hi")
+    )
+    empty = NeuronStats(W).merge(full)
+    assert empty.calibrated
+    torch.testing.assert_close(empty.compute(), full.compute(), equal_nan=True, rtol=0, atol=0)
+
+
+def test_merge_incompatible_raises_and_leaves_state():
+    a, b = make_batches(6, torch.float32, sizes=(100, 120), nonfinite=False)
+    left, right = feed(NeuronStats(W), [a]), feed(NeuronStats(W), [b])
+    before = left.state_dict()
+    with pytest.raises(ValueError, match="hist_lo"):
+        left.merge(right)
+    assert all(torch.equal(before[k], v) for k, v in left.state_dict().items())
+    with pytest.raises(ValueError, match="settings"):
+        left.merge(NeuronStats(W + 1))
+    with pytest.raises(ValueError, match="settings"):
+        left.merge(NeuronStats(W, hist_bins=32))
+    with pytest.raises(ValueError, match="cannot merge"):
+        left.merge(CoMoments(W))
+
+
+def test_update_validates_input():
+    acc = NeuronStats(4)
+    with pytest.raises(ValueError, match=r"\[tokens, 4\]"):
+        acc.update(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="floating"):
+        acc.update(torch.zeros(3, 4, dtype=torch.int64))
+    acc.update(torch.zeros(2, 3, 4))  # [batch, seq, width] is flattened
+    assert acc.compute()["count"].tolist() == [6.0] * 4
+    with pytest.raises(ValueError):
+        NeuronStats(0)
+
+
+def test_inference_mode_then_merge_and_save():
+    a, b = make_batches(7, torch.float32, sizes=(64, 64))
+    with torch.inference_mode():
+        left = feed(NeuronStats(W), [a])
+        right = feed(NeuronStats(W, range_sync=pinned_range(a)), [b])
+        res = feed(Reservoir(W, 8, seed=1), [a])
+    left.merge(right)
+    res.merge(feed(Reservoir(W, 8, seed=2), [b]))
+    left.state_dict(), res.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------- peak, quantiles
+@functools.lru_cache(maxsize=4)
+def bimodal(n: int, seed: int) -> torch.Tensor:
+    """Three neurons, each 70% N(2, 0.3) and 30% N(-1, 0.3), scaled and shifted (do not modify the result)."""
+    rng = np.random.default_rng(seed)
+    k = int(0.7 * n)
+    cols = []
+    for shift, scale in ((0.0, 1.0), (5.0, 2.0), (-1.0, 0.5)):
+        v = np.concatenate([rng.normal(2, 0.3, k), rng.normal(-1, 0.3, n - k)])
+        rng.shuffle(v)
+        cols.append(v * scale + shift)
+    return torch.tensor(np.stack(cols, 1), dtype=torch.float32)
+
+
+def numpy_peak(v: np.ndarray, bins: int = 100, sigma: float = 0.0) -> float:
+    counts, edges = np.histogram(v, bins=bins, range=(v.min(), v.max()))
+    if sigma:
+        counts = ndimage.gaussian_filter1d(counts.astype(float), sigma, mode="reflect")
+    i = int(np.argmax(counts))
+    return 0.5 * (edges[i] + edges[i + 1])
+
+
+@pytest.mark.parametrize("smooth", [0.0, 2.0])
+@pytest.mark.parametrize("assign", ["overlap", "centre"])
+def test_peak_matches_numpy_mode(smooth, assign):
+    # 200k values: enough that the brute-force 100-bin mode is itself stable to about one bin.
+    x = bimodal(200_000, 0)
+    acc = feed(NeuronStats(3), list(x.split(50_000)))
+    got = peak(acc, bins=100, smooth=smooth, assign=assign)
+    x64 = x.double().numpy()
+    # "centre" re-binning aliases (coarse bins get 1 or 2 stored bins' mass): allow it one more bin.
+    slack = 2 if (assign, smooth) == ("centre", 0.0) else 1
+    for j, (scale, shift) in enumerate(((1.0, 0.0), (2.0, 5.0), (0.5, -1.0))):
+        coarse = (x64[:, j].max() - x64[:, j].min()) / 100
+        want = numpy_peak(x64[:, j], sigma=smooth)
+        assert abs(got[j].item() - want) <= slack * coarse + 1e-9, (j, got[j].item(), want)
+        assert abs(got[j].item() - (2 * scale + shift)) < 3 * coarse  # the mode of the 70% component
+    if smooth == 0 and assign == "overlap":
+        torch.testing.assert_close(acc.compute()["peak"], got)
+
+
+def test_peak_of_constant_and_point_masses():
+    x = torch.tensor([[3.0, 0.0], [3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [3.0, 0.5]])
+    got = peak(feed(NeuronStats(2), [x]))
+    assert got[0] == 3.0
+    assert abs(got[1] - (1.0 - 0.5 / 100)) < 1e-9  # the top bin [0.99, 1]
+
+
+def test_rebin_conserves_mass_and_smoothing_matches_scipy():
+    x = bimodal(5000, 1)
+    acc = feed(NeuronStats(3, hist_bins=64), [x])
+    for assign in ("overlap", "centre"):
+        coarse = rebin(acc, 100, assign)
+        torch.testing.assert_close(coarse.sum(1), acc.histogram().counts.sum(1).double())
+    counts = torch.rand(3, 40, dtype=torch.float64)
+    for sigma in (0.7, 3.0, 15.0):
+        want = ndimage.gaussian_filter1d(counts.numpy(), sigma, axis=1, mode="reflect")
+        np.testing.assert_allclose(gaussian_smooth(counts, sigma).numpy(), want, rtol=1e-12)
+
+
+def test_quantiles_match_numpy_within_a_bin():
+    x = bimodal(20000, 2)
+    acc = feed(NeuronStats(3), [x[:10000], x[10000:]])
+    h = acc.histogram()
+    q = torch.tensor([0.0, 0.001, 0.05, 0.25, 0.5, 0.75, 0.95, 0.999, 1.0])
+    got = quantiles(acc, q)
+    want = np.quantile(x.double().numpy(), q.numpy(), axis=0)
+    bin_width = ((h.hi - h.lo) / h.bins).numpy()
+    assert got.shape == (9, 3)
+    assert (np.abs(got.numpy() - want) <= bin_width).all()
+    np.testing.assert_array_equal(got[0].numpy(), want[0])
+    np.testing.assert_array_equal(got[-1].numpy(), want[-1])
+    # the CDF at the quantiles gives the probabilities back
+    back = cdf(acc, got[1:-1].T.contiguous())
+    torch.testing.assert_close(back, q[1:-1].double().expand(3, -1), atol=1e-9, rtol=0)
+
+
+def test_quantiles_with_out_of_range_mass_are_monotone_and_bounded():
+    x = bimodal(4000, 3)
+    acc = feed(NeuronStats(3, calib_margin=0.0), [x[:100], x[100:] * 3])  # later data far outside the range
+    q = torch.linspace(0, 1, 101)
+    got = quantiles(acc, q)
+    assert (got.diff(dim=0) >= 0).all()
+    allx = torch.cat([x[:100], x[100:] * 3]).double()
+    torch.testing.assert_close(got[0], allx.amin(0), rtol=0, atol=0)
+    torch.testing.assert_close(got[-1], allx.amax(0), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        quantiles(acc, [1.5])
+
+
+# ------------------------------------------------------------------------------------------------- reservoir
+def reservoir_keys(seed: int, sizes) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.rand(n, generator=g, dtype=torch.float64) for n in sizes])
+
+
+def test_reservoir_keeps_rows_with_smallest_keys():
+    x = torch.randn(500, 6)
+    sizes = (120, 7, 300, 73)
+    r = feed(Reservoir(6, 50, seed=11), list(x.split(sizes)))
+    keys = reservoir_keys(11, sizes)
+    want = x[torch.argsort(keys)[:50]]
+    assert torch.equal(r.compute()["samples"], want)
+    assert int(r.state_dict()["seen"]) == 500
+    small = feed(Reservoir(6, 50, seed=3), [x[:20], x[20:30]])
+    samples = small.compute()["samples"]
+    assert samples.shape == (30, 6)
+    assert sorted(map(tuple, samples.tolist())) == sorted(map(tuple, x[:30].tolist()))
+
+
+def test_reservoir_merge_equals_smallest_keys_of_union():
+    x = torch.randn(700, 5, dtype=torch.bfloat16)
+    a = feed(Reservoir(5, 64, seed=1), [x[:300], x[300:400]])
+    b = feed(Reservoir(5, 64, seed=2), [x[400:]])
+    keys = torch.cat([reservoir_keys(1, (300, 100)), reservoir_keys(2, (300,))])
+    want = x[torch.argsort(keys)[:64]].float()
+    merged = a.merge(b)
+    assert torch.equal(merged.compute()["samples"], want)
+    assert int(merged.state_dict()["seen"]) == 700
+    with pytest.raises(ValueError, match="same seed"):
+        feed(Reservoir(5, 64, seed=1), [x[:10]]).merge(feed(Reservoir(5, 64, seed=1), [x[10:20]]))
+    feed(Reservoir(5, 64, seed=1), [x[:10]]).merge(Reservoir(5, 64, seed=1))  # an empty part is harmless
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_reservoir_is_uniform(split):
+    n, k, blocks, runs = 1000, 50, 10, 200
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    hits = np.zeros(blocks)
+    for seed in range(runs):
+        if split:  # two halves recorded apart, then merged
+            r = feed(Reservoir(1, k, seed=2 * seed), [x[:600]]).merge(
+                feed(Reservoir(1, k, seed=2 * seed + 1), [x[600:]])
+            )
+        else:
+            r = feed(Reservoir(1, k, seed=seed), list(x.split(128)))
+        rows = r.compute()["samples"][:, 0].long()
+        assert rows.unique().numel() == k
+        hits += np.bincount((rows // (n // blocks)).numpy(), minlength=blocks)
+    expected = runs * k / blocks
+    chi2 = ((hits - expected) ** 2 / expected).sum()
+    assert chi2 < 30  # 9 degrees of freedom: P(chi2 > 30) ~ 4e-4
+
+
+def test_reservoir_resume_continues_the_key_stream(tmp_path):
+    x = torch.randn(300, 4)
+    whole = feed(Reservoir(4, 20, seed=5), [x[:100], x[100:]])
+    first = feed(Reservoir(4, 20, seed=5), [x[:100]])
+    save_file(first.state_dict(), tmp_path / "r.safetensors")
+    resumed = Reservoir.from_state_dict(load_file(tmp_path / "r.safetensors"), **first.meta())
+    resumed.update(x[100:])
+    assert torch.equal(resumed.compute()["samples"], whole.compute()["samples"])
+
+
+# ------------------------------------------------------------------------------------------------- co-moments
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_comoments_match_numpy(dtype):
+    g = torch.Generator().manual_seed(8)
+    mix = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    batches = []
+    for n in (300, 200, 250):
+        x = torch.randn(n, 6, generator=g, dtype=torch.float64) @ mix + torch.tensor([50.0, 0, 1, -2, 0, 3])
+        x[:, 4] = 7.0  # constant neuron
+        batches.append(x.to(dtype))
+    batches[1][5, 2] = math.nan  # a dropped row
+    acc = feed(CoMoments(6), batches)
+    x = torch.cat(batches).double()
+    x = x[torch.isfinite(x).all(1)].numpy()
+    got = acc.compute()
+    assert int(acc.state_dict()["dropped"]) == 1 and int(acc.state_dict()["count"]) == len(x)
+    np.testing.assert_allclose(got["mean"].numpy(), x.mean(0), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(got["cov"].numpy(), np.cov(x.T, bias=True), rtol=1e-5, atol=1e-5)
+    live = [0, 1, 2, 3, 5]
+    np.testing.assert_allclose(got["corr"].numpy()[np.ix_(live, live)], np.corrcoef(x[:, live].T), atol=1e-6)
+    assert (got["corr"][4] == 0).all() and (got["corr"][:, 4] == 0).all()
+    assert torch.equal(got["corr"], got["corr"].T)
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(80, 1))
+    x = np.concatenate([base + rng.normal(size=(80, 4)), np.round(rng.normal(size=(80, 2)) * 2)], axis=1)
+    x[:, 5] = np.round(base[:, 0])  # ties, correlated
+    got = spearman_from_samples(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, stats.spearmanr(x).statistic, atol=1e-12)
+    const = spearman_from_samples(torch.tensor(np.concatenate([x, np.ones((80, 1))], 1)))
+    assert (const[-1] == 0).all() and const[0, 0] == 1
+    with pytest.raises(ValueError):
+        spearman_from_samples(torch.tensor([[math.nan, 1.0], [1.0, 2.0]]))
+
+
+# ------------------------------------------------------------------------------------------------- persistence
+def all_accumulators():
+    batches = make_batches(10, torch.float32, sizes=(100, 80))
+    return [
+        feed(NeuronStats(W, hist_bins=32, hist_sample_every=2), batches),
+        feed(Reservoir(W, 30, seed=4), batches),
+        feed(CoMoments(W), [b.nan_to_num() for b in batches]),
+        NeuronStats(W),  # never updated
+    ]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_state_dict_round_trip_through_safetensors(tmp_path, i):
+    acc = all_accumulators()[i]
+    save_file(acc.state_dict(), tmp_path / "a.safetensors")
+    meta = json.loads(json.dumps(acc.meta()))
+    back = type(acc).from_state_dict(load_file(tmp_path / "a.safetensors"), **meta)
+    torch.testing.assert_close(back.compute(), acc.compute(), rtol=0, atol=0, equal_nan=True)
+    tensors, metadata = to_safetensors(acc)
+    save_file(tensors, tmp_path / "b.safetensors", metadata=metadata)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "b.safetensors", framework="pt") as f:
+        again = from_safetensors({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    torch.testing.assert_close(again.compute(), acc.compute(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_load_state_dict_rejects_other_shapes():
+    state = NeuronStats(W).state_dict()
+    with pytest.raises(ValueError, match="hist"):
+        NeuronStats(W, hist_bins=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="missing"):
+        NeuronStats(W).load_state_dict({k: v for k, v in state.items() if k != "sum"})
+
+
+def test_registry_tags_and_unknown_kind():
+    from neurospec.record.base import Accumulator, accumulator_class
+
+    assert accumulator_class("neuron_stats") is NeuronStats
+    assert accumulator_class("reservoir") is Reservoir and accumulator_class("comoments") is CoMoments
+    with pytest.raises(ValueError, match="unknown accumulator kind"):
+        accumulator_class("nope")
+    with pytest.raises(TypeError, match="already used"):
+
+        class Twin(Accumulator):
+            kind = "neuron_stats"
+
+    with pytest.raises(TypeError, match="unknown rules"):
+
+        class Odd(Accumulator):
+            reductions = {"x": "mean"}

@@ -1,0 +1,106 @@
+"""Two gloo processes each record half of the data; after all_reduce_ both hold the single-process answer."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
+from neurospec.record.distributed import all_reduce_, sync_range
+
+W, K, SEED = 12, 40, 7
+
+
+def data() -> list[torch.Tensor]:
+    """Four batches: ranks take batches (0, 1) and (2, 3); some non-finite values."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, W, generator=g) * torch.linspace(0.1, 3, W) + 1.0 for n in (90, 60, 75, 50)]
+    batches[1][4, 3] = math.nan
+    batches[2][7, 5] = math.inf
+    return batches
+
+
+def single_process_answer() -> tuple[NeuronStats, Reservoir, CoMoments]:
+    batches = data()
+    first = torch.cat([batches[0], batches[2]]).double()  # the two ranks' calibration batches together
+    finite = torch.isfinite(first)
+    edges = (torch.where(finite, first, math.inf).amin(0), torch.where(finite, first, -math.inf).amax(0))
+    stats = NeuronStats(W, range_sync=lambda lo, hi: edges)
+    for b in batches:
+        stats.update(b)
+    res = Reservoir(W, K, seed=SEED)
+    for b in batches[:2]:
+        res.update(b)
+    other = Reservoir(W, K, seed=SEED + 1)
+    for b in batches[2:]:
+        other.update(b)
+    co = CoMoments(W)
+    for b in batches:
+        co.update(b)
+    return stats, res.merge(other), co
+
+
+def worker(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mine = data()[2 * rank : 2 * rank + 2]
+        stats = NeuronStats(W, range_sync=sync_range)
+        res = Reservoir(W, K, seed=SEED + rank)
+        co = CoMoments(W)
+        for b in mine:
+            for acc in (stats, res, co):
+                acc.update(b)
+        for acc in (stats, res, co):
+            assert all_reduce_(acc) is acc
+        want_stats, want_res, want_co = single_process_answer()
+        got, want = stats.state_dict(), want_stats.state_dict()
+        for name, t in want.items():
+            if t.dtype == torch.float64 and name not in ("min", "max", "hist_lo", "hist_hi"):
+                torch.testing.assert_close(got[name], t, rtol=1e-13, atol=1e-12)
+            else:
+                assert torch.equal(got[name], t), name
+        assert torch.equal(res.compute()["samples"], want_res.compute()["samples"])
+        assert int(res.state_dict()["seen"]) == 275
+        torch.testing.assert_close(co.compute(), want_co.compute(), rtol=1e-12, atol=1e-12)
+        # Histograms calibrated apart disagree; all processes raise alike.
+        apart = NeuronStats(W)
+        apart.update(mine[0])
+        with pytest.raises(ValueError, match="differs between processes"):
+            all_reduce_(apart)
+        same_seed = Reservoir(W, K, seed=SEED)
+        same_seed.update(mine[0])
+        with pytest.raises(ValueError, match="same seed"):
+            all_reduce_(same_seed)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.dist
+def test_all_reduce_equals_single_process():
+    mp.spawn(worker, args=(2, free_port()), nprocs=2, join=True)
+
+
+def test_all_reduce_without_process_group_is_a_no_op():
+    acc = NeuronStats(W)
+    acc.update(data()[0])
+    before = acc.state_dict()
+    assert all_reduce_(acc) is acc
+    assert all(
+        torch.equal(before[k], v) for k, v in acc.state_dict().items() if k not in ("hist_lo", "hist_hi")
+    )
+    lo, hi = torch.zeros(3), torch.ones(3)
+    assert sync_range(lo, hi) == (lo, hi)
