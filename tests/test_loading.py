@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_inputs, tiny_model
 
 from neurospec.errors import UnknownModelError
 from neurospec.models.loading import BUNDLED, from_module, load_model, model_fingerprint, random_init_copy
+
+from tiny import tiny_inputs, tiny_model
 
 
 def test_local_directory_round_trip(tmp_path):

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
+
+from tiny import char_tokenizer, tiny_model
 
 _register()
 

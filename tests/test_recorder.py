@@ -6,12 +6,13 @@ import socket
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model, write_corpus
 
 from neurospec.errors import RunStoreError, TaskError
 from neurospec.models.loading import from_module
 from neurospec.record.recorder import RecordConfig, _forward_body, record
 from neurospec.record.store import open_run
+
+from tiny import char_tokenizer, tiny_model, write_corpus
 
 CFG = RecordConfig(tokens=640, eval_tokens=128, seq_len=32, batch_size=4, hist_bins=64, reservoir=16,
                    comoments=("attn",))

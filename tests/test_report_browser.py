@@ -6,10 +6,11 @@ import shutil
 import subprocess
 
 import pytest
-from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
+
+from tiny import char_tokenizer, tiny_model
 
 _register()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_inputs, tiny_model
 
 from neurospec.errors import ArchitectureError, NeuronSetError
 from neurospec.models import Family, NeuronId, find_sites, register_family
 from neurospec.models.architectures import families
 from neurospec.models.linear import linear_dims, weight_out_in
 from neurospec.models.sites import Site, Sites, parse_site_name
+
+from tiny import FAMILIES, tiny_inputs, tiny_model
 
 EXPECTED_FAMILY = {"qwen2": "llama", "gemma": "llama"}
 

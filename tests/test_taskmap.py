@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import char_tokenizer, write_corpus
 
 from neurospec.errors import NeurospecError, TaskError
 from neurospec.experiments.selective import PruneConfig, normalised_area, selective_pruning
 from neurospec.experiments.taskmap import TaskMapConfig, task_map
 from neurospec.models.loading import from_module
 from neurospec.record.recorder import RecordConfig
+
+from tiny import char_tokenizer, write_corpus
 
 RC = RecordConfig(tokens=640, eval_tokens=320, seq_len=32, batch_size=4, reservoir=0, hist_bins=32)
 NEURON = 17
@@ -111,3 +112,29 @@ def test_normalised_area():
     # a curve that stops early is extended at its last retain accuracy: (0.25, 0.2) -> (0, 0.2)
     assert normalised_area([0.5, 0.25], [0.4, 0.2]) == pytest.approx((0.25 * 0.3 + 0.25 * 0.2) / 0.1)
     assert normalised_area([0.5, 0.0], [0.4, 0.4]) == pytest.approx(2.0)  # only the forget task falls
+
+
+def test_select_global_per_site_and_whole_heads():
+    from neurospec.experiments.selective import select
+    from neurospec.models.sites import find_sites
+    from tiny import tiny_model
+
+    sites = find_sites(tiny_model("llama"))
+    g = torch.Generator().manual_seed(0)
+    scores = {s.name: torch.rand(s.width, generator=g, dtype=torch.float64) for s in sites}
+    mlp = [s.name for s in sites.of_kind("mlp")]
+    attn = [s.name for s in sites.of_kind("attn")]
+    # global: the top floor(0.1 * 192) MLP neurons over both layers at once
+    ns = select(scores, 0.1, 0.0, "global", sites=sites)
+    flat = sorted(((float(scores[s][i]), s, i) for s in mlp for i in range(96)), reverse=True)[:19]
+    assert set(ns.to_ids()) == {f"{s}:{i}" for _, s, i in flat}
+    # per site: floor(0.1 * 96) = 9 in each layer
+    ns = select(scores, 0.1, 0.0, "per_site", sites=sites)
+    assert ns.count_by_site() == {mlp[0]: 9, mlp[1]: 9}
+    for s in mlp:
+        assert set(ns.indices(s).tolist()) == set(torch.topk(scores[s], 9).indices.tolist())
+    # whole heads: 2 of the 8 heads (4 per layer, d_head 16), ranked by the mean of their neurons' scores
+    ns = select(scores, 0.0, 0.25, "global", sites=sites, heads="mean")
+    head_means = sorted(((float(scores[s].view(4, 16)[h].mean()), s, h) for s in attn for h in range(4)), reverse=True)
+    want = {f"{s}:{h * 16 + j}" for _, s, h in head_means[:2] for j in range(16)}
+    assert set(ns.to_ids()) == want and len(ns) == 32

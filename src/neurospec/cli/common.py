@@ -47,7 +47,8 @@ class Progress:
     """A rich progress bar on stderr with tokens/s, driven by ``(label, done, total)`` callbacks."""
 
     def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         self.enabled = enabled and not os.environ.get("NEUROSPEC_NO_PROGRESS")
         self._bar = RichProgress(

@@ -134,8 +134,13 @@ def record_cmd(
         reservoir=reservoir, comoments=tuple(k for k in comoments.split(",") if k), seed=seed,
     )
     loaded = load_model(model, device=device, dtype=dtype)
-    with Progress() as progress:
+    from neurospec.record.recorder import dist_context
+
+    rank = dist_context()[0]
+    with Progress(enabled=rank == 0) as progress:
         summary = record(loaded, task, out_dir, cfg, force=force, progress=progress)
+    if rank != 0:  # every rank holds the same all-reduced result; rank 0 reports it
+        return
     bad = {t: n for t, n in summary["nonfinite"].items() if n}
     if bad:
         err.print(f"[yellow]warning:[/] non-finite activations were seen and excluded from the statistics: {bad}")

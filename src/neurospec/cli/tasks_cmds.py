@@ -38,6 +38,7 @@ def prune_cmd(
     mode: str = typer.Option("cumulative", help="cumulative (one set of statistics) or iterative (re-record)"),
     scope: str = typer.Option("global", help="global (all layers ranked together) or per_site"),
     ablation: str = typer.Option("zero", help="zero, or mean (the retain task's mean)"),
+    heads: str = typer.Option(None, help="prune attention as whole heads scored by their neurons' mean or median"),
     tokens: int = typer.Option(20_000, help="tokens recorded per task"),
     eval_tokens: int = typer.Option(4_096, "--eval-tokens", help="tokens evaluated per task and step"),
     seq_len: int = typer.Option(256, "--seq-len"),
@@ -57,7 +58,7 @@ def prune_cmd(
     from neurospec.record.store import atomic_write_json
 
     pcfg = PruneConfig(score=score, frac=frac, attn_frac=attn_frac, steps=steps, mode=mode, scope=scope,
-                       ablation=ablation, batch_size=batch_size)
+                       ablation=ablation, heads=heads, batch_size=batch_size)
     rcfg = RecordConfig(tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size, reservoir=0)
     loaded = load_model(model, device=device, dtype=dtype)
     with Progress() as progress:

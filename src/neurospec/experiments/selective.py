@@ -50,6 +50,7 @@ class PruneConfig:
     mode: str = "cumulative"
     scope: str = "global"
     ablation: str = "zero"
+    heads: str | None = None  # "mean" / "median": prune whole attention heads
     batch_size: int = 8
     seed: int = 0
 
@@ -68,6 +69,8 @@ class PruneConfig:
             raise NeurospecError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.ablation not in ABLATIONS:
             raise NeurospecError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
+        if self.heads not in (None, "mean", "median"):
+            raise NeurospecError(f"heads must be None, 'mean' or 'median', got {self.heads!r}")
         if self.scope not in ("global", "per_site"):
             raise NeurospecError(f"scope must be 'global' or 'per_site', got {self.scope!r}")
 
@@ -76,8 +79,12 @@ class PruneConfig:
 
 
 def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, scope: str,
-           exclude: NeuronSet | None = None, sites=None) -> NeuronSet:
-    """Top ``frac`` of MLP and ``attn_frac`` of attention neurons by score (excluded neurons never chosen)."""
+           exclude: NeuronSet | None = None, sites=None, heads: str | None = None) -> NeuronSet:
+    """Top ``frac`` of MLP and ``attn_frac`` of attention neurons by score (excluded neurons never chosen).
+
+    ``heads="mean"`` or ``"median"``: attention is selected as whole heads (``attn_frac`` of all heads), a head
+    scored by the mean or median of its neurons' scores.
+    """
     parts = []
     for kind, f in (("mlp", frac), ("attn", attn_frac)):
         sc = {s: v.clone() for s, v in scores.items() if s.endswith("." + kind)}
@@ -87,7 +94,12 @@ def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, sc
             for s in sc:
                 if s in exclude.site_names:
                     sc[s][exclude.mask(s)] = -torch.inf
-        parts.append(NeuronSet.top_k(sc, frac=f, scope=scope, sites=sites))
+        if kind == "attn" and heads is not None:
+            if sites is None:
+                raise NeurospecError("selecting whole heads needs the model's sites")
+            parts.append(NeuronSet.top_heads(sc, sites, frac=f, reduce=heads, scope=scope))
+        else:
+            parts.append(NeuronSet.top_k(sc, frac=f, scope=scope, sites=sites))
     if not parts:
         raise NeurospecError("no site of the requested kinds was recorded")
     out = parts[0]
@@ -184,7 +196,8 @@ def selective_pruning(
     pruned = NeuronSet({s: [] for s in widths}, widths)
     for step in range(1, pcfg.steps + 1):
         if pcfg.mode == "cumulative":
-            pruned = _widen(select(scores, pcfg.frac * step, pcfg.attn_frac * step, pcfg.scope, sites=sites), widths)
+            pruned = _widen(select(scores, pcfg.frac * step, pcfg.attn_frac * step, pcfg.scope, sites=sites,
+                                    heads=pcfg.heads), widths)
         else:
             if step > 1:
                 with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
@@ -193,7 +206,8 @@ def selective_pruning(
                 step_run = open_run(sub)
                 scores = score_neurons(pcfg.score, step_run.stats(f_name), merged_stats(step_run, r_names),
                                        seed=pcfg.seed)
-            new = select(scores, pcfg.frac, pcfg.attn_frac, pcfg.scope, exclude=pruned, sites=sites)
+            new = select(scores, pcfg.frac, pcfg.attn_frac, pcfg.scope, exclude=pruned, sites=sites,
+                         heads=pcfg.heads)
             pruned = pruned | _widen(new, widths)
         with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
             rows.append({"step": step, "fraction": pcfg.frac * step, "attn_fraction": pcfg.attn_frac * step,
