@@ -27,29 +27,45 @@ def _save(fig, path: Path) -> Path:
 
 
 def heatmaps(mats: Sequence[np.ndarray], titles: Sequence[str], labels: Sequence[str], path: Path,
-             suptitle: str = "", vmin: float | None = 0.0, vmax: float | None = 1.0, cmap: str = "viridis",
-             fmt: str = "{:.2f}") -> Path:
-    """Side-by-side annotated heatmaps sharing one colour scale (rows: the set A, columns: B)."""
+             suptitle: str = "", vmin: float | None = 0.0, vmax: float | None = None, cmap: str = "viridis",
+             fmt: str = "{:.2f}", mask_diagonal: bool = False) -> Path:
+    """Side-by-side annotated heatmaps sharing one colour scale (rows: the set A, columns: B).
+
+    ``vmax=None`` scales colours to the largest shown value; ``mask_diagonal`` leaves the diagonal blank (for
+    overlaps, where it is 1 by definition and would flatten the colour scale).
+    """
     plt = _plt()
-    n = len(mats)
-    size = 1.0 + 0.55 * len(labels)
-    fig, axes = plt.subplots(1, n, figsize=(size * n + 1, size), squeeze=False)
+    shown = []
+    for m in mats:
+        m = np.array(m, dtype=float)
+        if mask_diagonal:
+            np.fill_diagonal(m, np.nan)
+        shown.append(m)
+    finite = np.concatenate([m[np.isfinite(m)] for m in shown]) if shown else np.array([0.0])
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if hi <= lo:
+        hi = lo + 1e-9
+    n = len(shown)
+    size = 1.2 + 0.5 * len(labels)
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 1.5, size + 0.6), squeeze=False,
+                             gridspec_kw={"wspace": 0.08})
     im = None
-    for ax, m, title in zip(axes[0], mats, titles, strict=True):
-        m = np.asarray(m, dtype=float)
-        im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        ax.set_yticks(range(len(labels)), labels)
+    for k, (ax, m, title) in enumerate(zip(axes[0], shown, titles, strict=True)):
+        im = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if k == 0 else [], fontsize=8)
         ax.set_title(title, fontsize=10)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
+                    dark = (m[i, j] - lo) / (hi - lo) < 0.5
                     ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if (vmax is not None and m[i, j] < 0.5 * (vmax + (vmin or 0))) else "black")
+                            color="white" if dark else "black")
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle, fontsize=11)
     return _save(fig, path)
 
 

@@ -55,8 +55,9 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
         if tm.get("random_init"):
             mats.insert(1, np.array(tm["random_init"]["overlap"][frac]))
             titles.insert(1, "random init")
-        png = F.heatmaps(mats, titles, names, figdir / f"overlap_{frac}",
-                         suptitle=f"overlap |A∩B|/|A| of task-specific neurons, top {float(frac):.0%}")
+        png = F.heatmaps(mats, titles, names, figdir / f"overlap_{frac}", mask_diagonal=True,
+                         suptitle=f"overlap |A∩B|/|A| of task-specific neurons, top {float(frac):.0%} "
+                                  "(diagonal = 1, left blank)")
         out.append(_section(
             f"Overlap of task neurons at {float(frac):.0%}",
             "Row task A, column task B: the share of A's specific neurons that B also selected. Compare the trained "
@@ -66,7 +67,7 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
         ))
     if tm.get("selectivity") is not None:
         sel = np.array(tm["selectivity"])
-        png = F.heatmaps([sel], ["top-1 drop"], names, figdir / "selectivity", vmin=None, vmax=None,
+        png = F.heatmaps([sel], ["top-1 drop"], names, figdir / "selectivity", vmin=None,
                          cmap="magma", fmt="{:.3f}",
                          suptitle=f"prune row task's top {tm['config']['select_frac']:.0%} neurons, top-1 drop of column task")
         base = tm["baseline"]
@@ -84,7 +85,8 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
                         _img(png, "per-layer distribution")))
     tables = []
     for t, top in tm["top_neurons"].items():
-        tables.append(f"<h3>{html.escape(t)}</h3>" + _table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]))
+        tables.append(f"<div><h3>{html.escape(t)}</h3>"
+                      + _table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]) + "</div>")
     out.append(_section("Top neurons per task", "The ten highest-scoring neurons of each task (score: "
                         f"{tm['config']['score']}).", '<div class="grid">' + "".join(tables) + "</div>"))
     return out
@@ -124,7 +126,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:11
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 .cap{color:#555;font-size:.92em} img.fig{max-width:100%;display:block;margin:.6em 0}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
-th{background:#f4f4f4} .grid{display:flex;flex-wrap:wrap;gap:1.5em} pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+th{background:#f4f4f4} table.prov td,table.prov th{text-align:left} .grid{display:flex;flex-wrap:wrap;gap:1.5em} pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
 """
 
 
@@ -162,11 +164,24 @@ def build_report(run_dir: str | Path) -> Path:
         "config": main.get("config") or (tm or {}).get("config"),
         "command": main.get("command"),
     }
+    model = prov["model"] or {}
+    summary_rows = [
+        ["model", f"{model.get('name', '?')} ({model.get('family', '?')}, {model.get('n_layers', '?')} layers, "
+                  f"fingerprint {model.get('fingerprint', '?')})"],
+        ["preprocessing", "; ".join(model.get("preprocessing") or []) or "none"],
+        ["tasks", ", ".join(f"{t} ({v.get('collect_tokens', '?')} + {v.get('eval_tokens', '?')} tokens)"
+                            for t, v in (prov["tasks"] or {}).items())],
+        ["command", prov["command"] or "-"],
+        ["neurospec", f"{__version__}, built {prov['built']}"],
+    ]
+    summary = "<table class='prov'>" + "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary_rows) + "</table>"
     doc = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>neurospec report</title>"
         f"<style>{CSS}</style></head><body><h1>neurospec report</h1>"
-        + _section("Provenance", "Everything needed to reproduce these numbers.",
-                   f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre>")
+        + _section("Provenance", "Everything needed to reproduce these numbers (full record below).",
+                   summary + "<details><summary>full provenance (JSON)</summary>"
+                   f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></details>")
         + "".join(sections) + "</body></html>"
     )
     path = run_dir / "report.html"
