@@ -84,9 +84,14 @@ class NeuronSet:
         for name in sorted(indices, key=_site_key):
             if name not in w:
                 raise NeuronSetError(f"site {name} has neurons but no width: add it to `widths`")
-            t = torch.as_tensor(indices[name], dtype=torch.long).reshape(-1).cpu()
+            t = torch.as_tensor(indices[name])
             if t.numel() == 0:
                 continue
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise NeuronSetError(
+                    f"indices of site {name} must be integers, got {t.dtype} (for a boolean mask use from_masks)"
+                )
+            t = t.to("cpu", torch.long).reshape(-1)
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= w[name]:
                 bad = lo if lo < 0 else hi
@@ -176,7 +181,7 @@ class NeuronSet:
         ``per_site=False``), and set ``i`` is its prefix of ``floor(fracs[i] * width)`` neurons, so every set contains
         the previous one. ``fracs`` must be non-decreasing."""
         fracs = [float(f) for f in fracs]
-        if any(b < a for a, b in zip(fracs, fracs[1:])):
+        if any(b < a for a, b in zip(fracs, fracs[1:], strict=False)):
             raise NeuronSetError(f"fractions of a nested draw must be non-decreasing, got {fracs}")
         site_list = _site_list(sites)
         if per_site:

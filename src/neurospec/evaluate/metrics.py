@@ -1,0 +1,292 @@
+"""Language-model and representation metrics, streamed over fixed-length token blocks.
+
+``evaluate_lm`` (causal LM): every position ``t < seq-1`` of every block predicts token ``t+1``.
+
+- ``loss``: mean cross-entropy over all predicted positions; ``perplexity = exp(loss)``.
+- ``top1`` / ``top{k}``: fraction of positions whose target is among the ``k`` highest logits. The rank of the
+  target is the number of logits *strictly* greater than the target's, so ties count in the target's favour.
+- ``skip_top1``: top-1 over the positions whose *target* is not in ``skip_ids`` (by convention the 50 most frequent
+  tokens of the task's collection split: :func:`most_frequent_tokens`); ``None`` without ``skip_ids``.
+- ``tokens`` / ``skip_tokens``: the number of positions each average is over.
+
+Masked LM (e.g. ``BertForMaskedLM``): a seeded masking evaluation. Each position that is not a special token is
+chosen with probability ``mlm_prob`` (default 0.15, a fixed draw per block given ``seed``, independent of the batch
+size), *every* chosen position is replaced by the mask token (no 80/10/10 split: the evaluation should measure the
+model, not the noise of the corruption), and the metrics above are computed on the chosen positions against the
+original tokens.
+
+Models without an LM head raise a :class:`~neurospec.errors.NeurospecError` that names the metric that applies. For
+head-less encoders (e.g. the bundled ``minilm-l6``) :func:`evaluate_representation` compares the final hidden states
+with those of the unablated model (:func:`reference_states`): mean per-token cosine similarity, its complement
+``cosine_distance`` (0 for the unablated model, the number to track in an ablation study) and the mean relative L2
+change ``||h - h_ref|| / ||h_ref||``.
+
+Everything accumulates in float64; only one batch of logits exists at a time (memory ``batch * seq * vocab``
+floats for the model's own output, plus a ``rows x vocab`` temporary per chunk of 1024 positions).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from neurospec.errors import NeurospecError
+from neurospec.models.loading import LoadedModel, _head_of
+
+_CHUNK = 1024
+
+
+def most_frequent_tokens(blocks: torch.Tensor, n: int = 50) -> torch.Tensor:
+    """The ``n`` most frequent token ids of ``blocks`` (``LongTensor[n_blocks, seq]``), most frequent first; equal
+    counts are ordered by token id. Pass the task's *collection* split and give the result as ``skip_ids``."""
+    flat = _check_blocks(blocks).reshape(-1)
+    counts = torch.bincount(flat)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    present = int((counts > 0).sum())
+    return order[: min(n, present)]
+
+
+def _check_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
+        desc = f"{blocks.dtype} {tuple(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise NeurospecError(f"blocks must be a LongTensor[n_blocks, seq] of token ids, got {desc}")
+    if blocks.numel() and int(blocks.min()) < 0:
+        raise NeurospecError("blocks contain negative token ids")
+    return blocks
+
+
+def unwrap_model(model: Any) -> tuple[nn.Module, Any]:
+    """``(module, tokenizer)`` of a :class:`~neurospec.models.loading.LoadedModel`, or ``(model, None)``."""
+    if isinstance(model, LoadedModel):
+        return model.model, model.tokenizer
+    return model, None
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def has_lm_head(model: nn.Module) -> bool:
+    """True for causal and masked language models (the models :func:`evaluate_lm` applies to)."""
+    return _head_of(model) in ("causal-lm", "masked-lm")
+
+
+class _Counts:
+    """Float64 sums of the next-token metrics."""
+
+    def __init__(self, topk: int, skip_ids: torch.Tensor | None):
+        self.topk = topk
+        self.skip_ids = skip_ids
+        self.loss = 0.0
+        self.top1 = 0
+        self.topk_hits = 0
+        self.n = 0
+        self.skip_top1 = 0
+        self.skip_n = 0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """``logits``: ``[rows, vocab]``; ``targets``: ``LongTensor[rows]``."""
+        skip = None if self.skip_ids is None else self.skip_ids.to(targets.device)
+        for lo in range(0, targets.numel(), _CHUNK):
+            lg = logits[lo : lo + _CHUNK].float()
+            tg = targets[lo : lo + _CHUNK]
+            tgt_logit = lg.gather(1, tg[:, None])
+            nll = torch.logsumexp(lg, dim=1) - tgt_logit[:, 0]
+            rank = (lg > tgt_logit).sum(dim=1)
+            hit1 = rank < 1
+            self.loss += float(nll.double().sum())
+            self.top1 += int(hit1.sum())
+            self.topk_hits += int((rank < self.topk).sum())
+            self.n += tg.numel()
+            if skip is not None:
+                keep = ~torch.isin(tg, skip)
+                self.skip_n += int(keep.sum())
+                self.skip_top1 += int((hit1 & keep).sum())
+
+    def compute(self, objective: str) -> dict:
+        if self.n == 0:
+            raise NeurospecError("no positions to evaluate (blocks too short, or no position was masked)")
+        loss = self.loss / self.n
+        try:
+            ppl = math.exp(loss)
+        except OverflowError:
+            ppl = math.inf
+        skip_top1 = None
+        if self.skip_ids is not None:
+            skip_top1 = self.skip_top1 / self.skip_n if self.skip_n else math.nan
+        return {
+            "objective": objective,
+            "top1": self.top1 / self.n,
+            f"top{self.topk}": self.topk_hits / self.n,
+            "skip_top1": skip_top1,
+            "loss": loss,
+            "perplexity": ppl,
+            "tokens": self.n,
+            "skip_tokens": self.skip_n if self.skip_ids is not None else None,
+        }
+
+
+def _special_ids(model: nn.Module, tokenizer: Any) -> torch.Tensor:
+    ids: set[int] = set()
+    if tokenizer is not None and getattr(tokenizer, "all_special_ids", None):
+        ids |= set(tokenizer.all_special_ids)
+    cfg = getattr(model, "config", None)
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int):
+            ids.add(v)
+    return torch.tensor(sorted(ids), dtype=torch.long).reshape(-1)
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: Any,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    skip_ids: torch.Tensor | None = None,
+    topk: int = 10,
+    mask_token_id: int | None = None,
+    mlm_prob: float = 0.15,
+    seed: int = 0,
+    special_ids: torch.Tensor | None = None,
+) -> dict:
+    """Next-token (causal LM) or masked-token (masked LM) metrics of ``model`` on ``blocks``; see the module doc.
+
+    ``model``: a Hugging Face model with an LM head, or a :class:`~neurospec.models.loading.LoadedModel` (whose
+    tokenizer then supplies the mask token and special tokens). ``blocks``: ``LongTensor[n_blocks, seq]``.
+    ``mask_token_id``, ``mlm_prob``, ``seed`` and ``special_ids`` (never masked; default: the tokenizer's special
+    tokens, or the config's pad/bos/eos/sep/cls ids) apply to masked LMs only.
+    Returns ``{objective, top1, top{k}, skip_top1, loss, perplexity, tokens, skip_tokens}``.
+    """
+    model, tokenizer = unwrap_model(model)
+    blocks = _check_blocks(blocks)
+    if batch_size < 1 or topk < 1:
+        raise NeurospecError(f"batch_size and topk must be >= 1, got {batch_size} and {topk}")
+    if not has_lm_head(model):
+        raise NeurospecError(_no_lm_head_message(model))
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    if vocab is not None and blocks.numel() and int(blocks.max()) >= vocab:
+        raise NeurospecError(f"blocks hold token id {int(blocks.max())}, but the model's vocabulary has {vocab}")
+    if skip_ids is not None:
+        skip_ids = torch.as_tensor(skip_ids, dtype=torch.long).reshape(-1)
+    counts = _Counts(topk, skip_ids)
+    device = _input_device(model)
+    if _head_of(model) == "causal-lm":
+        if blocks.shape[1] < 2:
+            raise NeurospecError("causal-LM evaluation needs blocks of at least 2 tokens")
+        for lo in range(0, blocks.shape[0], batch_size):
+            ids = blocks[lo : lo + batch_size].to(device)
+            logits = model(input_ids=ids).logits
+            counts.update(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return counts.compute("causal")
+    if mask_token_id is None:
+        mask_token_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_token_id is None:
+        raise NeurospecError(
+            f"{type(model).__name__} is a masked LM: pass mask_token_id= (tokenizer.mask_token_id) for the masked "
+            "evaluation"
+        )
+    if not 0.0 < mlm_prob <= 1.0:
+        raise NeurospecError(f"mlm_prob must lie in (0, 1], got {mlm_prob}")
+    if special_ids is None:
+        special_ids = _special_ids(model, tokenizer)
+    special_ids = torch.cat([torch.as_tensor(special_ids, dtype=torch.long).reshape(-1), torch.tensor([mask_token_id])])
+    chosen = mlm_positions(blocks, special_ids, mlm_prob=mlm_prob, seed=seed)
+    for lo in range(0, blocks.shape[0], batch_size):
+        ids = blocks[lo : lo + batch_size]
+        sel = chosen[lo : lo + batch_size]
+        if not sel.any():
+            continue
+        inp = ids.masked_fill(sel, mask_token_id).to(device)
+        logits = model(input_ids=inp).logits
+        counts.update(logits[sel.to(device)], ids[sel].to(device))
+    return counts.compute("masked")
+
+
+def mlm_positions(blocks: torch.Tensor, special_ids: torch.Tensor, *, mlm_prob: float = 0.15, seed: int = 0) -> torch.Tensor:
+    """``BoolTensor[n_blocks, seq]``: the positions a masked-LM evaluation masks (seeded; special tokens never)."""
+    u = torch.rand(blocks.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (u < mlm_prob) & ~torch.isin(blocks, special_ids)
+
+
+def _no_lm_head_message(model: nn.Module) -> str:
+    name = type(model).__name__
+    if _head_of(model) in ("image-classification", "sequence-classification"):
+        return f"{name} is a classifier, not a language model: use classification accuracy, not evaluate_lm"
+    return (
+        f"{name} has no language-model head, so next-token and masked-token metrics do not apply. For a head-less "
+        "encoder use evaluate_representation(model, blocks, reference_states(model, blocks)) (reference taken "
+        "before ablating), or load a checkpoint that has an LM head (load_model(..., head='masked-lm'))"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ representation
+
+
+def _final_hidden(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    base = getattr(model, "base_model", model)
+    key = "pixel_values" if batch.is_floating_point() else "input_ids"
+    out = base(**{key: batch})
+    h = getattr(out, "last_hidden_state", None)
+    if h is None:
+        raise NeurospecError(f"{type(base).__name__} returns no last_hidden_state; evaluate_representation needs one")
+    return h
+
+
+def _check_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise NeurospecError("inputs must be a tensor: LongTensor[n, seq] token ids or FloatTensor[n, ...] pixels")
+    return inputs if inputs.is_floating_point() else _check_blocks(inputs)
+
+
+@torch.no_grad()
+def reference_states(model: Any, inputs: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+    """Final hidden states ``[n, seq, hidden]`` (float32, on the CPU) of the *unablated* model: the reference of
+    :func:`evaluate_representation`. Memory: ``n * seq * hidden * 4`` bytes."""
+    model, _ = unwrap_model(model)
+    inputs = _check_inputs(inputs)
+    device = _input_device(model)
+    parts = [
+        _final_hidden(model, inputs[lo : lo + batch_size].to(device)).float().cpu()
+        for lo in range(0, inputs.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def evaluate_representation(
+    model: Any, inputs: torch.Tensor, reference: torch.Tensor, *, batch_size: int = 8
+) -> dict:
+    """How far the final hidden states moved from ``reference`` (:func:`reference_states` of the unablated model).
+
+    ``inputs``: ``LongTensor[n, seq]`` token ids (or pixel values for vision encoders). Per token ``t``:
+    ``cos_t = cos(h_t, ref_t)`` and ``rel_t = ||h_t - ref_t|| / ||ref_t||``; returns their means
+    ``{cosine, cosine_distance (= 1 - cosine), rel_l2, tokens}``.
+    """
+    model, _ = unwrap_model(model)
+    inputs = _check_inputs(inputs)
+    if reference.shape[0] != inputs.shape[0]:
+        raise NeurospecError(f"reference holds {reference.shape[0]} inputs, but {inputs.shape[0]} inputs were given")
+    device = _input_device(model)
+    cos_sum = rel_sum = 0.0
+    n = 0
+    for lo in range(0, inputs.shape[0], batch_size):
+        h = _final_hidden(model, inputs[lo : lo + batch_size].to(device)).float()
+        ref = reference[lo : lo + batch_size].to(h.device, torch.float32)
+        if h.shape != ref.shape:
+            raise NeurospecError(f"hidden states {tuple(h.shape)} do not match the reference {tuple(ref.shape)}")
+        h, ref = h.reshape(-1, h.shape[-1]).double(), ref.reshape(-1, ref.shape[-1]).double()
+        cos_sum += float(F.cosine_similarity(h, ref, dim=-1, eps=1e-12).sum())
+        rel = (h - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
+        rel_sum += float(rel.sum())
+        n += h.shape[0]
+    cosine = cos_sum / n
+    return {"cosine": cosine, "cosine_distance": 1.0 - cosine, "rel_l2": rel_sum / n, "tokens": n}
