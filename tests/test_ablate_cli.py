@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
+
 from tiny import char_tokenizer, tiny_model
 
 _register()

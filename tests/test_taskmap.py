@@ -117,6 +117,7 @@ def test_normalised_area():
 def test_select_global_per_site_and_whole_heads():
     from neurospec.experiments.selective import select
     from neurospec.models.sites import find_sites
+
     from tiny import tiny_model
 
     sites = find_sites(tiny_model("llama"))

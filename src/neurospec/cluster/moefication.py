@@ -19,7 +19,7 @@ more than with ReLU ones).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -125,14 +125,8 @@ def moefy_site(
     ``model``: an ``nn.Module`` or a ``LoadedModel``; ``site``: a :class:`Site` or its name (``"layers.3.mlp"``).
     Cost: one balanced k-means of ``width`` points (about 0.1-0.3 s for 1536 neurons and 96 experts).
     """
-    from neurospec.cluster.kmeans import BalancedKMeans
-
     module, sites = model_and_sites(model)
-    s = resolve_site(sites, site)
-    _check_n_experts(n_experts, s.width, f"site {s.name}")
-    feats = expert_features(module, s, projection)
-    km = BalancedKMeans(n_experts, n_init=n_init, max_iter=max_iter, assignment=assignment, seed=seed).fit(feats)
-    return km.labels_
+    return _moefy(module, resolve_site(sites, site), n_experts, projection, n_init, max_iter, assignment, seed)
 
 
 def moefy(
@@ -146,19 +140,16 @@ def moefy(
     assignment: str = "hybrid",
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Experts of several MLP sites (all of them by default): ``{site name: labels [width]}``."""
+    """Experts of several MLP sites (all of them by default): ``{site name: labels [width]}``, same seed per site."""
     module, all_sites = model_and_sites(model)
     chosen = all_sites.of_kind("mlp") if sites is None else tuple(resolve_site(all_sites, s) for s in sites)
-    return {
-        s.name: moefy_site(
-            (module, all_sites), s, n_experts, projection=projection, n_init=n_init, max_iter=max_iter,
-            assignment=assignment, seed=seed,
-        ) if False else _moefy_known(module, s, n_experts, projection, n_init, max_iter, assignment, seed)
-        for s in chosen
-    }
+    return {s.name: _moefy(module, s, n_experts, projection, n_init, max_iter, assignment, seed) for s in chosen}
 
 
-def _moefy_known(module, site, n_experts, projection, n_init, max_iter, assignment, seed) -> np.ndarray:
+def _moefy(
+    module: nn.Module, site: Site, n_experts: int, projection: str, n_init: int, max_iter: int, assignment: str,
+    seed: int,
+) -> np.ndarray:
     from neurospec.cluster.kmeans import BalancedKMeans
 
     _check_n_experts(n_experts, site.width, f"site {site.name}")
@@ -219,7 +210,10 @@ def _as_square(m: Any, what: str) -> np.ndarray:
 
 
 def _labels_tensor(labels: Any, width: int, n_experts: int | None) -> tuple[torch.Tensor, int]:
-    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if isinstance(labels, torch.Tensor):
+        lab = labels.detach().long()
+    else:
+        lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if lab.ndim != 1 or lab.numel() != width:
         raise ValueError(f"labels must have shape [{width}] (one expert per neuron), got {tuple(lab.shape)}")
     if lab.numel() and int(lab.min()) < 0:
@@ -267,13 +261,13 @@ def install_routing(
     """
     module, sites = model_and_sites(model)
     s = resolve_site(sites, site)
-    _, e = _labels_tensor(labels, s.width, n_experts)
+    lab, e = _labels_tensor(labels, s.width, n_experts)
     if not 1 <= k <= e:
         raise ValueError(f"k must be between 1 and the number of experts {e}, got {k}")
     target = get_module(module, s.module)
 
     def hook(_mod: nn.Module, args: tuple) -> tuple:
-        return (route_topk(args[0], labels, k, n_experts=e, score=score), *args[1:])
+        return (route_topk(args[0], lab, k, n_experts=e, score=score), *args[1:])
 
     handle = target.register_forward_pre_hook(hook)
     try:
@@ -281,7 +275,3 @@ def install_routing(
     finally:
         handle.remove()
 
-
-def expert_sizes(labels_by_site: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``{site: neurons per expert}``, a quick check that a split is balanced."""
-    return {name: np.bincount(np.asarray(lab)) for name, lab in labels_by_site.items()}

@@ -51,23 +51,28 @@ def _without_histogram(stats):
     return type(stats).from_state_dict(state, **stats.meta())
 
 
-def merged_stats(run: Run, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Moment statistics of the union of several tasks' tokens, by exact merging of their accumulators.
+def merge_moments(parts: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Statistics of the union of several token sets from their ``{site: NeuronStats}`` accumulators, by exact
+    merging of the accumulated sums.
 
-    Each task's histogram has its own calibrated edges, so histograms are dropped before merging: the moments
-    (mean, std, rms, mean |x|, ...) are exact, the histogram-derived ``peak`` of the result is not meaningful.
+    Each part's histogram has its own calibrated edges, so histograms are dropped before merging: the moments
+    (mean, std, rms, mean |x|, ...) and extremes are exact, the histogram-derived ``peak`` of the result is NaN.
     """
-    merged = None
-    for t in tasks:
-        accs = run.accumulators(t)
+    merged: dict[str, Any] | None = None
+    for part in parts:
         if merged is None:
-            merged = {s: _without_histogram(a["stats"]) for s, a in accs.items()}
+            merged = {s: _without_histogram(st) for s, st in part.items()}
         else:
-            for s, a in accs.items():
-                merged[s].merge(_without_histogram(a["stats"]))
+            for s, st in part.items():
+                merged[s].merge(_without_histogram(st))
     if merged is None:
-        raise NeurospecError("no task to merge")
+        raise NeurospecError("no statistics to merge")
     return {s: st.compute() for s, st in merged.items()}
+
+
+def merged_stats(run: Run, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Moment statistics of the union of several recorded tasks (see :func:`merge_moments`)."""
+    return merge_moments([{s: a["stats"] for s, a in run.accumulators(t).items()} for t in tasks])
 
 
 def skip_ids_for(blocks: torch.Tensor, n: int = 50) -> torch.Tensor:

@@ -34,7 +34,8 @@ def cluster_sizes(manifest: dict, path: Path) -> Path:
     sizes = manifest["sizes"]
     sites = list(sizes)
     mat = np.array([sizes[s] for s in sites], dtype=float)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.18 * len(sites) + 2.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.18 * len(sites) + 2.2), gridspec_kw={"width_ratios": [3, 2]},
+                             layout="constrained")
     im = axes[0].imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest")
     axes[0].set_yticks(range(len(sites)), [str(_site_layer(s)) for s in sites], fontsize=6)
     axes[0].set_ylabel("layer")
@@ -43,11 +44,14 @@ def cluster_sizes(manifest: dict, path: Path) -> Path:
     if manifest["scope"] == "global":
         total = np.asarray(manifest["cluster_sizes"], dtype=float)
         axes[1].bar(range(total.size), total, color="#4477aa")
+        axes[1].xaxis.get_major_locator().set_params(integer=True)
         axes[1].set_xlabel("cluster id")
         axes[1].set_ylabel("neurons (all layers)")
     else:
         flat = mat[mat > 0].ravel()
-        axes[1].hist(flat, bins=min(30, max(5, len(np.unique(flat)))), color="#4477aa")
+        lo, hi = float(flat.min()), float(flat.max())
+        bins = np.arange(lo - 0.5, hi + 1.5) if hi - lo < 30 else 30
+        axes[1].hist(flat, bins=bins, color="#4477aa")
         axes[1].set_xlabel("cluster size within a layer")
         axes[1].set_ylabel("clusters")
     excl = sum(manifest.get("excluded", {}).values())
@@ -60,7 +64,7 @@ def ncut_vs_shuffled(clusterability: dict, path: Path, title: str = "") -> Path:
     """The n-cut of the network (line) against the n-cuts of weight-shuffled copies (histogram)."""
     plt = _plt()
     null = np.asarray(clusterability["null"], dtype=float)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     ax.hist(null, bins=max(5, min(30, null.size)), color="#bbbbbb", label=f"shuffled weights (n={null.size})")
     ax.axvline(clusterability["ncut"], color="#cc3311", lw=2, label="trained network")
     ax.set_xlabel("n-cut (lower = more clusterable)")
@@ -71,13 +75,13 @@ def ncut_vs_shuffled(clusterability: dict, path: Path, title: str = "") -> Path:
 
 
 def importance_vs_coherence(spec: dict, path: Path, tasks: Sequence[str] | None = None) -> Path:
-    """One panel per task: coherence (x, minus its random-set mean) against importance (y, damage minus the random
+    """One panel per task (the first three): coherence (x, minus its random-set mean) against importance (y, damage minus the random
     sets' mean). Filled red: importance p <= 0.05; black ring: coherence p <= 0.05."""
     plt = _plt()
     rows = spec["rows"]
     kind = "coherence_correlation" if spec.get("coherence_correlation") else "coherence_task"
-    names = list(tasks or spec["tasks"])[:4]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    names = list(tasks or spec["tasks"])[:3]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.8), squeeze=False, layout="constrained")
     for ax, t in zip(axes[0], names, strict=True):
         xs, ys, imp_sig, coh_sig = [], [], [], []
         for r in rows:
@@ -97,22 +101,22 @@ def importance_vs_coherence(spec: dict, path: Path, tasks: Sequence[str] | None 
         ax.axvline(0, color="#dddddd", lw=1, zorder=0)
         ax.set_title(t, fontsize=10)
         ax.set_xlabel(f"{kind.replace('_', ' ')} - random mean")
-        ax.set_ylabel(f"{spec['metric']} - random mean")
+    axes[0][0].set_ylabel(f"{spec['metric']}\n- random-set mean")
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
 
 def alignment_by_layer(al: dict, path: Path) -> Path:
-    """Per task: concentration of its neurons over clusters (1 - entropy / chance entropy) by layer (filled marker:
-    p <= 0.05), and -log10 p by layer."""
+    """Per task: how much more concentrated its neurons are over clusters than chance (entropy deficit: mean entropy
+    of random same-size sets minus the task's, in nats) by layer (filled marker: p <= 0.05), and -log10 p by layer."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     for t in al["tasks"]:
         rows = [r for r in al["rows"] if r["task"] == t and "pvalue_entropy" in r]
         if not rows:
             continue
         layers = np.array([r["layer"] for r in rows])
-        conc = np.array([r["concentration"] for r in rows])
+        conc = np.array([r["entropy_deficit"] for r in rows])
         p = np.array([r["pvalue_entropy"] for r in rows])
         (line,) = axes[0].plot(layers, conc, marker="o", ms=3, lw=1, label=t)
         sig = p <= al.get("alpha", ALPHA)
@@ -120,7 +124,7 @@ def alignment_by_layer(al: dict, path: Path) -> Path:
         axes[1].plot(layers, -np.log10(p), marker="o", ms=3, lw=1, color=line.get_color(), label=t)
     axes[0].axhline(0, color="#dddddd", lw=1, zorder=0)
     axes[0].set_xlabel("layer")
-    axes[0].set_ylabel("concentration (0 = chance)")
+    axes[0].set_ylabel("entropy deficit, nats (0 = chance)")
     axes[0].legend(fontsize=8)
     axes[1].axhline(-np.log10(al.get("alpha", ALPHA)), color="#cc3311", lw=1, ls="--", label="p = 0.05")
     axes[1].set_xlabel("layer")
@@ -207,8 +211,8 @@ def cluster_sections(run_dir: Path, figdir: Path) -> list[str]:
             out.append(_section(
                 f"Task neurons vs clusters: {label}",
                 "Are each task's specific neurons (task map) concentrated in fewer clusters than random same-size "
-                "sets of the layer? Concentration = 1 - entropy / chance entropy of their distribution over "
-                "clusters. Published (Pochinkov et al. with MoEfication): strongest in early and late layers.",
+                "sets of the layer? Entropy deficit = chance entropy minus the entropy of their distribution over "
+                "clusters (nats). Published (Pochinkov et al. with MoEfication): strongest in early and late layers.",
                 _img(png, "alignment by layer") + _table(["task", "layers tested", "layers p <= 0.05", "Fisher p"],
                                                          rows),
             ))

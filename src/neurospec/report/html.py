@@ -149,9 +149,13 @@ def build_report(run_dir: str | Path) -> Path:
     ab = _load(run_dir / "ablation" / "ablation.json") or _load(run_dir / "ablation.json")
     if ab:
         sections += _ablation_sections(ab, figdir)
+    from neurospec.report.cluster_figures import cluster_sections
+
+    sections += cluster_sections(run_dir, figdir)
     if not sections:
         raise RunStoreError(
-            f"{run_dir} holds no results to report (looked for taskmap.json, prune/*/result.json, ablation.json); "
+            f"{run_dir} holds no results to report (looked for taskmap.json, prune/*/result.json, ablation.json, "
+            "clusters.json); "
             "run `neurospec run`, `taskmap`, `prune` or `ablate` into it first"
         )
     main = _load(run_dir / "main.json") or {}

@@ -1,0 +1,539 @@
+"""Pipelines of neuron clustering (METHODS.md sections 3 and 6): cluster a model, test clusterability, align task
+neurons with clusters. Importance and coherence are in :mod:`neurospec.experiments.specialization`.
+
+Methods and graphs (the registry :data:`neurospec.cluster.METHODS`):
+
+* ``moefication`` / ``params``: per MLP layer, balanced k-means of the L2-normalised input-projection rows into
+  ``experts`` experts (:func:`neurospec.cluster.moefication.moefy`). When ``experts`` does not divide the layer's
+  width ``d``, ``d mod E`` experts get one neuron more than the others (sizes ``d // E`` and ``d // E + 1``);
+  ``experts > d`` is an error. No graph, so no n-cut.
+* ``moefication`` / ``coactivation``: per layer, a balanced partition of the co-activation graph ``E[x_i x_j]``
+  (raw second moments, negative entries dropped) from a reference run's co-moments (zoo models: the training images).
+* ``spectral`` / ``weights``: one normalised spectral clustering of all chosen MLP layers' neurons joined through the
+  residual stream (:func:`neurospec.cluster.spectral.weight_graph`; plain MLPs: ``|W|`` between hidden layers). Dead
+  neurons (constant on the reference run's tokens, or on the training images for zoo models) are excluded when that
+  data is available. ``shuffles`` adds the clusterability baseline: the same clustering of ``shuffles`` networks
+  whose weight matrices are permuted entry-wise (seeded), with z-score and one-sided p-value.
+* ``spectral`` / ``correlation``: spectral clustering of ``rho^2`` (Pearson) activation correlations. Language models:
+  per layer, from a reference run's co-moments (co-moments are recorded per site, so correlations *between* layers
+  are not available); reported n-cut = the mean over layers. Zoo models: one graph over all chosen layers, from the
+  training images.
+
+Everything is seeded. The result is a :class:`~neurospec.cluster.result.Clustering` saved in the output directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurospec.cluster import METHODS
+from neurospec.cluster.result import Clustering, load_clustering
+from neurospec.errors import NeurospecError, RunStoreError
+from neurospec.experiments.targets import Target
+
+StepFn = Callable[[str, int, int], None]
+CONFIG_VERSION = 1
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """``"0-29"``, ``"0,3,5-7"`` -> sorted layer indices; ``None``/empty -> ``None`` (all layers)."""
+    if text is None or not str(text).strip():
+        return None
+    out: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        raise NeurospecError(f"layers must look like '0-29' or '0,3,5-7', got {text!r}") from None
+    if any(x < 0 for x in out):
+        raise NeurospecError(f"layers must be >= 0, got {text!r}")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Settings of one clustering (see the module docstring). ``None`` means unset (the method's default)."""
+
+    method: str = "moefication"
+    graph: str | None = None
+    experts: int = 96
+    projection: str | None = None
+    k: int = 16
+    layers: tuple[int, ...] | None = None
+    top_k: int | None = None
+    reference: str | None = None
+    tasks: tuple[str, ...] = ()
+    shuffles: int = 0
+    n_init: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from neurospec.cluster.moefication import MOE_PROJECTIONS
+        from neurospec.cluster.spectral import GRAPH_PROJECTIONS
+
+        if self.method not in METHODS:
+            raise NeurospecError(f"unknown clustering method {self.method!r}; choose one of {', '.join(METHODS)}")
+        m = METHODS[self.method]
+        graph = self.graph or m.default_graph
+        if graph not in m.graphs:
+            raise NeurospecError(f"method {self.method!r} reads the graphs {', '.join(m.graphs)}, not {graph!r}")
+        object.__setattr__(self, "graph", graph)
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))
+        allowed = {("moefication", "params"): MOE_PROJECTIONS, ("spectral", "weights"): GRAPH_PROJECTIONS}
+        choices = allowed.get((self.method, graph))
+        if choices is None and self.projection is not None:
+            raise NeurospecError(f"--projection applies to moefication by params and to the weight graph, not to "
+                                 f"{self.method} by {graph}")
+        if choices is not None:
+            proj = self.projection or "up"
+            if proj not in choices:
+                raise NeurospecError(f"projection for {self.method} by {graph} must be one of {choices}, got {proj!r}")
+            object.__setattr__(self, "projection", proj)
+        if self.experts < 1:
+            raise NeurospecError(f"experts must be >= 1, got {self.experts}")
+        if self.k < 2:
+            raise NeurospecError(f"k must be >= 2 clusters, got {self.k}")
+        if self.top_k is not None and (graph != "weights" or self.top_k < 1):
+            raise NeurospecError("--top-k (>= 1) applies to the weight graph only")
+        if self.shuffles < 0 or (self.shuffles and graph != "weights"):
+            raise NeurospecError("--shuffles (the clusterability baseline) applies to --graph weights only")
+        if self.n_init < 1:
+            raise NeurospecError(f"n_init must be >= 1, got {self.n_init}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        d["tasks"] = list(self.tasks)
+        return {"type": "ClusterConfig", "version": CONFIG_VERSION, **d}
+
+
+# ------------------------------------------------------------------------------------------------ reference data
+
+
+def reference_run(path: str | Path, target: Target) -> Any:
+    """Open a reference run and check it was recorded on ``target``'s model."""
+    from neurospec.record.store import open_run
+
+    run = open_run(path)
+    run.check_model(target.fingerprint)
+    return run
+
+
+def reference_comoments(run: Any, sites: Sequence[str], tasks: Sequence[str] = ()) -> tuple[dict, list[str]]:
+    """``({site: {"mean", "cov", "corr"}}, tasks)`` of a run's MLP co-moments, merged exactly over ``tasks``
+    (default: every finished task of the run); an error that says how to record them when they are missing."""
+    how = f"record them with `neurospec record --model MODEL --task T ... --comoments mlp --out {run.path}`"
+    if "mlp" not in run.config.get("comoments", []):
+        raise RunStoreError(f"run {run.path} has no co-moments of the MLP sites; {how} (or into a new --out)")
+    names = list(tasks) or run.tasks
+    if not names:
+        raise RunStoreError(f"run {run.path} has no finished task; {how}")
+    merged: dict[str, Any] = {}
+    for t in names:
+        accs = run.accumulators(t)
+        for s in sites:
+            if s not in accs or "comoments" not in accs[s]:
+                raise RunStoreError(f"run {run.path} has no co-moments of site {s} for task {t!r}; {how}")
+            if s in merged:
+                merged[s].merge(accs[s]["comoments"])
+            else:
+                merged[s] = accs[s]["comoments"]
+    return {s: merged[s].compute() for s in sites}, names
+
+
+def reference_dead(run: Any, sites: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{site: bool [width]}``: neurons constant over every recorded token of the run (dead)."""
+    from neurospec.experiments.common import merged_stats
+
+    stats = merged_stats(run, run.tasks)
+    return {s: ~(stats[s]["std"] > 0) for s in sites}
+
+
+def _image_train_activations(target: Target, sites: Sequence[Any]) -> dict[str, torch.Tensor]:
+    from neurospec.experiments import zoo
+    from neurospec.experiments.targets import image_activations
+
+    return image_activations(target, zoo.digits_split().x_train, sites)
+
+
+def _comoments_of(acts: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    from neurospec.record.comoments import CoMoments
+
+    out = {}
+    for s, x in acts.items():
+        acc = CoMoments(x.shape[1])
+        acc.update(x)
+        out[s] = acc.compute()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- cluster
+
+
+def cluster(target: Target, cfg: ClusterConfig, *, step: StepFn | None = None, threads: int | None = 1) -> Clustering:
+    """Cluster ``target``'s MLP neurons as ``cfg`` says (see the module docstring).
+
+    ``threads``: torch, BLAS and OpenMP threads while clustering (see :func:`~neurospec.experiments.targets.limited_threads`).
+    """
+    from neurospec.experiments.targets import limited_threads
+
+    with limited_threads(threads):
+        return _cluster(target, cfg, step)
+
+
+def _cluster(target: Target, cfg: ClusterConfig, step: StepFn | None) -> Clustering:
+    t0 = time.perf_counter()
+    sites = target.mlp_sites(cfg.layers)
+    key = (cfg.method, cfg.graph)
+    if key == ("moefication", "params"):
+        labels, ncut_value, scope, extra = _moe_params(target, sites, cfg)
+    elif key == ("moefication", "coactivation"):
+        labels, ncut_value, scope, extra = _moe_coactivation(target, sites, cfg)
+    elif key == ("spectral", "weights"):
+        labels, ncut_value, scope, extra = _spectral_weights(target, sites, cfg, step)
+    else:
+        labels, ncut_value, scope, extra = _spectral_correlation(target, sites, cfg)
+    extra["seconds"] = round(time.perf_counter() - t0, 3)
+    return Clustering(labels, cfg.method, str(cfg.graph), scope, target.describe(), target.spec, cfg.to_dict(),
+                      ncut_value, extra)
+
+
+def cluster_to_dir(target: Target, cfg: ClusterConfig, out: str | Path, *, step: StepFn | None = None,
+                   threads: int | None = 1) -> dict:
+    """:func:`cluster` and save it in ``out``; returns the JSON summary the command line prints."""
+    res = cluster(target, cfg, step=step, threads=threads)
+    labels_file = res.save(out)
+    cb = res.extra.get("clusterability")
+    return {
+        "method": res.method,
+        "graph": res.graph,
+        "labels_file": str(labels_file),
+        "n_clusters": res.n_clusters,
+        "ncut": res.ncut,
+        "seconds": res.extra["seconds"],
+        "scope": res.scope,
+        "n_sites": len(res.labels),
+        "n_neurons": int(sum(v.size for v in res.labels.values())),
+        "n_excluded": int(sum(res.excluded().values())),
+        "clusterability": None if cb is None else {k: cb[k] for k in ("mean", "std", "z", "pvalue", "ncut")},
+        "model": res.model.get("name"),
+        "fingerprint": res.fingerprint,
+        "out": str(out),
+    }
+
+
+def _moe_params(target: Target, sites, cfg: ClusterConfig):
+    from neurospec.cluster.moefication import moefy
+
+    e = cfg.experts
+    for s in sites:
+        if e > s.width:
+            raise NeurospecError(
+                f"--experts {e} does not fit site {s.name}: its MLP has {s.width} neurons, so at most {s.width} "
+                f"experts (experts that divide {s.width} give equal sizes, e.g. {_divisors(s.width)})"
+            )
+    labels = moefy(target, [s.name for s in sites], n_experts=e, projection=cfg.projection, n_init=1,
+                   seed=cfg.seed)
+    extra = {"expert_sizes": {s.name: sorted(set(np.bincount(labels[s.name]).tolist())) for s in sites}}
+    uneven = [s.name for s in sites if s.width % e]
+    if uneven:
+        extra["note"] = (f"{e} experts do not divide the width of {len(uneven)} site(s): there, width mod {e} experts "
+                         "have one neuron more than the others")
+    return labels, None, "per_layer", extra
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if d <= n and n % d == 0][:6]
+
+
+def _reference_or_images(target: Target, sites, cfg: ClusterConfig, what: str):
+    """Co-moments of ``sites`` from the reference run (language models) or the training images (zoo models)."""
+    if cfg.reference is not None:
+        run = reference_run(cfg.reference, target)
+        com, tasks = reference_comoments(run, [s.name for s in sites], cfg.tasks)
+        return com, {"reference": str(Path(cfg.reference).resolve()), "reference_tasks": tasks}
+    if target.kind == "image":
+        return None, {"reference": None, "reference_tasks": ["train images"]}
+    raise NeurospecError(
+        f"{what} needs recorded co-moments: pass --reference RUN, a run recorded on this model with "
+        "`neurospec record --model MODEL --task T ... --comoments mlp --out RUN`"
+    )
+
+
+def _moe_coactivation(target: Target, sites, cfg: ClusterConfig):
+    from neurospec.cluster.moefication import coactivation_experts
+
+    com, extra = _reference_or_images(target, sites, cfg, "moefication by co-activation")
+    if com is None:
+        com = _comoments_of(_image_train_activations(target, sites))
+    labels = {}
+    for s in sites:
+        if cfg.experts > s.width:
+            raise NeurospecError(f"--experts {cfg.experts} does not fit site {s.name}: its MLP has {s.width} neurons")
+        c = com[s.name]
+        second = c["cov"] + torch.outer(c["mean"], c["mean"])
+        labels[s.name] = coactivation_experts(second, cfg.experts, seed=cfg.seed)
+    return labels, None, "per_layer", extra
+
+
+def _live_count(adjacency: Any, mask: np.ndarray | None) -> int:
+    deg = np.asarray(adjacency.sum(axis=1)).ravel()
+    live = deg > 0
+    if mask is not None:
+        live &= mask
+    return int(live.sum())
+
+
+def _check_k(k: int, n_live: int, n: int, where: str) -> None:
+    if k >= n_live:
+        raise NeurospecError(
+            f"k={k} clusters is larger than the number of live neurons of {where}: {n_live} of {n} are live (have "
+            f"edges and are not dead); choose --k below {n_live}"
+        )
+
+
+def _spectral(adjacency: Any, cfg: ClusterConfig, mask: Any = None) -> np.ndarray:
+    from neurospec.cluster.spectral import spectral_clustering
+
+    try:
+        return spectral_clustering(adjacency, cfg.k, mask=mask, n_init=cfg.n_init, seed=cfg.seed)
+    except ValueError as e:  # e.g. excluding dead neurons isolated others and left too few nodes for k
+        raise NeurospecError(f"spectral clustering with k={cfg.k} failed: {e}") from None
+
+
+def _spectral_weights(target: Target, sites, cfg: ClusterConfig, step: StepFn | None):
+    from neurospec.analyze.importance import permutation_pvalue
+    from neurospec.cluster.baselines import Clusterability, shuffle_seeds
+    from neurospec.cluster.spectral import WeightChain, ncut
+
+    if len(sites) < 2:
+        raise NeurospecError(f"a weight graph joins consecutive MLP layers: choose at least two layers, got "
+                             f"{[s.name for s in sites]}")
+    try:
+        if target.is_plain:
+            chain = WeightChain.from_model(target.model, layers=[s.layer for s in sites], projection=cfg.projection)
+        else:
+            chain = WeightChain.from_model(target, sites=[s.name for s in sites], projection=cfg.projection)
+    except ValueError as e:
+        raise NeurospecError(str(e)) from None
+    if step:
+        step("weight graph", 0, 1 + cfg.shuffles)
+    graph = chain.graph(cfg.top_k)
+    dead = None
+    extra: dict[str, Any] = {"dead_from": None}
+    if cfg.reference is not None:
+        dead = reference_dead(reference_run(cfg.reference, target), list(graph.sites))
+        extra["dead_from"] = str(Path(cfg.reference).resolve())
+    elif target.kind == "image":
+        from neurospec.experiments.targets import dead_mask
+
+        dead = dead_mask(_image_train_activations(target, sites))
+        extra["dead_from"] = "train images"
+    mask = None if dead is None else ~np.concatenate([dead[s].numpy() for s in graph.sites])
+    _check_k(cfg.k, _live_count(graph.adjacency, mask), graph.n_nodes, f"the weight graph of {len(sites)} layers")
+    labels = _spectral(graph.adjacency, cfg, mask)
+    value = ncut(graph.adjacency, labels)
+    extra.update(n_edges=int(graph.adjacency.nnz // 2), n_live=int((labels >= 0).sum()))
+    if cfg.shuffles:
+        null = []
+        for i, s in enumerate(shuffle_seeds(cfg.seed, cfg.shuffles)):
+            if step:
+                step("shuffled weights", 1 + i, 1 + cfg.shuffles)
+            g = chain.shuffled(s).graph(cfg.top_k)
+            lab = _spectral(g.adjacency, cfg, mask)
+            null.append(ncut(g.adjacency, lab))
+        arr = np.asarray(null)
+        mean = float(arr.mean())
+        std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+        z = (value - mean) / std if std > 0 else float("nan")
+        cb = Clusterability(value, arr, mean, std, float(z), permutation_pvalue(value, arr, "less"), cfg.k)
+        extra["clusterability"] = cb.to_dict()
+    if step:
+        step("done", 1 + cfg.shuffles, 1 + cfg.shuffles)
+    return graph.split(labels), value, "global", extra
+
+
+def _spectral_correlation(target: Target, sites, cfg: ClusterConfig):
+    from neurospec.cluster.spectral import correlation_graph, ncut
+
+    com, extra = _reference_or_images(target, sites, cfg, "a correlation graph")
+    if com is None:  # zoo model: one graph over all chosen layers, from the training images
+        acts = _image_train_activations(target, sites)
+        names = [s.name for s in sites]
+        joint = _comoments_of({"all": torch.cat([acts[n] for n in names], dim=1)})["all"]
+        adj = correlation_graph(joint["corr"])
+        _check_k(cfg.k, _live_count(adj, None), adj.shape[0], f"the correlation graph of {len(sites)} layers")
+        lab = _spectral(adj, cfg)
+        widths = np.cumsum([0] + [acts[n].shape[1] for n in names])
+        labels = {n: lab[widths[i]:widths[i + 1]] for i, n in enumerate(names)}
+        extra["correlation"] = "pearson, all chosen layers together, training images"
+        return labels, ncut(adj, lab), "global", extra
+    labels, per_site = {}, {}
+    for s in sites:
+        adj = correlation_graph(com[s.name]["corr"])
+        _check_k(cfg.k, _live_count(adj, None), adj.shape[0], f"site {s.name}")
+        labels[s.name] = _spectral(adj, cfg)
+        per_site[s.name] = ncut(adj, labels[s.name])
+    extra["ncut_per_site"] = per_site
+    extra["correlation"] = "pearson, per layer (co-moments are recorded per site), reported n-cut = mean over layers"
+    return labels, float(np.mean(list(per_site.values()))), "per_layer", extra
+
+
+# ------------------------------------------------------------------------------------------------- alignment
+
+
+ALIGNMENT_FILE = "alignment.json"
+
+
+def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 1000, frac: float | None = None,
+          alpha: float = 0.05, seed: int = 0) -> dict:
+    """Are each task's specific neurons concentrated in fewer clusters than chance, layer by layer?
+
+    Task neurons: the task map's selection (:func:`neurospec.experiments.taskmasks.task_masks`; ``frac`` overrides
+    its fraction). Per task and site with at least two clustered task neurons: the number of clusters hit and the
+    entropy of the hit distribution against ``n_perm`` random same-size sets of the site's clustered neurons
+    (:func:`neurospec.analyze.importance.alignment`); one-sided p-values; Fisher's combination over layers (of the
+    entropy p-values). Writes ``alignment.json`` in ``cluster_dir`` and returns it.
+    """
+    from neurospec.analyze.importance import alignment, fisher_combine
+    from neurospec.experiments.taskmasks import task_masks
+    from neurospec.models.sites import parse_site_name
+    from neurospec.record.store import atomic_write_json
+
+    if n_perm < 1:
+        raise NeurospecError(f"n_perm must be >= 1, got {n_perm}")
+    cl = load_clustering(cluster_dir)
+    masks, tm = task_masks(taskmap_dir, frac)
+    if tm["model"]["fingerprint"] != cl.fingerprint:
+        raise RunStoreError(
+            f"{cluster_dir} and {taskmap_dir} were made from different models (fingerprints {cl.fingerprint} and "
+            f"{tm['model']['fingerprint']}): cluster the task map's model, or make the task map on the clustered one"
+        )
+    rows, per_task = [], {}
+    for task, by_site in masks.items():
+        pvals, significant = [], []
+        for site, lab in cl.labels.items():
+            if site not in by_site:
+                continue
+            mask = by_site[site].numpy().astype(bool)
+            n_task = int((mask & (lab >= 0)).sum())
+            row: dict[str, Any] = {"task": task, "site": site, "layer": parse_site_name(site)[0],
+                                   "n_task": n_task, "n_selected": int(mask.sum())}
+            if n_task >= 2:
+                a = alignment(mask, lab, n_perm=n_perm, seed=seed).to_dict()
+                row.update(a)
+                row["entropy_deficit"] = a["null_entropy_mean"] - a["entropy"]
+                pvals.append(a["pvalue_entropy"])
+                if a["pvalue_entropy"] <= alpha:
+                    significant.append(row["layer"])
+            rows.append(row)
+        comb = fisher_combine(pvals) if pvals else None
+        per_task[task] = {
+            "n_layers_tested": len(pvals),
+            "layers_significant": significant,
+            "fisher": None if comb is None else asdict(comb),
+        }
+    result = {
+        "cluster_dir": str(cluster_dir),
+        "taskmap": str(taskmap_dir),
+        "method": cl.method,
+        "graph": cl.graph,
+        "tasks": list(masks),
+        "frac": frac if frac is not None else tm["config"]["select_frac"],
+        "n_perm": n_perm,
+        "alpha": alpha,
+        "statistic": "entropy of the task neurons' distribution over clusters (lower = more concentrated); "
+                     "entropy_deficit = null mean entropy - entropy (nats; > 0 = more concentrated than chance)",
+        "per_task": per_task,
+        "rows": rows,
+    }
+    atomic_write_json(Path(cluster_dir) / ALIGNMENT_FILE, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- routing
+
+
+ROUTING_FILE = "routing.json"
+
+
+def routing(cluster_dir: str | Path, tasks: Sequence[str], ks: Sequence[int], *, target: Target | None = None,
+            eval_tokens: int = 1024, seq_len: int = 128, batch_size: int = 8, score: str = "sum",
+            threads: int | None = 1) -> dict:
+    """MoE routing of a MoEfication clustering: every MLP keeps each token's top-k experts (by the summed
+    activations of their neurons, :func:`neurospec.cluster.moefication.route_topk`) and zeroes the rest, for each k.
+
+    Metrics: next-token loss and top-1 on each task's evaluation blocks (language models), top-1 accuracy overall
+    and per class (zoo models). With SiLU/GELU MLPs much more is lost than with ReLU ones (the known limit).
+    Writes ``routing.json`` in ``cluster_dir`` and returns it.
+    """
+    from neurospec.experiments.targets import limited_threads
+
+    with limited_threads(threads):
+        return _routing(Path(cluster_dir), list(tasks), list(ks), target, eval_tokens, seq_len, batch_size, score)
+
+
+def _routing(cluster_dir: Path, tasks: list[str], ks: list[int], target: Target | None, eval_tokens: int,
+             seq_len: int, batch_size: int, score: str) -> dict:
+    from contextlib import ExitStack
+
+    from neurospec.cluster.moefication import install_routing
+    from neurospec.experiments.site_eval import ImageEvaluator, LMEvaluator
+    from neurospec.experiments.targets import load_target
+    from neurospec.record.store import atomic_write_json
+
+    cl = load_clustering(cluster_dir)
+    if cl.method != "moefication":
+        raise NeurospecError(f"routing needs MoE experts (a moefication clustering); {cluster_dir} holds "
+                             f"{cl.method} clusters")
+    target = target or load_target(cl.model_spec)
+    if target.fingerprint != cl.fingerprint:
+        raise RunStoreError(f"{cluster_dir} was clustered on another model than {target.name}")
+    n_experts = min(int(v.max()) + 1 for v in cl.labels.values())
+    if not ks or any(not 1 <= int(k) <= n_experts for k in ks):
+        raise NeurospecError(f"each k must be between 1 and the number of experts {n_experts}, got {list(ks)}")
+    ev: Any
+    if target.kind == "image":
+        try:
+            ev = ImageEvaluator(target, tasks or ["all"])
+        except ValueError as e:
+            raise NeurospecError(str(e)) from None
+    else:
+        from neurospec.experiments.common import build_tasks
+        from neurospec.record.recorder import RecordConfig
+
+        if not tasks:
+            raise NeurospecError("name at least one task (--task python); see `neurospec tasks`")
+        if target.kind != "causal-lm":
+            raise NeurospecError(f"routing is measured by next-token loss: {target.name} is not a causal LM")
+        rcfg = RecordConfig(tokens=seq_len, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size)
+        data = build_tasks(target.loaded, tasks, rcfg)
+        ev = LMEvaluator(target.loaded, {t: d.eval for t, d in data.items()}, batch_size=batch_size,
+                         prefix_cache=False)
+    rows = []
+    for k in sorted({int(k) for k in ks}):
+        with ExitStack() as stack:
+            for site, lab in cl.labels.items():
+                stack.enter_context(install_routing(target, site, lab, k, score=score))
+            rows.append({"k": k, "fraction": k / n_experts, "metrics": ev.measure()})
+    result = {"cluster_dir": str(cluster_dir), "n_experts": n_experts, "score": score, "tasks": list(ev.tasks),
+              "baseline": ev.baseline, "rows": rows}
+    atomic_write_json(cluster_dir / ROUTING_FILE, result)
+    return result
