@@ -66,3 +66,33 @@ def test_errors_are_one_clear_line(model_dir, tmp_path):
     r = invoke("record", "--model", model_dir, "--task", f"x={tmp_path / 'missing.txt'}", "--out", tmp_path / "r",
                "--tokens", 64, "--seq-len", 32)
     assert r.exit_code == 2 and "missing.txt" in r.output
+
+
+@pytest.mark.dist
+def test_torchrun_record_equals_single_process(model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m neurospec record` (gloo on CPU) gives the single-process statistics."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from neurospec.record.store import open_run
+
+    corpus = write_corpus(tmp_path / "a.txt", n_docs=80)
+    common = ["record", "--model", model_dir, "--task", f"words={corpus}", "--tokens", 512, "--eval-tokens", 64,
+              "--seq-len", 32, "--batch-size", 4, "--reservoir", 0]
+    r = invoke(*common, "--out", tmp_path / "single")
+    assert r.exit_code == 0, r.output
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEUROSPEC_NO_PROGRESS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "neurospec",
+                           *map(str, common), "--out", str(tmp_path / "dist"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["tasks"] == {"words": 512}  # printed once, by rank 0
+    a, b = open_run(tmp_path / "single").stats("words"), open_run(tmp_path / "dist").stats("words")
+    for site in a:
+        for k in ("count", "mean", "std", "min", "max", "mean_abs", "peak"):
+            torch.testing.assert_close(b[site][k], a[site][k], rtol=1e-9, atol=1e-9, msg=f"{site} {k}")
