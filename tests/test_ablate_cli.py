@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import char_tokenizer, tiny_model
+from tiny import save_tiny_lm
 
 _register()
 
@@ -21,8 +21,7 @@ def invoke(*args):
 def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
+    save_tiny_lm(d)
     r = invoke("record", "--model", d, "--task", "prose", "--task", "dialog", "--tokens", 512, "--eval-tokens", 128,
                "--seq-len", 32, "--batch-size", 4, "--reservoir", 64, "--out", tmp_path / "ref", "--json")
     assert r.exit_code == 0, r.output
@@ -91,8 +90,7 @@ def test_bad_inputs(setup, tmp_path):
                "--tokens", 128, "--seq-len", 32)
     assert r.exit_code == 2 and "random-frac" in r.output
     other = tmp / "other"
-    tiny_model("llama", seed=5).save_pretrained(other)
-    char_tokenizer().save_pretrained(other)
+    save_tiny_lm(other, seed=5)
     r = invoke("ablate", "--model", other, "--reference", tmp / "ref", "--task", "prose", "--tokens", 128,
                "--seq-len", 32)
     assert r.exit_code == 2 and "another model" in r.output

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import char_tokenizer, tiny_model, write_corpus
+from tiny import save_tiny_lm, write_corpus
 
 _register()
 runner = CliRunner()
@@ -22,8 +22,7 @@ def invoke(*args):
 def model_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
+    save_tiny_lm(d)
     return d
 
 

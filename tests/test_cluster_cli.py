@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import char_tokenizer, tiny_model, write_corpus
+from tiny import char_tokenizer, save_tiny_lm, tiny_model, write_corpus
 
 _register()
 runner = CliRunner()
@@ -47,8 +47,7 @@ def ws(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("NEUROSPEC_CACHE", str(root / "cache"))
     model = root / "tiny"
-    tiny_model("llama").save_pretrained(model)
-    char_tokenizer().save_pretrained(model)
+    save_tiny_lm(model)
     corpus = write_corpus(root / "words.txt")
     words = f"words={corpus}"
     rec = ["record", "--model", model, "--task", words, "--task", "prose", "--tokens", 256, "--eval-tokens", 64,

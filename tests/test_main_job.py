@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import char_tokenizer, tiny_model
+from tiny import save_tiny_lm
 
 _register()
 
@@ -16,8 +16,7 @@ _register()
 def model_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
+    save_tiny_lm(d)
     return d
 
 

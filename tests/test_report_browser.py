@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import char_tokenizer, tiny_model
+from tiny import save_tiny_lm
 
 _register()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -29,8 +29,7 @@ def report(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("NEUROSPEC_CACHE", str(tmp / "cache"))
     d = tmp / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
+    save_tiny_lm(d)
     r = CliRunner().invoke(app, ["run", "--model", str(d), "--task", "prose", "--task", "dialog", "--tokens", "256",
                                  "--eval-tokens", "64", "--seq-len", "32", "--batch-size", "4", "--out",
                                  str(tmp / "main"), "--json"])

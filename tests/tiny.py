@@ -82,3 +82,10 @@ def write_corpus(path, n_docs: int = 40, seed: int = 0, words=("alpha", "beta", 
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n_docs)]
     path.write_text("\n\n".join(docs))
     return str(path)
+
+
+def save_tiny_lm(path, family: str = "llama", seed: int = 0):
+    """A tiny causal LM with the character tokenizer saved as a model directory; returns ``path``."""
+    tiny_model(family, seed=seed).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path

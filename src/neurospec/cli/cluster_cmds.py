@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, emit, err, handle_errors
+from neurospec.cli.common import Progress, Steps, emit, err, handle_errors
 from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
@@ -31,36 +30,6 @@ def _methods_help() -> str:
 
 def _threads(n: int) -> int | None:
     return None if n == 0 else n
-
-
-class Steps:
-    """A progress bar on stderr for counted steps (ablations, shuffles), driven by ``(label, done, total)``."""
-
-    def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as RichProgress
-
-        self.enabled = enabled and not os.environ.get("NEUROSPEC_NO_PROGRESS")
-        self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err)
-        self._task: int | None = None
-
-    def __enter__(self):
-        if self.enabled:
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.__exit__(*exc)
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self._task is None:
-            self._task = self._bar.add_task(label, total=total, completed=done)
-        else:
-            self._bar.update(self._task, description=label, completed=done, total=total)
 
 
 def _fmt(v, spec: str = ".4g") -> str:

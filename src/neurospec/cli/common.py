@@ -43,20 +43,14 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-class Progress:
-    """A rich progress bar on stderr with tokens/s, driven by ``(label, done, total)`` callbacks."""
+class _Bar:
+    """A rich progress display on stderr, off when ``NEUROSPEC_NO_PROGRESS`` is set; subclasses draw it."""
 
-    def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    def __init__(self, enabled: bool, *columns):
         from rich.progress import Progress as RichProgress
 
         self.enabled = enabled and not os.environ.get("NEUROSPEC_NO_PROGRESS")
-        self._bar = RichProgress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, transient=False,
-        )
-        self._tasks: dict[str, int] = {}
-        self._t0: dict[str, float] = {}
+        self._bar = RichProgress(*columns, console=err, transient=False)
 
     def __enter__(self):
         if self.enabled:
@@ -66,6 +60,18 @@ class Progress:
     def __exit__(self, *exc):
         if self.enabled:
             self._bar.__exit__(*exc)
+
+
+class Progress(_Bar):
+    """One bar per label with tokens/s, driven by ``(label, done, total)`` callbacks (recording, evaluation)."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        super().__init__(enabled, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("tokens"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+        self._tasks: dict[str, int] = {}
+        self._t0: dict[str, tuple[float, int]] = {}
 
     def __call__(self, label: str, done: int, total: int) -> None:
         import time
@@ -80,6 +86,25 @@ class Progress:
         t0, d0 = self._t0[label]
         rate = f"{(done - d0) / (now - t0):,.0f} tok/s" if now > t0 else ""
         self._bar.update(self._tasks[label], completed=done, total=total, rate=rate)
+
+
+class Steps(_Bar):
+    """One bar for counted steps (ablations, shuffles) whose label changes, driven by ``(label, done, total)``."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        super().__init__(enabled, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TimeElapsedColumn())
+        self._task: int | None = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task(label, total=total, completed=done)
+        else:
+            self._bar.update(self._task, description=label, completed=done, total=total)
 
 
 def init_distributed() -> None:
