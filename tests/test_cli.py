@@ -95,3 +95,17 @@ def test_torchrun_record_equals_single_process(model_dir, tmp_path):
     for site in a:
         for k in ("count", "mean", "std", "min", "max", "mean_abs", "peak"):
             torch.testing.assert_close(b[site][k], a[site][k], rtol=1e-9, atol=1e-9, msg=f"{site} {k}")
+
+
+def test_allocator_tuning_respects_the_user(monkeypatch):
+    from neurospec.cli.common import tune_allocator
+
+    monkeypatch.setenv("NEUROSPEC_NO_MALLOPT", "1")
+    assert tune_allocator() is False
+    monkeypatch.delenv("NEUROSPEC_NO_MALLOPT")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert tune_allocator() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    import sys
+
+    assert tune_allocator() is sys.platform.startswith("linux")

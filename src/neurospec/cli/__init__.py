@@ -18,5 +18,8 @@ def _register() -> None:
 
 
 def main() -> None:
+    from neurospec.cli.common import tune_allocator
+
+    tune_allocator()
     _register()
     app()
