@@ -180,12 +180,22 @@ def selective_pruning(
     sites = loaded.sites
     widths = {s.name: s.width for s in sites.select(kinds=kinds)}
     skip_f = skip_ids_for(tasks[f_name].collect)
-    skip_r = skip_ids_for(torch.cat([tasks[n].collect for n in r_names]))
+    skip_r = skip_ids_for(torch.cat([tasks[n].collect for n in r_names]))  # None for image tasks
     r_eval = _interleave([tasks[n].eval for n in r_names], tasks[f_name].eval.shape[0])
 
+    images = tasks[f_name].eval.is_floating_point()
+
     def measure() -> dict:
-        f = task_metrics(loaded, tasks[f_name].eval, skip_ids=skip_f, batch_size=pcfg.batch_size)
-        r = task_metrics(loaded, r_eval, skip_ids=skip_r, batch_size=pcfg.batch_size)
+        f = task_metrics(loaded, tasks[f_name].eval, skip_ids=skip_f, batch_size=pcfg.batch_size,
+                         label=getattr(tasks[f_name], "label", None))
+        if images:  # each retain class on its own images, averaged with weights by image count
+            parts = [task_metrics(loaded, tasks[n].eval, label=tasks[n].label, batch_size=pcfg.batch_size)
+                     for n in r_names]
+            total = sum(p["tokens"] for p in parts)
+            r = {k: sum(p[k] * p["tokens"] for p in parts) / total for k in ("top1", "top10", "skip_top1", "loss")}
+            r.update(perplexity=float(torch.tensor(r["loss"]).exp()), tokens=total, objective="image-class")
+        else:
+            r = task_metrics(loaded, r_eval, skip_ids=skip_r, batch_size=pcfg.batch_size)
         return {"forget": f, "retain": r}
 
     f_stats = run.stats(f_name)

@@ -61,6 +61,13 @@ class TaskMapConfig:
         return {"type": "TaskMapConfig", "version": 1, **d}
 
 
+def _task_info(d) -> dict:
+    """Fingerprint and sizes of one task: tokens for text tasks, images for image tasks."""
+    unit = "images" if d.collect.is_floating_point() else "tokens"
+    size = (lambda t: int(t.shape[0])) if unit == "images" else (lambda t: int(t.numel()))
+    return {"fingerprint": d.fingerprint, f"collect_{unit}": size(d.collect), f"eval_{unit}": size(d.eval)}
+
+
 def _scores(run, names: list[str], cfg: TaskMapConfig) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for t in names:
@@ -124,8 +131,7 @@ def task_map(
         "config": cfg.to_dict(),
         "record_config": rcfg.to_dict(),
         "model": loaded.describe(),
-        "task_info": {n: {"fingerprint": d.fingerprint, "collect_tokens": int(d.collect.numel()),
-                          "eval_tokens": int(d.eval.numel())} for n, d in tasks.items()},
+        "task_info": {n: _task_info(d) for n, d in tasks.items()},
     }
     ov = _overlaps(scores, names, cfg, sites)
     result["overlap"] = ov["overall"]
@@ -140,9 +146,10 @@ def task_map(
 
     # selectivity: prune each task's neurons, measure every task
     skip = {n: skip_ids_for(d.collect) for n, d in tasks.items()}
-    if loaded.head in ("causal-lm", "masked-lm"):
+    if loaded.head in ("causal-lm", "masked-lm", "image-classification"):
         def measure() -> dict[str, dict]:
-            return {n: task_metrics(loaded, d.eval, skip_ids=skip[n], batch_size=cfg.batch_size)
+            return {n: task_metrics(loaded, d.eval, skip_ids=skip[n], batch_size=cfg.batch_size,
+                                    label=getattr(d, "label", None))
                     for n, d in tasks.items()}
 
         base = measure()

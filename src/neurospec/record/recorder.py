@@ -214,18 +214,22 @@ def record_task(
 
     for s in sites:
         handles.append(model.get_submodule(s.module).register_forward_pre_hook(make_hook(s, accs[s.name])))
-    tokens_total = len(mine) * cfg.batch_size * blocks.shape[1]
+    per_item = 1 if blocks.is_floating_point() else blocks.shape[1]  # progress counts tokens, or images
+    tokens_total = len(mine) * cfg.batch_size * per_item
     if progress is not None:
-        progress(task_name, done * cfg.batch_size * blocks.shape[1], tokens_total)
+        progress(task_name, done * cfg.batch_size * per_item, tokens_total)
     try:
         with torch.inference_mode():
             for i, b in enumerate(mine[done:], start=done):
                 batch = blocks[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)
-                body(input_ids=batch)
+                if batch.is_floating_point():  # images: [batch, channels, height, width] pixel values
+                    body(pixel_values=batch.to(loaded.dtype))
+                else:
+                    body(input_ids=batch)
                 if checkpoint is not None and (i + 1) % checkpoint_every == 0 and i + 1 < len(mine):
                     checkpoint(accs, i + 1)
                 if progress is not None:
-                    progress(task_name, (i + 1) * cfg.batch_size * blocks.shape[1], tokens_total)
+                    progress(task_name, (i + 1) * cfg.batch_size * per_item, tokens_total)
     finally:
         for h in handles:
             h.remove()
@@ -255,6 +259,7 @@ def record(
     not recorded again; an unfinished one resumes from its last checkpoint. A run with a different model or config
     is refused unless ``force`` (which discards it).
     """
+    from neurospec.data.images import ImageTaskData, image_task
     from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
 
     cfg = config or RecordConfig()
@@ -263,6 +268,7 @@ def record(
     sites = loaded.sites.select(kinds=cfg.kinds)
     if not sites:
         raise NeurospecError(f"the model has no sites of kinds {cfg.kinds}")
+    tasks = [image_task(t) or t if isinstance(t, str) else t for t in tasks]
     names = [t.name if hasattr(t, "name") else parse_task_spec(str(t)).name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -274,7 +280,7 @@ def record(
     summary_tasks: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     for t in tasks:
-        if isinstance(t, TaskData):
+        if isinstance(t, TaskData | ImageTaskData):
             data = t
         else:
             spec = t if not isinstance(t, str) else parse_task_spec(t)
@@ -283,6 +289,8 @@ def record(
                 eval_tokens=cfg.eval_tokens, seed=cfg.seed,
             )
         want_blocks = -(-cfg.tokens // cfg.seq_len)
+        if isinstance(data, ImageTaskData):  # an image task records all of its collection images
+            want_blocks = data.collect.shape[0]
         if data.collect.shape[0] < want_blocks:
             have = data.collect.shape[0] * cfg.seq_len
             raise TaskError(
@@ -290,6 +298,7 @@ def record(
                 f"{cfg.tokens} were asked for. Lower --tokens (or --seq-len), or give the task more data."
             )
         blocks = data.collect[:want_blocks]
+        n_tokens = int(blocks.numel()) if not blocks.is_floating_point() else None
         info = manifest["tasks"].get(data.name)
         if info is not None and info.get("fingerprint") != data.fingerprint and not force:
             raise RunStoreError(
@@ -309,7 +318,7 @@ def record(
         if rank == 0:
             manifest["tasks"][data.name] = {
                 "spec": _spec_dict(data), "fingerprint": data.fingerprint, "status": "running",
-                "tokens": int(blocks.numel()), "blocks": int(blocks.shape[0]), "licence": getattr(data, "licence", None),
+                "tokens": n_tokens, "blocks": int(blocks.shape[0]), "licence": getattr(data, "licence", None),
             }
             store.atomic_write_json(out / store.MANIFEST, manifest)
 
@@ -325,15 +334,18 @@ def record(
             checkpoint_every=checkpoint_every, progress=progress, task_name=data.name,
         )
         seconds = time.perf_counter() - t0
-        n_bad = int(sum(float(g["stats"].compute()["nonfinite"].sum()) for g in accs.values()))
+        n_bad = int(sum(int(g["stats"].state_dict()["nonfinite"].sum()) for g in accs.values()))
+        if n_tokens is None:  # images: every position (patch) of every image counts once
+            n_tokens = int(next(iter(accs.values()))["stats"].state_dict()["count"].max())
         if rank == 0:
             tensors, meta = pack_accumulators(accs)
             store.save_tensors(out / "stats" / f"{data.name}.safetensors", tensors,
                                {"accumulators": json.dumps(meta), "fingerprint": data.fingerprint})
-            manifest["tasks"][data.name].update(status="done", nonfinite=n_bad, seconds=round(seconds, 3))
+            manifest["tasks"][data.name].update(status="done", nonfinite=n_bad, seconds=round(seconds, 3),
+                                                tokens=n_tokens)
             store.atomic_write_json(out / store.MANIFEST, manifest)
         partial.unlink(missing_ok=True)
-        summary_tasks[data.name] = int(blocks.numel())
+        summary_tasks[data.name] = n_tokens
         nonfinite[data.name] = n_bad
     return {
         "run": str(out),

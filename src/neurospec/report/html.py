@@ -173,7 +173,8 @@ def build_report(run_dir: str | Path) -> Path:
         ["model", f"{model.get('name', '?')} ({model.get('family', '?')}, {model.get('n_layers', '?')} layers, "
                   f"fingerprint {model.get('fingerprint', '?')})"],
         ["preprocessing", "; ".join(model.get("preprocessing") or []) or "none"],
-        ["tasks", ", ".join(f"{t} ({v.get('collect_tokens', '?')} + {v.get('eval_tokens', '?')} tokens)"
+        ["tasks", ", ".join(f"{t} ({v.get('collect_tokens', v.get('collect_images', '?'))} + "
+                            f"{v.get('eval_tokens', v.get('eval_images', '?'))} {'images' if 'collect_images' in v else 'tokens'})"
                             for t, v in (prov["tasks"] or {}).items())],
         ["command", prov["command"] or "-"],
         ["neurospec", f"{__version__}, built {prov['built']}"],
