@@ -174,14 +174,10 @@ def _image_train_activations(target: Target, sites: Sequence[Any]) -> dict[str, 
 
 
 def _comoments_of(acts: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    from neurospec.experiments.targets import accumulate
     from neurospec.record.comoments import CoMoments
 
-    out = {}
-    for s, x in acts.items():
-        acc = CoMoments(x.shape[1])
-        acc.update(x)
-        out[s] = acc.compute()
-    return out
+    return accumulate(acts, CoMoments)
 
 
 # ---------------------------------------------------------------------------------------------------- cluster

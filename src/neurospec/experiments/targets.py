@@ -209,16 +209,21 @@ def image_activations(target: Target, images: torch.Tensor, sites: Any = None, *
     return {s: torch.cat(v) for s, v in parts.items()}
 
 
+def accumulate(acts: Mapping[str, torch.Tensor], accumulator: type) -> dict[str, dict[str, torch.Tensor]]:
+    """``accumulator(width)`` fed with each site's ``[tokens, width]`` activations, computed: ``{site: result}``."""
+    out = {}
+    for s, x in acts.items():
+        acc = accumulator(x.shape[1])
+        acc.update(x)
+        out[s] = acc.compute()
+    return out
+
+
 def activation_stats(acts: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Per-neuron statistics (as a run stores them) of ``{site: [tokens, width]}`` activations."""
     from neurospec.record.accumulators import NeuronStats
 
-    out = {}
-    for s, x in acts.items():
-        acc = NeuronStats(x.shape[1])
-        acc.update(x)
-        out[s] = acc.compute()
-    return out
+    return accumulate(acts, NeuronStats)
 
 
 def dead_mask(acts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
