@@ -79,6 +79,7 @@ def worker(rank: int, world: int, port: int) -> None:
         same_seed.update(mine[0])
         with pytest.raises(ValueError, match="same seed"):
             all_reduce_(same_seed)
+        dist.barrier()  # both ranks done before the group goes away
     finally:
         dist.destroy_process_group()
 

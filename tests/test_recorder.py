@@ -186,6 +186,7 @@ def _rank_main(rank, world, port, tmp, tasks):
     try:
         loaded = from_module(tiny_model("llama"), char_tokenizer(), name="tiny-llama")
         record(loaded, tasks, tmp / "dist", CFG)
+        dist.barrier()  # rank 0 may still be writing: let both ranks finish before the group goes away
     finally:
         dist.destroy_process_group()
 

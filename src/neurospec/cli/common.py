@@ -132,6 +132,16 @@ def tune_allocator() -> bool:
         return False
 
 
+def finish_distributed() -> None:
+    """Wait for every rank, then leave the process group (a rank that exits while another still talks to it can
+    abort in the communication library's threads)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_distributed() -> None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, emit, err, handle_errors, init_distributed
+from neurospec.cli.common import Progress, emit, err, finish_distributed, handle_errors, init_distributed
 
 out = Console()
 
@@ -137,8 +137,11 @@ def record_cmd(
     from neurospec.record.recorder import dist_context
 
     rank = dist_context()[0]
-    with Progress(enabled=rank == 0) as progress:
-        summary = record(loaded, task, out_dir, cfg, force=force, progress=progress)
+    try:
+        with Progress(enabled=rank == 0) as progress:
+            summary = record(loaded, task, out_dir, cfg, force=force, progress=progress)
+    finally:
+        finish_distributed()
     if rank != 0:  # every rank holds the same all-reduced result; rank 0 reports it
         return
     bad = {t: n for t, n in summary["nonfinite"].items() if n}
