@@ -75,3 +75,22 @@ def test_task_map_and_pruning_run_on_images(vit, tmp_path):
     n = sum(w["tokens"] for w in want)
     assert base["retain"]["top1"] == pytest.approx(sum(w["top1"] * w["tokens"] for w in want) / n)
     assert [s["n_pruned"] for s in p["steps"]] == [0, 9, 19]  # floor(0.05 * 192), floor(0.10 * 192) MLP neurons
+
+
+def test_taskmap_command_on_a_saved_vit(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from neurospec.cli import _register, app
+
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
+    _register()
+    tiny_model("vit").save_pretrained(tmp_path / "vit")
+    r = CliRunner().invoke(app, ["taskmap", "--model", str(tmp_path / "vit"), "--task", "digit-0", "--task", "digit-1",
+                                 "--fractions", "0.05,0.2", "--select-frac", "0.05", "--batch-size", "32",
+                                 "--out", str(tmp_path / "map"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["tasks"] == ["digit-0", "digit-1"] and len(res["selectivity"]) == 2
+    assert (tmp_path / "map" / "report.html").exists()
