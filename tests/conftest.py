@@ -14,3 +14,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    """A tiny Llama with the character tokenizer saved as a model directory (neurospec cache in tmp_path)."""
+    from tiny import save_tiny_lm
+
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
+    return save_tiny_lm(tmp_path / "tiny")

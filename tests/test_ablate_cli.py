@@ -18,10 +18,8 @@ def invoke(*args):
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "tiny"
-    save_tiny_lm(d)
+def setup(model_dir, tmp_path):
+    d = model_dir
     r = invoke("record", "--model", d, "--task", "prose", "--task", "dialog", "--tokens", 512, "--eval-tokens", 128,
                "--seq-len", 32, "--batch-size", 4, "--reservoir", 64, "--out", tmp_path / "ref", "--json")
     assert r.exit_code == 0, r.output

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import save_tiny_lm, write_corpus
+from tiny import write_corpus
 
 _register()
 runner = CliRunner()
@@ -17,13 +17,6 @@ def invoke(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result
 
-
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "tiny"
-    save_tiny_lm(d)
-    return d
 
 
 def test_models_and_tasks_json():

@@ -2,22 +2,12 @@
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
 
-from tiny import save_tiny_lm
-
 _register()
 
-
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "tiny"
-    save_tiny_lm(d)
-    return d
 
 
 def test_run_writes_every_result_and_the_report(model_dir, tmp_path):

@@ -82,13 +82,13 @@ def main_job(
     rcfg = RecordConfig(tokens=cfg.tokens, eval_tokens=cfg.eval_tokens, seq_len=cfg.seq_len,
                         batch_size=cfg.batch_size, reservoir=0, seed=cfg.seed)
     say("1/4 task map: recording every task, overlaps, selectivity matrix")
-    tm = task_map(loaded, list(cfg.tasks), out / "taskmap", record_cfg=rcfg,
+    tasks = build_tasks(loaded, list(cfg.tasks), rcfg)
+    tm = task_map(loaded, list(tasks.values()), out / "taskmap", record_cfg=rcfg,
                   cfg=TaskMapConfig(score=cfg.score, select_frac=cfg.select_frac, random_init=cfg.random_init,
                                     batch_size=cfg.batch_size),
                   force=force, progress=progress)
     timings["taskmap"] = time.perf_counter() - t0
     names = tm["tasks"]
-    tasks = build_tasks(loaded, list(cfg.tasks), rcfg)
 
     say("2/4 selective pruning of each task against the others")
     t1 = time.perf_counter()

@@ -78,8 +78,13 @@ def _scores(run, names: list[str], cfg: TaskMapConfig) -> dict[str, dict[str, to
     return out
 
 
+def _select_kind(scores, frac: float, kind: str, sites):
+    """The top ``frac`` of one site kind's neurons, ranked over all layers at once."""
+    return select(scores, frac if kind == "mlp" else 0.0, frac if kind == "attn" else 0.0, "global", sites=sites)
+
+
 def _masks(scores, frac: float, kind: str, sites) -> dict[str, torch.Tensor]:
-    ns = select(scores, frac if kind == "mlp" else 0.0, frac if kind == "attn" else 0.0, "global", sites=sites)
+    ns = _select_kind(scores, frac, kind, sites)
     return {s: ns.mask(s) if s in ns.site_names else torch.zeros(v.numel(), dtype=torch.bool)
             for s, v in scores.items()}
 
@@ -157,8 +162,7 @@ def task_map(
         loss_up = np.zeros_like(drop)
         pruned_metrics = {}
         for i, t in enumerate(names):
-            ns = select(scores[t], cfg.select_frac if cfg.kind == "mlp" else 0, cfg.select_frac if cfg.kind == "attn" else 0,
-                        "global", sites=sites)
+            ns = _select_kind(scores[t], cfg.select_frac, cfg.kind, sites)
             with ablated(loaded.model, sites, ns, cfg.ablation):
                 m = measure()
             pruned_metrics[t] = m
