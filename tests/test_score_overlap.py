@@ -1,5 +1,6 @@
 """Selective-pruning scorers against hand computations; overlaps and chance baselines by brute force."""
 
+import hashlib
 import itertools
 import math
 
@@ -10,6 +11,7 @@ import torch
 from neurospec.analyze.overlap import overlap, overlap_matrix
 from neurospec.errors import NeurospecError
 from neurospec.score import SCORERS, score_neurons
+from neurospec.score.selective import derive_seed, tie_break_keys
 
 
 def _stats(x: torch.Tensor) -> dict:
@@ -63,8 +65,75 @@ def test_rand_is_seeded_and_unknown_score_rejected(fr):
     a = score_neurons("rand", fs, rs, seed=1)["layers.0.mlp"]
     assert torch.equal(a, score_neurons("rand", fs, rs, seed=1)["layers.0.mlp"])
     assert not torch.equal(a, score_neurons("rand", fs, rs, seed=2)["layers.0.mlp"])
+    # per task and per model: two tasks (or two models) scored with the same seed draw different scores
+    a_t = score_neurons("rand", fs, rs, seed=1, model="fp0", task="a")["layers.0.mlp"]
+    assert torch.equal(a_t, score_neurons("rand", fs, rs, seed=1, model="fp0", task="a")["layers.0.mlp"])
+    assert not torch.equal(a_t, score_neurons("rand", fs, rs, seed=1, model="fp0", task="b")["layers.0.mlp"])
+    assert not torch.equal(a_t, score_neurons("rand", fs, rs, seed=1, model="fp1", task="a")["layers.0.mlp"])
     with pytest.raises(NeurospecError, match="unknown score"):
         score_neurons("l2", fs, rs)
+
+
+def test_derive_seed_is_sha256_of_labelled_parts():
+    """Stable across processes (no hash()); labels keep a model and a task of the same name apart; with the site
+    alone it is the per-site seed of earlier versions, so results without model and task do not move."""
+
+    def sha(text: str) -> int:
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+    assert derive_seed(3, site="layers.1.mlp") == sha("3:layers.1.mlp")
+    assert derive_seed(3, model="fp", task="de", site="layers.1.mlp") == sha("3:model=fp:task=de:layers.1.mlp")
+    assert derive_seed(3, model="x") != derive_seed(3, task="x")
+
+
+def _chosen(keys: dict, k: int) -> set:
+    flat = sorted(((float(v[i]), s, i) for s, v in keys.items() for i in range(v.numel())), reverse=True)
+    return {(s, i) for _, s, i in flat[:k]}
+
+
+def test_tie_break_keys_random_per_task_and_order_preserving():
+    from neurospec.experiments.taskmap import TaskMapConfig, _keys, _masks
+
+    g = torch.Generator().manual_seed(0)
+    widths = {"layers.0.mlp": 60, "layers.1.mlp": 40}
+    # many ties: 5 distinct values, 20 neurons each on average, with the levels mixed over both layers
+    scores = {s: torch.randint(0, 5, (w,), generator=g).double() for s, w in widths.items()}
+    scores["layers.1.mlp"][:3] = 7.0  # three strictly highest scores, in the *later* layer
+    k = 30
+    by_seed = {}
+    for task in ("de", "fr"):
+        keys = tie_break_keys(scores, 0, model="fp", task=task)
+        # strict order kept everywhere: a higher score always has a higher key
+        allv = torch.cat([scores[s] for s in widths])
+        allk = torch.cat([keys[s] for s in widths])
+        hi = allv[:, None] > allv[None, :]
+        assert bool((allk[:, None] > allk[None, :])[hi].all())
+        assert len(set(allk.tolist())) == allk.numel()  # no ties left
+        assert torch.equal(keys["layers.0.mlp"], tie_break_keys(scores, 0, model="fp", task=task)["layers.0.mlp"])
+        by_seed[task] = _chosen(keys, k)
+    # selected sets: same seed -> same set; two tasks -> different tied neurons, never a lower score
+    assert by_seed["de"] != by_seed["fr"]
+    for chosen in by_seed.values():
+        picked = [float(scores[s][i]) for s, i in chosen]
+        left = [float(scores[s][i]) for s in widths for i in range(widths[s]) if (s, i) not in chosen]
+        assert min(picked) >= max(left)
+        assert {("layers.1.mlp", i) for i in range(3)} <= chosen
+    # through the task map's own selection (global top fraction of MLP neurons over both layers)
+    cfg = TaskMapConfig(score="freq")
+    keys = _keys({"de": scores, "fr": scores}, cfg, "fp")
+    masks = {t: _masks(keys[t], 0.3, "mlp", None) for t in ("de", "fr")}
+    sets = {t: {(s, i) for s, m in masks[t].items() for i in torch.nonzero(m).flatten().tolist()} for t in masks}
+    assert all(len(v) == k for v in sets.values())
+    assert sets["de"] != sets["fr"]
+    assert sets == {t: _chosen(keys[t], k) for t in keys}
+    again = _keys({"de": scores}, cfg, "fp")["de"]
+    assert all(torch.equal(again[s], keys["de"][s]) for s in widths)
+
+
+def test_tie_break_keys_keep_nan_and_infinities():
+    scores = {"layers.0.mlp": torch.tensor([1.0, float("nan"), -float("inf"), float("inf"), 1.0])}
+    k = tie_break_keys(scores, 0)["layers.0.mlp"]
+    assert math.isnan(k[1]) and k[3] > k[0] > k[2] and k[3] > k[4] > k[2] and k[0] != k[4]
 
 
 def test_overlap_and_chance_by_brute_force():
@@ -102,11 +171,19 @@ def test_overlap_and_chance_by_brute_force():
     assert r["chance_matched"] == pytest.approx(total / count)
 
 
-def test_overlap_matrix_diagonal_is_one():
+def test_overlap_matrix_every_entry_by_brute_force():
     g = torch.Generator().manual_seed(0)
-    sets = [{"layers.0.attn": torch.rand(10, generator=g) < 0.5} for _ in range(3)]
+    widths = {"layers.0.attn": 10, "layers.1.attn": 6}
+    sets = [{s: torch.rand(w, generator=g) < p for s, w in widths.items()} for p in (0.3, 0.5, 0.7)]
+    ids = [{(s, i) for s, m in x.items() for i in range(len(m)) if m[i]} for x in sets]
+    n = sum(widths.values())
     ov, cg, cm = overlap_matrix(sets)
-    assert np.allclose(np.diag(ov), 1.0)
-    assert ov.shape == (3, 3) and not math.isnan(cg[0, 1])
+    assert ov.shape == cg.shape == cm.shape == (3, 3)
+    for i, j in itertools.product(range(3), range(3)):
+        assert ov[i, j] == pytest.approx(len(ids[i] & ids[j]) / len(ids[i]))
+        assert cg[i, j] == pytest.approx(len(ids[j]) / n)
+        per_site = [(sum(x[0] == s for x in ids[i]), sum(x[0] == s for x in ids[j]), w) for s, w in widths.items()]
+        assert cm[i, j] == pytest.approx(sum(a * b / w for a, b, w in per_site) / len(ids[i]))
+    assert not np.allclose(ov, ov.T)  # asymmetric: |A∩B|/|A| != |A∩B|/|B| for sets of different sizes
     with pytest.raises(ValueError, match="different sites"):
         overlap(sets[0], {"layers.1.attn": sets[1]["layers.0.attn"]})

@@ -1,6 +1,7 @@
 """Task-specific neurons: a planted neuron is found and pruning it hurts only its task; pipelines and contracts."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from neurospec.experiments.selective import PruneConfig, normalised_area, select
 from neurospec.experiments.taskmap import TaskMapConfig, task_map
 from neurospec.models.loading import from_module
 from neurospec.record.recorder import RecordConfig
+from neurospec.record.store import open_run
 
 from tiny import char_tokenizer, write_corpus
 
@@ -73,22 +75,85 @@ def test_planted_neuron_is_found_and_pruning_it_hurts_only_its_task(corpora):
     assert pruned["retain"]["loss"] == pytest.approx(base["retain"]["loss"], abs=1e-6)
 
 
+def _hand_overlaps(run_dir, names: list[str], frac: float) -> list[list[float]]:
+    """The task map's overlap matrix by hand from a run's statistics: abs score against the token-weighted union
+    of the other tasks, top floor(frac * N) MLP neurons over both layers, |A ∩ B| / |A| on sets of ids."""
+    run = open_run(run_dir)
+    stats = {t: run.stats(t) for t in names}
+    sites = [s for s in stats[names[0]] if s.endswith(".mlp")]
+    sets = []
+    for t in names:
+        others = [u for u in names if u != t]
+        ranked = []
+        for s in sites:
+            count = sum(stats[u][s]["count"].double() for u in others)
+            mean_abs_r = sum(stats[u][s]["count"].double() * stats[u][s]["mean_abs"].double() for u in others) / count
+            score = stats[t][s]["mean_abs"].double() / (mean_abs_r + 1e-3)
+            ranked += [(float(score[i]), s, i) for i in range(score.numel())]
+        ranked.sort(reverse=True)
+        k = math.floor(frac * len(ranked))
+        assert ranked[k - 1][0] > ranked[k][0] * (1 + 1e-9), "the hand computation needs a clear cut"
+        sets.append({(s, i) for _, s, i in ranked[:k]})
+    return [[len(a & b) / len(a) for b in sets] for a in sets]
+
+
 def test_task_map_selectivity_and_contract(corpora):
     tasks, tmp = corpora
     loaded = planted_model()
     res = task_map(loaded, [tasks["quack"], tasks["plain"], tasks["other"]], tmp / "map", record_cfg=RC,
-                   cfg=TaskMapConfig(fractions=(0.006, 0.1), select_frac=0.006))
+                   cfg=TaskMapConfig(fractions=(0.006, 0.1, 0.5), select_frac=0.006))
     assert res["tasks"] == ["quack", "plain", "other"]
-    assert set(res["overlap"]) == {"0.006", "0.1"}
+    assert set(res["overlap"]) == {"0.006", "0.1", "0.5"}
     assert res["top_neurons"]["quack"][0]["neuron"] == f"layers.0.mlp:{NEURON}"
     sel = np.array(res["selectivity"])
     assert sel[0, 0] > 0.05 and sel[0, 0] > 5 * abs(sel[0, 1:]).max()
-    for m in res["overlap"].values():
-        assert np.allclose(np.diag(m), 1.0)
     rnd = res["random_init"]
     assert rnd["fingerprint"] != loaded.fingerprint and set(rnd["overlap"]) == set(res["overlap"])
+    for key, frac in (("0.006", 0.006), ("0.1", 0.1), ("0.5", 0.5)):
+        # every entry of both matrices against the hand computation on the run each was recorded into
+        want = _hand_overlaps(tmp / "map" / "model", res["tasks"], frac)
+        want_rnd = _hand_overlaps(tmp / "map" / "random_init", res["tasks"], frac)
+        np.testing.assert_allclose(res["overlap"][key], want, rtol=1e-12)
+        np.testing.assert_allclose(rnd["overlap"][key], want_rnd, rtol=1e-12)
+    # the control is measured on the re-initialised copy: its own recording, its own (different) numbers
+    assert open_run(tmp / "map" / "random_init").model_fingerprint == rnd["fingerprint"]
+    assert not np.allclose(rnd["overlap"]["0.5"], res["overlap"]["0.5"])
+    assert rnd["layer_counts"]["0.5"] != res["layer_counts"]["0.5"]
     saved = json.loads((tmp / "map" / "taskmap.json").read_text())
     assert saved["selectivity"] == res["selectivity"]
+
+
+def _matched_z(res: dict, names: list[str], key: str) -> list[float]:
+    """Per ordered pair (i, j), i != j: (|A_i ∩ A_j| - E) / sd under the layer-matched null (each site's overlap
+    hypergeometric given both sets' per-site counts), from the map's own overlaps, baselines and counts."""
+    counts = res["layer_counts"][key]
+    width = 96  # MLP neurons per layer of the planted model
+    zs = []
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i == j:
+                continue
+            na = sum(counts[a].values())
+            var = sum(counts[a][s] * (counts[b][s] / width) * (1 - counts[b][s] / width) * (width - counts[a][s])
+                      / (width - 1) for s in counts[a])
+            inter, expected = res["overlap"][key][i][j] * na, res["overlap_chance"]["matched"][key][i][j] * na
+            zs.append((inter - expected) / math.sqrt(var))
+    return zs
+
+
+def test_rand_control_overlaps_at_layer_matched_chance(corpora):
+    """The rand control picks each task's neurons independently: overlaps at the layer-matched chance baseline
+    within sampling error, on the model and on its random-init copy, drawn differently on each."""
+    tasks, tmp = corpora
+    loaded = planted_model()
+    names = ["quack", "plain", "other"]
+    res = task_map(loaded, [tasks[n] for n in names], tmp / "map", record_cfg=RC,
+                   cfg=TaskMapConfig(score="rand", fractions=(0.25, 0.5), select_frac=0.02))
+    for key in ("0.25", "0.5"):
+        for r in (res, res["random_init"]):
+            z = _matched_z(r, names, key)
+            assert max(abs(v) for v in z) < 4, z
+    assert res["layer_counts"]["0.5"] != res["random_init"]["layer_counts"]["0.5"]
 
 
 def test_bad_inputs(corpora):
@@ -107,11 +172,34 @@ def test_bad_inputs(corpora):
         TaskMapConfig(fractions=(0.0,))
 
 
-def test_normalised_area():
-    assert normalised_area([0.5, 0.25, 0.0], [0.4, 0.2, 0.0]) == pytest.approx(1.0)  # both fall together
-    # a curve that stops early is extended at its last retain accuracy: (0.25, 0.2) -> (0, 0.2)
-    assert normalised_area([0.5, 0.25], [0.4, 0.2]) == pytest.approx((0.25 * 0.3 + 0.25 * 0.2) / 0.1)
-    assert normalised_area([0.5, 0.0], [0.4, 0.4]) == pytest.approx(2.0)  # only the forget task falls
+@pytest.mark.parametrize("stop", [0.0, 0.1, 0.25, 0.4, 0.49])
+def test_normalised_area_reads_the_same_wherever_the_curve_stops(stop):
+    # both tasks fall at the same rate (retain keeps the share of accuracy forget keeps): 1, at any stop
+    f = [0.5, 0.45, 0.3, stop] if stop < 0.3 else [0.5, 0.45, stop]
+    assert normalised_area(f, [0.4 * x / 0.5 for x in f]) == pytest.approx(1.0)
+    # only the forget task falls: 2
+    assert normalised_area(f, [0.4] * len(f)) == pytest.approx(2.0)
+
+
+def test_normalised_area_by_hand():
+    # F: 0.5 -> 0.4 -> 0.25, R: 0.4 -> 0.38 -> 0.3 (above the diagonal: forget falls faster)
+    a = 0.1 * (0.4 + 0.38) / 2 + 0.15 * (0.38 + 0.3) / 2  # trapezoids over [0.25, 0.5]
+    d = 0.4 * (0.5**2 - 0.25**2) / (2 * 0.5)  # the diagonal y = 0.8 x over the same range
+    t = 0.4 * 0.25  # y = 0.4 over it
+    got = normalised_area([0.5, 0.4, 0.25], [0.4, 0.38, 0.3])
+    assert got == pytest.approx(1 + (a - d) / (t - d)) and 1 < got < 2
+    # the retain task falls faster: below 1
+    assert normalised_area([0.5, 0.4, 0.25], [0.4, 0.2, 0.1]) < 1
+    # run to forget accuracy 0 it is the area over 0.5 * F0 * R0
+    assert normalised_area([0.5, 0.2, 0.0], [0.4, 0.3, 0.1]) == pytest.approx(
+        (0.3 * 0.7 / 2 + 0.2 * 0.4 / 2) / (0.5 * 0.5 * 0.4))
+    # a step where forget accuracy comes back is walked back along the curve: a detour on the diagonal is still 1
+    assert normalised_area([0.5, 0.3, 0.35, 0.2], [0.4, 0.24, 0.28, 0.16]) == pytest.approx(1.0)
+    # nothing to compare on: forget accuracy did not fall, or no accuracy to start with
+    for f, r in (([0.5, 0.5], [0.4, 0.3]), ([0.5, 0.6], [0.4, 0.4]), ([0.0, 0.0], [0.4, 0.3]), ([0.5], [0.4])):
+        assert math.isnan(normalised_area(f, r))
+    with pytest.raises(NeurospecError, match="forget and 1 retain"):
+        normalised_area([0.5, 0.2], [0.4])
 
 
 def test_select_global_per_site_and_whole_heads():

@@ -13,9 +13,10 @@ Pruned neurons are replaced by a constant: 0 (``ablation="zero"``) or their mean
 
 The retain task is measured on as many evaluation blocks as the forget task, taken in turn from each retain task.
 
-Summary: the curve of accuracy on F (x) against accuracy on R (y). Its area, from the points measured plus the
-point (0, last R accuracy), normalised by ``0.5 * acc_F0 * acc_R0``: 1 means both tasks fall together (the
-diagonal), 2 means F is removed with R untouched.
+Summary: the curve of accuracy on F (x) against accuracy on R (y), from the unpruned point ``(F0, R0)`` to the
+last step's ``(F1, R1)``, and its normalised area (:func:`normalised_area`) over the range of F it measured:
+1 means both tasks fall together (the diagonal ``y = R0 * x / F0``), above 1 that F falls faster than R, 2 that
+F falls with R untouched (``y = R0``), at whatever step the curve stops.
 """
 
 from __future__ import annotations
@@ -129,14 +130,33 @@ def _task_name(spec: Any) -> str:
 
 
 def normalised_area(acc_f: list[float], acc_r: list[float]) -> float:
-    """Area under acc_R as a function of acc_F, normalised by 0.5 * acc_F0 * acc_R0 (see module docstring)."""
-    f0, r0 = acc_f[0], acc_r[0]
-    if f0 <= 0 or r0 <= 0:
+    """Normalised area of the pruning curve: retain accuracy ``y`` against forget accuracy ``x``, step by step from
+    the unpruned ``(F0, R0)`` to the last step's ``(F1, R1)``.
+
+    With ``A`` the area under the curve over the measured range ``[F1, F0]`` (the trapezoid rule along the steps,
+    so a step where F rises back is subtracted), ``D`` that of the diagonal ``y = R0 * x / F0`` (both tasks keep
+    the same share of their accuracy) and ``T`` that of ``y = R0`` (the retain task untouched), over the same
+    range::
+
+        area = 1 + (A - D) / (T - D),   D = R0 (F0^2 - F1^2) / (2 F0),   T = R0 (F0 - F1)
+
+    So 1 = both tasks fall together, above 1 = F falls faster than R, 2 = only F falls, below 1 = R falls faster,
+    exactly for a curve stopped at any ``F1``. For a curve run to ``F1 = 0`` it is ``A / (0.5 * F0 * R0)``. NaN when
+    ``F0`` or ``R0`` is not positive or the forget accuracy did not fall (``F1 >= F0``): no range to compare on.
+    """
+    if len(acc_f) != len(acc_r):
+        raise NeurospecError(f"the curve has {len(acc_f)} forget and {len(acc_r)} retain accuracies")
+    if len(acc_f) < 2:
         return float("nan")
-    pts = sorted(zip([*acc_f, 0.0], [*acc_r, acc_r[-1]], strict=True))
-    x = np.array([p[0] for p in pts])
-    y = np.array([p[1] for p in pts])
-    return float(np.trapezoid(y, x) / (0.5 * f0 * r0))
+    x = np.asarray(acc_f, dtype=np.float64)
+    y = np.asarray(acc_r, dtype=np.float64)
+    f0, r0, f1 = x[0], y[0], x[-1]
+    if f0 <= 0 or r0 <= 0 or f1 >= f0:
+        return float("nan")
+    area = float(np.sum((x[:-1] - x[1:]) * (y[:-1] + y[1:]) / 2))
+    diagonal = r0 * (f0 * f0 - f1 * f1) / (2 * f0)
+    top = r0 * (f0 - f1)
+    return 1.0 + (area - diagonal) / (top - diagonal)
 
 
 def selective_pruning(

@@ -4,6 +4,11 @@ them hurts their own task (METHODS.md section 1), on the model and on a randomly
 For N tasks, task i's specific neurons are the top fraction by a selective-pruning score with task i as forget
 task and the union of the other tasks (their accumulators merged exactly) as retain task, or a named retain task.
 
+Randomness is seeded per model and task (:func:`neurospec.score.selective.derive_seed` of ``seed``, the model's
+fingerprint and the task's name): the ``rand`` control draws independent scores for each task, and neurons with
+equal scores are taken in a random order per task (:func:`neurospec.score.selective.tie_break_keys`), so neither
+makes two tasks' sets overlap more than chance.
+
 - Overlap: ``|A_i ∩ A_j| / |A_i|`` at each fraction, overall and per site, with two chance baselines
   (:mod:`neurospec.analyze.overlap`).
 - Selectivity: prune task i's neurons (``select_frac``), measure every task j: ``drop[i, j] = top1_j(unpruned) -
@@ -30,8 +35,10 @@ from neurospec.models.loading import LoadedModel, random_init_copy
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import atomic_write_json, open_run
 from neurospec.score import score_neurons
+from neurospec.score.selective import tie_break_keys
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
+CONFIG_VERSION = 2  # 2: rand and ties seeded per model and task (1: one seed for all, ties by layer order)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class TaskMapConfig:
     random_seed: int = 0
     batch_size: int = 8
     top_n: int = 20
+    seed: int = 0  # seeds the rand control and the order of tied scores, with the model and the task
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
@@ -58,7 +66,7 @@ class TaskMapConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fractions"] = list(self.fractions)
-        return {"type": "TaskMapConfig", "version": 1, **d}
+        return {"type": "TaskMapConfig", "version": CONFIG_VERSION, **d}
 
 
 def _task_info(d) -> dict:
@@ -69,17 +77,25 @@ def _task_info(d) -> dict:
 
 
 def _scores(run, names: list[str], cfg: TaskMapConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's scores (forget = the task, retain = the others or the named retain task) on ``run``."""
     out = {}
     for t in names:
         retain = [cfg.retain] if cfg.retain else [n for n in names if n != t]
         if t in retain:
             raise NeurospecError(f"task {t!r} cannot be its own retain task")
-        out[t] = score_neurons(cfg.score, run.stats(t), merged_stats(run, retain))
+        out[t] = score_neurons(cfg.score, run.stats(t), merged_stats(run, retain), seed=cfg.seed,
+                               model=run.model_fingerprint, task=t)
     return out
 
 
+def _keys(scores_by_task, cfg: TaskMapConfig, model: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Selection keys of each task: its scores' order, ties in a random order seeded per model and task."""
+    return {t: tie_break_keys(sc, cfg.seed, model=model, task=t) for t, sc in scores_by_task.items()}
+
+
 def _select_kind(scores, frac: float, kind: str, sites):
-    """The top ``frac`` of one site kind's neurons, ranked over all layers at once."""
+    """The top ``frac`` of one site kind's neurons, ranked over all layers at once (``scores``: selection keys
+    from :func:`_keys`, or any scores whose ties may go to the earlier layer)."""
     return select(scores, frac if kind == "mlp" else 0.0, frac if kind == "attn" else 0.0, "global", sites=sites)
 
 
@@ -131,6 +147,7 @@ def task_map(
     run = open_run(out / "model")
     sites = loaded.sites
     scores = _scores(run, names, cfg)
+    keys = _keys(scores, cfg, run.model_fingerprint)
     result: dict[str, Any] = {
         "tasks": names,
         "config": cfg.to_dict(),
@@ -138,16 +155,17 @@ def task_map(
         "model": loaded.describe(),
         "task_info": {n: _task_info(d) for n, d in tasks.items()},
     }
-    ov = _overlaps(scores, names, cfg, sites)
+    ov = _overlaps(keys, names, cfg, sites)
     result["overlap"] = ov["overall"]
     result["overlap_chance"] = {"global": ov["chance_global"], "matched": ov["chance_matched"]}
     result["overlap_per_site"] = ov["per_site"]
     result["layer_counts"] = ov["counts"]
     result["top_neurons"] = {}
     for t in names:
-        flat = [(float(v[i]), f"{s}:{i}") for s, v in scores[t].items() for i in torch.topk(v, min(cfg.top_n, v.numel())).indices.tolist()]
+        flat = [(float(k[i]), float(scores[t][s][i]), f"{s}:{i}") for s, k in keys[t].items()
+                for i in torch.topk(k, min(cfg.top_n, k.numel())).indices.tolist()]
         flat.sort(key=lambda p: -p[0])
-        result["top_neurons"][t] = [{"neuron": n, "score": sc} for sc, n in flat[: cfg.top_n]]
+        result["top_neurons"][t] = [{"neuron": n, "score": sc} for _, sc, n in flat[: cfg.top_n]]
 
     # selectivity: prune each task's neurons, measure every task
     skip = {n: skip_ids_for(d.collect) for n, d in tasks.items()}
@@ -162,7 +180,7 @@ def task_map(
         loss_up = np.zeros_like(drop)
         pruned_metrics = {}
         for i, t in enumerate(names):
-            ns = _select_kind(scores[t], cfg.select_frac, cfg.kind, sites)
+            ns = _select_kind(keys[t], cfg.select_frac, cfg.kind, sites)
             with ablated(loaded.model, sites, ns, cfg.ablation):
                 m = measure()
             pruned_metrics[t] = m
@@ -181,7 +199,8 @@ def task_map(
         rnd = random_init_copy(loaded, seed=cfg.random_seed)
         record(rnd, list(tasks.values()), out / "random_init", rcfg, force=force, progress=progress)
         rrun = open_run(out / "random_init")
-        rov = _overlaps(_scores(rrun, names, cfg), names, cfg, rnd.sites)
+        rkeys = _keys(_scores(rrun, names, cfg), cfg, rrun.model_fingerprint)
+        rov = _overlaps(rkeys, names, cfg, rnd.sites)
         result["random_init"] = {
             "overlap": rov["overall"],
             "overlap_chance": {"global": rov["chance_global"], "matched": rov["chance_matched"]},

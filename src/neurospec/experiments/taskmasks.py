@@ -2,13 +2,17 @@
 
 ``taskmap.json`` keeps per-layer counts and the top neurons of every task, not the full sets. The sets follow
 exactly from the run the task map recorded (``DIR/model``) and its configuration, so they are recomputed here with
-the task map's own scoring and selection (:func:`neurospec.experiments.taskmap._scores` and ``_masks``): same
-score, same retain tasks, same global top fraction. ``frac`` overrides the configuration's ``select_frac``.
+the task map's own scoring and selection (:func:`neurospec.experiments.taskmap._scores`, ``_keys`` and ``_masks``):
+same score, same retain tasks, same seeded order of tied scores, same global top fraction. ``frac`` overrides the
+configuration's ``select_frac``. Task maps written before configuration version 2 chose tied neurons by layer
+order and drew the ``rand`` control alike for every task; their sets are recomputed with today's rule (a warning
+says so).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +41,21 @@ def read_taskmap(directory: str | Path) -> dict:
 
 def task_masks(directory: str | Path, frac: float | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """``({task: {site: bool [width]}}, taskmap.json)`` of a task-map directory (see the module docstring)."""
-    from neurospec.experiments.taskmap import TaskMapConfig, _masks, _scores
+    from neurospec.experiments.taskmap import CONFIG_VERSION, TaskMapConfig, _keys, _masks, _scores
     from neurospec.record.store import open_run
 
     d = taskmap_path(directory)
     tm = read_taskmap(d)
     raw: dict[str, Any] = dict(tm["config"])
     raw.pop("type", None)
-    raw.pop("version", None)
+    version = raw.pop("version", 1)
+    if version < CONFIG_VERSION:
+        warnings.warn(
+            f"{d / TASKMAP_FILE} has configuration version {version}: its sets broke ties by layer order (and its "
+            f"rand control was the same for every task); the sets recomputed here break ties at random per task "
+            f"and may differ slightly. Re-run `neurospec taskmap` into {d} for a consistent map.",
+            stacklevel=2,
+        )
     cfg = TaskMapConfig(**raw)
     run_dir = d / "model"
     if not run_dir.is_dir():
@@ -53,8 +64,8 @@ def task_masks(directory: str | Path, frac: float | None = None) -> tuple[dict[s
     if run.model_fingerprint != tm["model"]["fingerprint"]:
         raise RunStoreError(f"{run_dir} was recorded on another model than {d / TASKMAP_FILE} describes")
     names = list(tm["tasks"])
-    scores = _scores(run, names, cfg)
+    keys = _keys(_scores(run, names, cfg), cfg, run.model_fingerprint)
     use = cfg.select_frac if frac is None else float(frac)
     if not 0 < use <= 1:
         raise NeurospecError(f"frac must be in (0, 1], got {use}")
-    return {t: _masks(scores[t], use, cfg.kind, run.sites) for t in names}, tm
+    return {t: _masks(keys[t], use, cfg.kind, run.sites) for t in names}, tm

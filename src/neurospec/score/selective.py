@@ -12,10 +12,19 @@ tensor ``[width]``:
 ``std``   std_F / (std_R + eps)          (true standard deviation)
 ``rms``   rms_F / (rms_R + eps)          (rms = sqrt(var + mean^2))
 ``mean``  |mean_F - mean_R|
-``rand``  uniform random (the control), seeded per site
+``rand``  uniform random (the control), seeded per model, task and site
 ========  =========================================================
 
 eps defaults to 1e-3 for MLP sites and 1e-4 for attention sites.
+
+Seeds: :func:`derive_seed` turns a base seed and labelled parts (model fingerprint, task name, site) into a
+63-bit seed by SHA-256, the same in every process. The ``rand`` control is seeded per model, task and site, so
+two tasks (or a model and its random-init copy) get independent random scores and their sets overlap at chance.
+
+Ties: top-k selection keeps the earlier site and the lower index among equal scores, which picks the same tied
+neurons for every task (``freq`` on ReLU models, scores of 0 from NaN) and inflates overlaps.
+:func:`tie_break_keys` turns scores into selection keys with the same strict order and tied neurons in a random
+order seeded per task.
 """
 
 from __future__ import annotations
@@ -69,8 +78,44 @@ def _rand(f: Stats, r: Stats, eps: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(f["mean"].shape[0], generator=g, dtype=torch.float64)
 
 
-def _site_seed(seed: int, site: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{site}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+def derive_seed(seed: int, *, model: str = "", task: str = "", site: str = "") -> int:
+    """A 63-bit seed from ``seed`` and the labelled non-empty parts, by SHA-256 (stable across processes and
+    Python versions, unlike ``hash()``). With only ``site`` given it is the seed earlier versions used per site."""
+    parts = [str(int(seed))]
+    parts += [f"{label}={v}" for label, v in (("model", model), ("task", task)) if v]
+    if site:
+        parts.append(site)
+    return int.from_bytes(hashlib.sha256(":".join(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def tie_break_keys(
+    scores: Mapping[str, torch.Tensor], seed: int, *, model: str = "", task: str = ""
+) -> dict[str, torch.Tensor]:
+    """Selection keys ``{site: float64 [width]}`` for top-k: a neuron with a strictly higher score always has a
+    strictly higher key; neurons with equal scores (within a site or across sites) are ordered at random, seeded
+    by ``seed``, ``model`` and ``task`` (and the site, so a site's order does not depend on which other sites are
+    given). NaN scores stay NaN (top-k rejects them).
+
+    The key is the dense rank of the score among all given scores plus a uniform draw in ``[0, 1)``.
+    """
+    names = list(scores)
+    flat = [torch.as_tensor(scores[s]).detach().reshape(-1).double() for s in names]
+    if not flat:
+        return {}
+    allv = torch.cat(flat)
+    nan = allv.isnan()
+    ranks = torch.zeros_like(allv)
+    if (~nan).any():
+        _, inverse = torch.unique(allv[~nan], sorted=True, return_inverse=True)
+        ranks[~nan] = inverse.double()
+    ranks[nan] = torch.nan
+    out, start = {}, 0
+    for s, v in zip(names, flat, strict=True):
+        g = torch.Generator().manual_seed(derive_seed(seed, model=model, task=task, site=s))
+        jitter = torch.rand(v.numel(), generator=g, dtype=torch.float64)
+        out[s] = (ranks[start:start + v.numel()] + jitter).reshape(torch.as_tensor(scores[s]).shape)
+        start += v.numel()
+    return out
 
 
 def score_neurons(
@@ -80,10 +125,14 @@ def score_neurons(
     *,
     eps: Mapping[str, float] | None = None,
     seed: int = 0,
+    model: str = "",
+    task: str = "",
 ) -> dict[str, torch.Tensor]:
     """Scores of every neuron of every site present in both ``forget`` and ``retain`` (keyed by site name).
 
-    ``eps`` maps site kind (``mlp``/``attn``) to epsilon; defaults to :data:`DEFAULT_EPS`.
+    ``eps`` maps site kind (``mlp``/``attn``) to epsilon; defaults to :data:`DEFAULT_EPS`. ``seed``, ``model`` (a
+    model fingerprint) and ``task`` (the forget task's name) seed the ``rand`` control (see :func:`derive_seed`):
+    pass the task's name whenever several tasks are scored, or the control picks the same neurons for each.
     """
     if method not in SCORERS:
         raise NeurospecError(f"unknown score {method!r}; choose one of {', '.join(SCORERS)}")
@@ -94,7 +143,7 @@ def score_neurons(
     out = {}
     for site in forget:
         kind = site.rsplit(".", 1)[-1]
-        g = torch.Generator().manual_seed(_site_seed(seed, site))
+        g = torch.Generator().manual_seed(derive_seed(seed, model=model, task=task, site=site))
         s = SCORERS[method](forget[site], retain[site], eps_by_kind[kind], g)
         out[site] = torch.nan_to_num(s, nan=0.0, posinf=torch.finfo(torch.float64).max)
     return out
