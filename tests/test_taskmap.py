@@ -156,6 +156,29 @@ def test_rand_control_overlaps_at_layer_matched_chance(corpora):
     assert res["layer_counts"]["0.5"] != res["random_init"]["layer_counts"]["0.5"]
 
 
+def test_task_masks_recompute_the_maps_sets(corpora):
+    """The sets recomputed from a task-map directory are the map's own (rand control included: same seeds per
+    model and task); a map written with the version-1 selection rule says that its sets may differ."""
+    from neurospec.analyze.overlap import overlap_matrix
+    from neurospec.experiments.taskmasks import task_masks
+
+    tasks, tmp = corpora
+    names = ["quack", "plain", "other"]
+    res = task_map(planted_model(), [tasks[n] for n in names], tmp / "map", record_cfg=RC,
+                   cfg=TaskMapConfig(score="rand", fractions=(0.3,), select_frac=0.3, random_init=False))
+    masks, tm = task_masks(tmp / "map")
+    assert tm["config"]["version"] == 2
+    ov, _, _ = overlap_matrix([masks[t] for t in names])
+    np.testing.assert_allclose(ov, res["overlap"]["0.3"], rtol=1e-12)
+    assert {t: {s: int(m.sum()) for s, m in masks[t].items()} for t in names} == res["layer_counts"]["0.3"]
+    path = tmp / "map" / "taskmap.json"
+    old = json.loads(path.read_text())
+    old["config"]["version"] = 1
+    path.write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="version 1: its sets broke ties by layer order"):
+        task_masks(tmp / "map")
+
+
 def test_bad_inputs(corpora):
     tasks, tmp = corpora
     loaded = planted_model()
