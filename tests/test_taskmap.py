@@ -141,14 +141,19 @@ def _matched_z(res: dict, names: list[str], key: str) -> list[float]:
     return zs
 
 
-def test_rand_control_overlaps_at_layer_matched_chance(corpora):
-    """The rand control picks each task's neurons independently: overlaps at the layer-matched chance baseline
-    within sampling error, on the model and on its random-init copy, drawn differently on each."""
+@pytest.mark.parametrize("score", ["rand", "tied"])
+def test_rand_control_and_tied_scores_overlap_at_layer_matched_chance(corpora, monkeypatch, score):
+    """The rand control picks each task's neurons independently, and so does a score that ties every neuron
+    (ties are broken at random per task): overlaps at the layer-matched chance baseline within sampling error, on
+    the model and on its random-init copy, drawn differently on each."""
+    from neurospec.score import SCORERS
+
+    monkeypatch.setitem(SCORERS, "tied", lambda f, r, eps, g: torch.ones_like(f["mean"], dtype=torch.float64))
     tasks, tmp = corpora
     loaded = planted_model()
     names = ["quack", "plain", "other"]
     res = task_map(loaded, [tasks[n] for n in names], tmp / "map", record_cfg=RC,
-                   cfg=TaskMapConfig(score="rand", fractions=(0.25, 0.5), select_frac=0.02))
+                   cfg=TaskMapConfig(score=score, fractions=(0.25, 0.5), select_frac=0.02))
     for key in ("0.25", "0.5"):
         for r in (res, res["random_init"]):
             z = _matched_z(r, names, key)
