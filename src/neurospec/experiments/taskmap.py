@@ -94,8 +94,8 @@ def _keys(scores_by_task, cfg: TaskMapConfig, model: str) -> dict[str, dict[str,
 
 
 def _select_kind(scores, frac: float, kind: str, sites):
-    """The top ``frac`` of one site kind's neurons, ranked over all layers at once (``scores``: selection keys
-    from :func:`_keys`, or any scores whose ties may go to the earlier layer)."""
+    """The top ``frac`` of one site kind's neurons, ranked over all layers at once. ``scores``: the selection keys
+    of :func:`_keys` (raw scores work too, but then ties go to the earlier layer and the lower index)."""
     return select(scores, frac if kind == "mlp" else 0.0, frac if kind == "attn" else 0.0, "global", sites=sites)
 
 
