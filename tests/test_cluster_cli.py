@@ -52,7 +52,7 @@ def ws(tmp_path_factory):
     words = f"words={corpus}"
     rec = ["record", "--model", model, "--task", words, "--task", "prose", "--tokens", 256, "--eval-tokens", 64,
            "--seq-len", 32, "--batch-size", 4, "--kinds", "mlp", "--reservoir", 0]
-    ok_json(*rec, "--comoments", "mlp", "--out", root / "ref")
+    ok_json(*rec, "--comoments", "mlp", "--relu-comoments", "mlp", "--out", root / "ref")
     ok_json(*rec, "--out", root / "ref-plain")
     yield {"root": root, "model": model, "words": words, "ref": root / "ref", "ref_plain": root / "ref-plain"}
     mp.undo()
@@ -112,6 +112,50 @@ def test_spectral_correlation_graph_from_reference_run(ws):
     moe = ok_json("cluster", "--model", ws["model"], "--method", "moefication", "--graph", "coactivation",
                   "--experts", 6, "--reference", ws["ref"], "--out", ws["root"] / "moe-co")
     assert moe["n_clusters"] == 6
+
+
+def test_moefication_coactivation_graph_variants_and_threshold(ws):
+    """The cluster command partitions the published relu co-activation graph of the reference run (or the raw
+    second moments), thresholded as asked: the same labels as the library on the run's recorded matrices."""
+    from neurospec.cluster.moefication import coactivation_experts, coactivation_graph
+    from neurospec.cluster.result import load_clustering
+    from neurospec.record.store import open_run
+
+    run = open_run(ws["ref"])
+    site = "layers.1.mlp"
+
+    def recorded(kind):
+        parts = [run.accumulators(t)[site][kind] for t in run.tasks]
+        for p in parts[1:]:
+            parts[0].merge(p)
+        c = parts[0].compute()
+        return (c["cov"] + torch.outer(c["mean"], c["mean"])).numpy()
+
+    relu, raw = recorded("relu_comoments"), recorded("comoments")
+    assert (relu >= -1e-12).all() and (raw < 0).any()  # SiLU MLP: the raw moments have negative entries
+    off = ~np.eye(relu.shape[0], dtype=bool)
+    thr = float(np.quantile(relu[off], 0.5))
+    base = ["cluster", "--model", ws["model"], "--method", "moefication", "--graph", "coactivation", "--experts", 6,
+            "--reference", ws["ref"], "--layers", "1"]
+    for variant, threshold, matrix in (("relu", thr, relu), ("raw", None, raw)):
+        out = ws["root"] / f"moe-co-{variant}"
+        extra = ["--coactivation", variant] + ([] if threshold is None else ["--threshold", threshold])
+        res = ok_json(*base, *extra, "--out", out)
+        assert res["coactivation"] == variant and res["threshold"] == (threshold or 0.0)
+        graph = coactivation_graph(matrix, threshold=threshold or 0.0)
+        assert res["edges_kept"][site] == pytest.approx(np.count_nonzero(graph) / off.sum())
+        want = coactivation_experts(matrix, 6, threshold=threshold or 0.0)
+        np.testing.assert_array_equal(load_clustering(out).labels[site], want)
+    assert 0.4 < ok_json(*base, "--threshold", thr, "--out", ws["root"] / "moe-co-t")["edges_kept"][site] < 0.6
+    default = ok_json(*base, "--out", ws["root"] / "moe-co-default")
+    assert default["coactivation"] == "relu" and default["threshold"] == 0.0
+    np.testing.assert_array_equal(load_clustering(ws["root"] / "moe-co-default").labels[site],
+                                  coactivation_experts(relu, 6))
+    fails(*base[:-4], "--reference", ws["ref_plain"], "--out", ws["root"] / "x", match="--relu-comoments mlp")
+    fails(*base, "--coactivation", "abs", "--out", ws["root"] / "x", match="--coactivation must be one of relu, raw")
+    fails(*base, "--threshold", -1, "--out", ws["root"] / "x", match="--threshold must be")
+    fails("cluster", "--model", ws["model"], "--method", "spectral", "--threshold", 0.1, "--out", ws["root"] / "x",
+          match="apply to moefication by coactivation")
 
 
 def test_cluster_errors_are_clear(ws, tmp_path):
