@@ -252,24 +252,66 @@ def test_resample_position_aligned():
             logits(model, tiny_inputs("llama", batch=1, seq=ref_seq + 1))
 
 
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16 keeps 8 significant bits: each rounding errs by at most 2^-8 relative
+
+
 def test_bf16_fold_hook_and_resample():
+    """Folded and hooked bf16 ablations both match an exact float64 evaluation of the same bf16 weights.
+
+    Tolerance: every rounding of the bf16 forward errs by at most u = 2^-8 of the value rounded; the logits are a
+    short chain of such roundings (embedding, 2 x (attention, MLP), norm, head; measured error about 1.5 u of the
+    largest logit), so each of folded and hooked must lie within 4 u of the largest reference logit, elementwise.
+    Folding that misses one site's bias term, or puts it in the wrong place, errs by far more (checked below).
+    """
     model = tiny_model("llama").to(torch.bfloat16)
+    exact = copy.deepcopy(model).to(torch.float64)  # the same bf16-rounded weights, evaluated in float64
     sites = find_sites(model)
     inputs = tiny_inputs("llama")
     neurons = NeuronSet.random(sites, frac=0.3, seed=1)
-    offsets = {s.name: torch.randn(s.width) for s in sites}
+    offsets = {s.name: torch.randn(s.width, generator=torch.Generator().manual_seed(7)) for s in sites}
     snap = param_snapshot(model)
     ids = {n: id(p) for n, p in model.named_parameters()}
+    handles = formula_hooks(exact, sites, neurons, {k: v.double() for k, v in offsets.items()})
+    want = logits(exact, inputs)
+    for h in handles:
+        h.remove()
+    tol = 4 * BF16_UNIT_ROUNDOFF * want.abs().max().item()
     with ablated(model, sites, neurons, "mean", offsets=offsets) as info:
         assert all(model.get_submodule(m).bias.dtype == torch.bfloat16 for m in info.created_biases)
-        folded = logits(model, inputs).float()
+        folded = logits(model, inputs).double()
     with ablated(model, sites, neurons, "mean", offsets=offsets, fold=False):
-        hooked = logits(model, inputs).float()
-    assert (folded - hooked).abs().max() < 0.1 * hooked.abs().max()
+        hooked = logits(model, inputs).double()
+    assert (folded - want).abs().max() <= tol
+    assert (hooked - want).abs().max() <= tol
+    # a fold that misses the bias term of one site (its offsets' contribution) is caught by this tolerance
+    last = neurons.site_names[-1]
+    missed = {**offsets, last: torch.zeros_like(offsets[last])}
+    with ablated(model, sites, neurons, "mean", offsets=missed):
+        wrong = logits(model, inputs).double()
+    assert (wrong - want).abs().max() > 3 * tol
     samples = {s.name: torch.randn(7, s.width) for s in sites}
     with ablated(model, sites, neurons, "resample", samples=samples):
         out = logits(model, inputs)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert_untouched(model, snap, ids)
+
+
+def test_position_aligned_samples_are_the_site_inputs_per_sequence():
+    from neurospec.experiments.aligned_samples import position_aligned_samples
+
+    model = tiny_model("llama")
+    sites = find_sites(model)
+    snap = param_snapshot(model)
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    blocks = tiny_inputs("llama", batch=5, seq=10, seed=3)["input_ids"]
+    got = position_aligned_samples(model, blocks, site_names=["layers.1.attn", "layers.0.mlp"], batch_size=2)
+    assert list(got) == ["layers.1.attn", "layers.0.mlp"]
+    for name, x in got.items():
+        seen, h = capture_input(model, sites[name].module)
+        logits(model, {"input_ids": blocks})
+        h.remove()
+        assert x.shape == (5, 10, sites[name].width)
+        torch.testing.assert_close(x, seen["x"], rtol=1e-5, atol=1e-6)
     assert_untouched(model, snap, ids)
 
 

@@ -101,3 +101,68 @@ def test_bad_inputs(setup, tmp_path):
     r = invoke("ablate", "--model", d, "--reference", tmp / "nores", "--task", "prose", "--methods", "resample",
                "--tokens", 128, "--seq-len", 32)
     assert r.exit_code == 2 and "--reservoir" in r.output
+
+
+def test_resample_options_reach_the_hook(setup, monkeypatch):
+    """--resample-per-neuron and --resample-align position are passed to the resampling hook, change the result,
+    and are recorded in the JSON; position-aligned draws take each token's values from the same position of a
+    reference sequence of the task's collection split."""
+    from neurospec.intervene import ablate
+
+    d, tmp = setup
+    seen = []
+    original_init, original_call = ablate._Resampler.__init__, ablate._Resampler.__call__
+
+    def spy_init(self, idx, samples, like, seed, per_neuron):
+        original_init(self, idx, samples, like, seed, per_neuron)
+        self.ref = samples.float()
+        self.cols = idx
+
+    def spy_call(self, x):
+        y = original_call(self, x)
+        seen.append({"per_neuron": self.per_neuron, "aligned": self.aligned, "ref_shape": tuple(self.ref.shape)})
+        if self.aligned:  # ref [n_seq, ref_seq, k]; y [batch, seq, width]
+            vals = y[..., self.cols.to(y.device)].float()  # [batch, seq, k]
+            for p in range(vals.shape[1]):
+                here = self.ref[:, p, :]  # the reference values at position p
+                for col in range(vals.shape[2]):
+                    assert torch.isin(vals[:, p, col], here[:, col]).all(), f"position {p} drew another position"
+            whole = [(self.ref[:, p, :] == vals[b, p]).all(-1).any() for b in range(vals.shape[0])
+                     for p in range(vals.shape[1])]  # the token's ablated values are one reference row
+            seen[-1]["shared_row"] = float(torch.stack(whole).float().mean())
+        return y
+
+    monkeypatch.setattr(ablate._Resampler, "__init__", spy_init)
+    monkeypatch.setattr(ablate._Resampler, "__call__", spy_call)
+    base = ["ablate", "--model", d, "--reference", tmp / "ref", "--task", "prose", "--kind", "attn",
+            "--random-frac", 0.5, "--steps", 1, "--methods", "zero,resample", "--seeds", "3", "--tokens", 128,
+            "--seq-len", 32, "--json"]
+
+    def run(*extra):
+        seen.clear()
+        r = invoke(*base, *extra)
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout)
+        loss = [s["loss"] for s in res["steps"] if s["method"] == "resample" and s["fraction"] > 0]
+        return res, loss[0], list(seen)
+
+    shared, shared_loss, calls = run()
+    assert calls and not any(c["per_neuron"] or c["aligned"] for c in calls)
+    assert shared["resample"]["align"] == "random" and shared["resample"]["per_neuron"] is False
+    assert all(len(c["ref_shape"]) == 2 for c in calls)  # token rows of the reservoir
+    again, again_loss, _ = run()
+    assert again_loss == shared_loss  # same seed, same draws
+    per, per_loss, calls = run("--resample-per-neuron")
+    assert calls and all(c["per_neuron"] and not c["aligned"] for c in calls)
+    assert per["resample"]["per_neuron"] is True and per_loss != shared_loss
+    pos, pos_loss, calls = run("--resample-align", "position")
+    assert calls and all(c["aligned"] and not c["per_neuron"] and c["shared_row"] == 1 for c in calls)
+    assert all(c["ref_shape"][1] == 32 for c in calls)  # [n_seq, seq_len, k]
+    assert pos["resample"]["align"] == "position" and "collection split of prose" in pos["resample"]["samples"]["prose"]
+    assert pos_loss != shared_loss
+    both, _, calls = run("--resample-align", "position", "--resample-per-neuron")
+    assert calls and all(c["aligned"] and c["per_neuron"] and c["shared_row"] < 0.5 for c in calls)
+    r = invoke(*[a if a != "zero,resample" else "zero,mean" for a in base[:-1]], "--resample-per-neuron")
+    assert r.exit_code == 2 and "add resample to --methods" in " ".join(r.output.split())
+    r = invoke(*base[:-1], "--resample-align", "nearest")
+    assert r.exit_code == 2 and "--resample-align must be one of random, position" in " ".join(r.output.split())

@@ -16,10 +16,12 @@ from neurospec.cluster.baselines import clusterability, shuffle_weights
 from neurospec.cluster.kmeans import BalancedKMeans, assign_exact, assign_greedy, balanced_sizes
 from neurospec.cluster.moefication import (
     coactivation_experts,
+    coactivation_graph,
     expert_features,
     install_routing,
     moefy,
     moefy_site,
+    relu_coactivation,
     route_topk,
 )
 from neurospec.cluster.spectral import (
@@ -340,6 +342,73 @@ def test_coactivation_experts_recover_blocks():
     assert np.bincount(lab).tolist() == [10] * 4
     assert adjusted_rand_score(truth, lab) == pytest.approx(1.0)
     assert adjusted_rand_score(truth, coactivation_experts(comoment, 4, keep=0.3)) == pytest.approx(1.0)
+
+
+def brute_coactivation(x: np.ndarray, threshold_sum: float) -> np.ndarray:
+    """The published graph written from its definition: edge i-j = sum over tokens of relu(x_ti) * relu(x_tj),
+    no self-loops, edges below the threshold dropped (loops, no matrix products)."""
+    t, w = x.shape
+    a = np.zeros((w, w))
+    for i in range(w):
+        for j in range(w):
+            if i == j:
+                continue
+            total = 0.0
+            for k in range(t):
+                total += max(x[k, i], 0.0) * max(x[k, j], 0.0)
+            a[i, j] = total if total >= threshold_sum else 0.0
+    return a
+
+
+def test_relu_coactivation_graph_matches_the_definition():
+    from neurospec.record.coactivation import ReluCoMoments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 9, generator=g, dtype=torch.float64) + torch.linspace(-1, 1, 9, dtype=torch.float64)
+    x[:, 4] = -x[:, 4].abs()  # a neuron that never fires: no edges at all
+    t = x.shape[0]
+    mean_graph = relu_coactivation(x)
+    thr = float(np.median(mean_graph[~np.eye(9, dtype=bool) & (mean_graph > 0)]))
+    for threshold in (0.0, thr):
+        want = brute_coactivation(x.numpy(), threshold * t)  # the sum over tokens; the threshold scales with it
+        got = coactivation_graph(mean_graph, threshold=threshold) * t
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert 0 < np.count_nonzero(coactivation_graph(mean_graph, threshold=thr)) < np.count_nonzero(
+        coactivation_graph(mean_graph))
+    # streamed in batches, merged, and with a non-finite row that is dropped: the same matrix
+    a, b = ReluCoMoments(9), ReluCoMoments(9)
+    a.update(x[:25])
+    bad = x[25:40].clone()
+    bad[3, 2] = float("-inf")
+    b.update(bad)
+    b.update(x[40:].float())
+    a.merge(b)
+    kept = torch.cat([x[:25], x[25:40][torch.arange(15) != 3], x[40:].float().double()])
+    assert int(a.state_dict()["dropped"]) == 1 and int(a.state_dict()["count"]) == t - 1
+    np.testing.assert_allclose(a.coactivation().numpy() * (t - 1), brute_coactivation(kept.numpy(), 0.0)
+                               + np.diag((kept.clamp(min=0) ** 2).sum(0).numpy()), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="threshold"):
+        coactivation_graph(mean_graph, threshold=-1.0)
+
+
+def test_relu_and_raw_coactivation_give_different_experts():
+    """Negative co-activation links neurons in the raw second moments but not in the published (relu) graph."""
+    rng = np.random.default_rng(1)
+    fire = [(0, 1, 2, 3), (4, 5, 6, 7)]  # fire together (positive)
+    dip = [(0, 1, 4, 5), (2, 3, 6, 7)]  # dip together, strongly negative (SiLU/GELU-like)
+    rows = []
+    for _ in range(400):
+        x = rng.normal(0, 0.05, 8)
+        kind = rng.integers(4)
+        group = (fire + dip)[kind]
+        x[list(group)] += rng.uniform(1, 2) if kind < 2 else -rng.uniform(4, 6)
+        rows.append(x)
+    x = np.array(rows)
+    relu_truth, raw_truth = np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    relu_lab = coactivation_experts(relu_coactivation(x), 2)
+    raw_lab = coactivation_experts(x.T @ x / len(x), 2)
+    assert adjusted_rand_score(relu_truth, relu_lab) == pytest.approx(1.0)
+    assert adjusted_rand_score(raw_truth, raw_lab) == pytest.approx(1.0)
 
 
 def test_route_topk_matches_a_per_token_loop():

@@ -81,6 +81,14 @@ def ablate_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     peak_bins: int = typer.Option(100, "--peak-bins"),
     peak_smooth: float = typer.Option(0.0, "--peak-smooth", help="Gaussian smoothing of the histogram, in bins"),
+    # (further peak variants, e.g. a KDE mode, get their option here once reference_values takes them)
+    resample_align: str = typer.Option("random", "--resample-align",
+                                       help="resample: random (a random token row of the reference run's reservoir) "
+                                            "or position (the same position of a random sequence of the evaluated "
+                                            "task's collection split, run through the unablated model)"),
+    resample_per_neuron: bool = typer.Option(False, "--resample-per-neuron",
+                                             help="resample: each ablated neuron draws its own row (default: one row "
+                                                  "per token, shared by its ablated neurons)"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="directory for the study's table, figure and report"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
@@ -111,6 +119,9 @@ def ablate_cmd(
 
         if save is None:
             raise NeurospecError("--neurons needs --save DIR (the folded model is written there)")
+        if resample_align != "random" or resample_per_neuron:
+            raise NeurospecError("--resample-align and --resample-per-neuron apply to the ablation study (--task), "
+                                 "not to folding given neurons")
         ns = NeuronSet.load(neurons, loaded.sites)
         if method == "resample":
             raise NeurospecError("resample ablation needs a hook and cannot be folded into weights; use zero, mean "
@@ -132,27 +143,43 @@ def ablate_cmd(
         raise NeurospecError("give --task (an ablation study) or --neurons with --save (fold given neurons)")
     from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
     from neurospec.experiments.common import skip_ids_for
+    from neurospec.intervene.ablate import get_ablation
 
     if not 0 < random_frac <= 1:
         raise NeurospecError(f"--random-frac must be in (0, 1], got {random_frac}")
     method_list = [m for m in methods.split(",") if m]
     seed_list = [int(s) for s in seeds.split(",") if s]
+    resample = _resample_options(method_list, resample_align, resample_per_neuron)
     tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
     rows = []
     for name, data in tasks.items():
-        offs, samples = reference_values(ref, ref_task_for(name), method_list, peak_bins=peak_bins,
+        aligned = resample is not None and resample["align"] == "position"
+        value_methods = [m for m in method_list if not (aligned and get_ablation(m).per_input)]
+        offs, samples = reference_values(ref, ref_task_for(name), value_methods, peak_bins=peak_bins,
                                          peak_smooth=peak_smooth)
+        if aligned:
+            from neurospec.experiments.aligned_samples import position_aligned_samples
+
+            study_sites = loaded.sites.sites if kind == "both" else loaded.sites.of_kind(kind)
+            samples = position_aligned_samples(loaded, data.collect, site_names=[s.name for s in study_sites],
+                                               batch_size=batch_size)
+            resample["samples"][name] = f"collection split of {name}: {data.collect.shape[0]} sequences of " \
+                                        f"{data.collect.shape[1]} tokens"
+        elif resample is not None:
+            resample["samples"][name] = f"reservoir of reference task {ref_task_for(name)}"
         rows += ablation_study(loaded, loaded.sites, {name: data.eval}, kind=kind, frac_per_step=random_frac,
                                steps=steps, methods=method_list, offsets_by_method=offs, samples=samples,
-                               seeds=seed_list, batch_size=batch_size, skip_ids=skip_ids_for(data.collect))
+                               seeds=seed_list, batch_size=batch_size, skip_ids=skip_ids_for(data.collect),
+                               per_neuron=resample_per_neuron)
     res = {"steps": [{k: r[k] for k in ("fraction", "method", "task", "loss", "top1", "seed", "loss_increase",
                                         "top1_drop", "n_ablated")} for r in rows],
-           "summary": summarise(rows)}
+           "summary": summarise(rows), "resample": resample}
     if out_dir is not None:
         from neurospec.report.html import build_report
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "ablation.json", {"rows": rows, "command": " ".join(sys.argv)})
+        atomic_write_json(out_dir / "ablation.json", {"rows": rows, "resample": resample,
+                                                      "command": " ".join(sys.argv)})
         res["figure"] = str(plot_ablation(rows, out_dir / "ablation_methods")[0])
         res["report"] = str(build_report(out_dir))
 
@@ -168,6 +195,24 @@ def ablate_cmd(
         out.print(t)
 
     emit(res, json_, human)
+
+
+RESAMPLE_ALIGN = ("random", "position")
+
+
+def _resample_options(methods: list[str], align: str, per_neuron: bool) -> dict | None:
+    """The resample settings recorded in the output (``None`` when no method resamples); checks the options."""
+    from neurospec.errors import NeurospecError
+    from neurospec.intervene.ablate import get_ablation
+
+    if align not in RESAMPLE_ALIGN:
+        raise NeurospecError(f"--resample-align must be one of {', '.join(RESAMPLE_ALIGN)}, got {align!r}")
+    if not any(get_ablation(m).per_input for m in methods):
+        if align != "random" or per_neuron:
+            raise NeurospecError("--resample-align and --resample-per-neuron apply to the resample method; add "
+                                 "resample to --methods")
+        return None
+    return {"align": align, "per_neuron": per_neuron, "samples": {}}
 
 
 @app.command("run")

@@ -55,6 +55,11 @@ def cluster_cmd(
     task: list[str] = typer.Option([], "--task", "-t", help="reference run task(s) to use (default all)"),
     shuffles: int = typer.Option(0, help="weight graph: clusterability baseline over N shuffled networks"),
     n_init: int = typer.Option(10, "--n-init", help="spectral: k-means restarts"),
+    coactivation: str = typer.Option(None, help="moefication by coactivation: relu (default; edge weight "
+                                                "E[relu(x_i) relu(x_j)], needs a run recorded with --relu-comoments "
+                                                "mlp) or raw (E[x_i x_j] clipped at 0, needs --comoments mlp)"),
+    threshold: float = typer.Option(None, help="moefication by coactivation: drop edges whose weight is below this "
+                                               "value (default 0, none dropped; the JSON reports edges_kept)"),
     seed: int = typer.Option(0),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
@@ -67,7 +72,7 @@ def cluster_cmd(
 
     cfg = ClusterConfig(method=method, graph=graph, experts=experts, projection=projection, k=k,
                         layers=parse_layers(layers), top_k=top_k, reference=reference, tasks=tuple(task),
-                        shuffles=shuffles, n_init=n_init, seed=seed)
+                        shuffles=shuffles, n_init=n_init, seed=seed, coactivation=coactivation, threshold=threshold)
     t0 = time.perf_counter()
     target = load_target(model, device=device, dtype=dtype)
     with Steps() as steps:

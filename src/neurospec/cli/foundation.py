@@ -117,6 +117,9 @@ def record_cmd(
     hist_every: int = typer.Option(1, "--hist-every", help="histogram sees every k-th token (moments see all)"),
     reservoir: int = typer.Option(1024, help="activation vectors sampled per site (for resample ablation); 0 = none"),
     comoments: str = typer.Option("", help="site kinds whose co-moment matrix is recorded, e.g. mlp"),
+    relu_comoments: str = typer.Option("", "--relu-comoments",
+                                       help="site kinds whose co-moment matrix of relu(x) is recorded (the "
+                                            "MoEfication co-activation graph), e.g. mlp"),
     seed: int = typer.Option(0),
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto (device_map=auto)"),
     dtype: str = typer.Option(None, help="float32 (default), bfloat16, float16"),
@@ -131,7 +134,8 @@ def record_cmd(
     cfg = RecordConfig(
         tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
         kinds=tuple(k for k in kinds.split(",") if k), hist_bins=hist_bins, hist_sample_every=hist_every,
-        reservoir=reservoir, comoments=tuple(k for k in comoments.split(",") if k), seed=seed,
+        reservoir=reservoir, comoments=tuple(k for k in comoments.split(",") if k),
+        relu_comoments=tuple(k for k in relu_comoments.split(",") if k), seed=seed,
     )
     loaded = load_model(model, device=device, dtype=dtype)
     from neurospec.record.recorder import dist_context

@@ -9,7 +9,11 @@ the scikit-learn convention) with every expert holding ``width // n_experts`` or
   row L2-normalised, the two concatenated and scaled by ``1/sqrt(2)``, so both count equally). ``"gate"`` and
   ``"both"`` raise for a non-gated MLP.
 * :func:`coactivation_experts` (co-activation graph): from a symmetric ``[width, width]`` co-moment matrix of the site's
-  activations, a balanced graph partition by spectral embedding followed by balanced k-means.
+  activations, a balanced graph partition by spectral embedding followed by balanced k-means. The published graph
+  (:data:`COACTIVATIONS` ``"relu"``) weighs the edge ``i - j`` by ``sum_t relu(x_ti) relu(x_tj)`` over tokens and
+  drops the edges below a threshold (:func:`coactivation_graph`); :func:`relu_coactivation` computes it from an
+  activation tensor, :class:`~neurospec.record.coactivation.ReluCoMoments` streams it. The variant ``"raw"`` reads
+  the raw second moments ``E[x_i x_j]`` with negative entries dropped.
 
 Routing (:func:`route_topk`, :func:`install_routing`): a token's score for an expert is the sum of that expert's
 neuron activations; the top-k experts are kept and every other neuron is set to zero. Measuring loss or top-1 against
@@ -33,6 +37,8 @@ from neurospec.models.sites import Site, Sites, find_sites, get_module
 
 MOE_PROJECTIONS = ("up", "gate", "both")
 ROUTING_SCORES = ("sum", "abs")
+COACTIVATIONS = ("relu", "raw")
+"""Co-activation graphs: ``relu`` = ``E[relu(x_i) relu(x_j)]`` (published), ``raw`` = ``E[x_i x_j]`` clipped at 0."""
 
 
 def model_and_sites(model: Any) -> tuple[nn.Module, Sites]:
@@ -158,10 +164,53 @@ def _moefy(
     return km.labels_
 
 
+def relu_coactivation(x: Any) -> np.ndarray:
+    """``[width, width]`` mean co-activation ``(1/T) sum_t relu(x_ti) relu(x_tj)`` of activations ``x`` ``[T, width]``
+    (float64). The published graph is the sum over tokens; the mean differs by the constant ``T`` only, and keeps a
+    threshold comparable between runs of different lengths. Streaming form:
+    :class:`~neurospec.record.coactivation.ReluCoMoments` (its ``cov + outer(mean, mean)``)."""
+    if hasattr(x, "detach"):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"activations must be a non-empty [tokens, width] matrix, got shape {a.shape}")
+    r = np.maximum(a, 0.0)
+    return r.T @ r / a.shape[0]
+
+
+def coactivation_graph(comoment: Any, *, threshold: float = 0.0, keep: float | None = None) -> np.ndarray:
+    """The co-activation graph ``[width, width]`` (float64, symmetric, zero diagonal) from a co-moment matrix.
+
+    ``comoment``: e.g. :func:`relu_coactivation` (the published graph) or raw second moments ``E[x_i x_j]``.
+    Negative entries (anti-co-activation, possible with raw moments) and the diagonal are set to zero; then edges
+    whose weight is below ``threshold`` (same units as ``comoment``; ``0`` drops nothing) are dropped; with
+    ``keep`` (0 < keep <= 1), only that fraction of the largest off-diagonal entries is kept as well.
+    """
+    a = _as_square(comoment, "comoment")
+    width = a.shape[0]
+    if not np.allclose(a, a.T, rtol=1e-5, atol=1e-8 * max(1.0, float(np.abs(a).max(initial=0.0)))):
+        raise ValueError("the co-moment matrix must be symmetric")
+    if not np.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+    a = np.clip((a + a.T) / 2.0, 0.0, None)
+    np.fill_diagonal(a, 0.0)
+    if threshold > 0:
+        a = np.where(a >= threshold, a, 0.0)
+    if keep is not None:
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        off = a[np.triu_indices(width, 1)]
+        if (off > 0).any():
+            cut = np.quantile(off, 1.0 - keep)
+            a = np.where(a >= max(cut, np.finfo(float).tiny), a, 0.0)
+    return a
+
+
 def coactivation_experts(
     comoment: Any,
     n_experts: int = 96,
     *,
+    threshold: float = 0.0,
     keep: float | None = None,
     n_init: int = 1,
     seed: int = 0,
@@ -169,31 +218,18 @@ def coactivation_experts(
     """Experts from a co-activation graph: labels ``[width]`` with balanced sizes.
 
     ``comoment``: ``[width, width]`` symmetric matrix, e.g. ``E[relu(x_i) relu(x_j)]`` over tokens (the published
-    co-activation) or the raw second moments ``E[x_i x_j]`` (any positive scale; sums and means give the same
-    result). The graph: negative entries (anti-co-activation, possible with raw moments of SiLU/GELU activations)
-    and the diagonal are set to zero; with ``keep`` (0 < keep <= 1), only that fraction of the largest off-diagonal
-    entries is kept (the paper's threshold). Partition: the ``n_experts`` leading eigenvectors of the
-    symmetric-normalised adjacency, rows normalised, clustered by balanced k-means. Neurons with no edge (dead) get
-    a zero embedding and still fill an expert, so every neuron has one.
+    co-activation, :func:`relu_coactivation`) or the raw second moments ``E[x_i x_j]`` (any positive scale; sums and
+    means give the same result when ``threshold`` is scaled alike). The graph: :func:`coactivation_graph` with
+    ``threshold`` and ``keep``. Partition: the ``n_experts`` leading eigenvectors of the symmetric-normalised
+    adjacency, rows normalised, clustered by balanced k-means. Neurons with no edge (dead, or all edges below the
+    threshold) get a zero embedding and still fill an expert, so every neuron has one.
     """
     from neurospec.cluster.kmeans import BalancedKMeans
     from neurospec.cluster.spectral import spectral_embedding
 
     a = _as_square(comoment, "comoment")
-    width = a.shape[0]
-    _check_n_experts(n_experts, width, "the co-moment matrix")
-    if not np.allclose(a, a.T, rtol=1e-5, atol=1e-8 * max(1.0, float(np.abs(a).max()))):
-        raise ValueError("the co-moment matrix must be symmetric")
-    a = np.clip((a + a.T) / 2.0, 0.0, None)
-    np.fill_diagonal(a, 0.0)
-    if keep is not None:
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
-        off = a[np.triu_indices(width, 1)]
-        positive = off[off > 0]
-        if positive.size:
-            cut = np.quantile(off, 1.0 - keep)
-            a = np.where(a >= max(cut, np.finfo(float).tiny), a, 0.0)
+    _check_n_experts(n_experts, a.shape[0], "the co-moment matrix")
+    a = coactivation_graph(a, threshold=threshold, keep=keep)
     emb = spectral_embedding(a, n_experts, seed=seed)
     return BalancedKMeans(n_experts, n_init=n_init, seed=seed).fit(emb.vectors).labels_
 

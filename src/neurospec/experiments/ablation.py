@@ -59,6 +59,7 @@ def ablation_study(
     skip_ids: torch.Tensor | None = None,
     metric: str = "auto",
     mask_token_id: int | None = None,
+    per_neuron: bool = False,
 ) -> list[dict]:
     """Run the study; returns one row per ``(seed, step, method, task)``:
     ``{seed, step, fraction, method, task, loss, top1, loss_increase, top1_drop, n_ablated}``.
@@ -66,7 +67,9 @@ def ablation_study(
     ``tasks``: task name -> evaluation blocks (``LongTensor[n, seq]``, tokens not used to compute the offsets).
     ``kind``: which sites to ablate (``"both"``: MLP and attention, each site ``fraction`` of its width).
     ``offsets_by_method``: per-neuron constants for each method that needs them (``mean``, ``peak``, ``value``).
-    ``samples``: reference activations ``{site: Tensor[n, width]}`` for ``resample``.
+    ``samples``: reference activations for ``resample``: ``{site: Tensor[n, width]}`` token rows, or
+    ``{site: Tensor[n_seq, seq, width]}`` for position-aligned draws (see :func:`~neurospec.intervene.ablate.ablated`).
+    ``per_neuron``: resample draws a row per ablated neuron instead of one per token.
     ``metric``: ``"lm"``, ``"representation"`` or ``"auto"`` (LM metrics when the model has an LM head).
     Cost: ``1 + len(seeds) * steps * len(methods)`` evaluations of every task.
     """
@@ -143,6 +146,7 @@ def ablation_study(
                     offsets=offsets_by_method.get(method),
                     samples=samples if get_ablation(method).per_input else None,
                     seed=seed * 1_000_003 + step,
+                    per_neuron=per_neuron and get_ablation(method).per_input,
                 ):
                     for task in tasks:
                         add(seed, step, method, task, *evaluate(task), len(neurons))

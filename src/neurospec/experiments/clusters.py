@@ -7,8 +7,13 @@ Methods and graphs (the registry :data:`neurospec.cluster.METHODS`):
   ``experts`` experts (:func:`neurospec.cluster.moefication.moefy`). When ``experts`` does not divide the layer's
   width ``d``, ``d mod E`` experts get one neuron more than the others (sizes ``d // E`` and ``d // E + 1``);
   ``experts > d`` is an error. No graph, so no n-cut.
-* ``moefication`` / ``coactivation``: per layer, a balanced partition of the co-activation graph ``E[x_i x_j]``
-  (raw second moments, negative entries dropped) from a reference run's co-moments (zoo models: the training images).
+* ``moefication`` / ``coactivation``: per layer, a balanced partition of the co-activation graph. ``coactivation``
+  ``"relu"`` (default, METHODS.md section 6): edge weights ``E[relu(x_i) relu(x_j)]`` (the published sum over tokens,
+  divided by the token count), from a reference run recorded with ``--relu-comoments mlp``; ``"raw"``: the raw
+  second moments ``E[x_i x_j]`` with negative entries dropped, from a run recorded with ``--comoments mlp``. Zoo
+  models: the training images. Edges below ``threshold`` (same units, default 0: none dropped; METHODS.md gives no
+  value) are removed (:func:`neurospec.cluster.moefication.coactivation_graph`); ``extra["edges_kept"]`` reports the
+  fraction of off-diagonal pairs left per layer, to calibrate the threshold.
 * ``spectral`` / ``weights``: one normalised spectral clustering of all chosen MLP layers' neurons joined through the
   residual stream (:func:`neurospec.cluster.spectral.weight_graph`; plain MLPs: ``|W|`` between hidden layers). Dead
   neurons (constant on the reference run's tokens, or on the training images for zoo models) are excluded when that
@@ -81,9 +86,11 @@ class ClusterConfig:
     shuffles: int = 0
     n_init: int = 10
     seed: int = 0
+    coactivation: str | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
-        from neurospec.cluster.moefication import MOE_PROJECTIONS
+        from neurospec.cluster.moefication import COACTIVATIONS, MOE_PROJECTIONS
         from neurospec.cluster.spectral import GRAPH_PROJECTIONS
 
         if self.method not in METHODS:
@@ -116,6 +123,18 @@ class ClusterConfig:
             raise NeurospecError("--shuffles (the clusterability baseline) applies to --graph weights only")
         if self.n_init < 1:
             raise NeurospecError(f"n_init must be >= 1, got {self.n_init}")
+        if (self.method, graph) == ("moefication", "coactivation"):
+            variant = self.coactivation or "relu"
+            if variant not in COACTIVATIONS:
+                raise NeurospecError(f"--coactivation must be one of {', '.join(COACTIVATIONS)}, got {variant!r}")
+            thr = 0.0 if self.threshold is None else float(self.threshold)
+            if not np.isfinite(thr) or thr < 0:
+                raise NeurospecError(f"--threshold must be a finite number >= 0, got {self.threshold}")
+            object.__setattr__(self, "coactivation", variant)
+            object.__setattr__(self, "threshold", thr)
+        elif self.coactivation is not None or self.threshold is not None:
+            raise NeurospecError(f"--coactivation and --threshold apply to moefication by coactivation, not to "
+                                 f"{self.method} by {graph}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -136,12 +155,17 @@ def reference_run(path: str | Path, target: Target) -> Any:
     return run
 
 
-def reference_comoments(run: Any, sites: Sequence[str], tasks: Sequence[str] = ()) -> tuple[dict, list[str]]:
+def reference_comoments(run: Any, sites: Sequence[str], tasks: Sequence[str] = (), *,
+                        kind: str = "comoments") -> tuple[dict, list[str]]:
     """``({site: {"mean", "cov", "corr"}}, tasks)`` of a run's MLP co-moments, merged exactly over ``tasks``
-    (default: every finished task of the run); an error that says how to record them when they are missing."""
-    how = f"record them with `neurospec record --model MODEL --task T ... --comoments mlp --out {run.path}`"
-    if "mlp" not in run.config.get("comoments", []):
-        raise RunStoreError(f"run {run.path} has no co-moments of the MLP sites; {how} (or into a new --out)")
+    (default: every finished task of the run); an error that says how to record them when they are missing.
+
+    ``kind``: ``"comoments"`` (of the activations) or ``"relu_comoments"`` (of their positive parts)."""
+    what = {"comoments": "co-moments", "relu_comoments": "relu co-moments"}[kind]
+    how = (f"record them with `neurospec record --model MODEL --task T ... --{kind.replace('_', '-')} mlp "
+           f"--out {run.path}`")
+    if "mlp" not in run.config.get(kind, []):
+        raise RunStoreError(f"run {run.path} has no {what} of the MLP sites; {how} (or into a new --out)")
     names = list(tasks) or run.tasks
     if not names:
         raise RunStoreError(f"run {run.path} has no finished task; {how}")
@@ -149,12 +173,12 @@ def reference_comoments(run: Any, sites: Sequence[str], tasks: Sequence[str] = (
     for t in names:
         accs = run.accumulators(t)
         for s in sites:
-            if s not in accs or "comoments" not in accs[s]:
-                raise RunStoreError(f"run {run.path} has no co-moments of site {s} for task {t!r}; {how}")
+            if s not in accs or kind not in accs[s]:
+                raise RunStoreError(f"run {run.path} has no {what} of site {s} for task {t!r}; {how}")
             if s in merged:
-                merged[s].merge(accs[s]["comoments"])
+                merged[s].merge(accs[s][kind])
             else:
-                merged[s] = accs[s]["comoments"]
+                merged[s] = accs[s][kind]
     return {s: merged[s].compute() for s in sites}, names
 
 
@@ -217,7 +241,9 @@ def cluster_to_dir(target: Target, cfg: ClusterConfig, out: str | Path, *, step:
     res = cluster(target, cfg, step=step, threads=threads)
     labels_file = res.save(out)
     cb = res.extra.get("clusterability")
+    coact = {k: res.extra[k] for k in ("coactivation", "threshold", "edges_kept") if k in res.extra}
     return {
+        **coact,
         "method": res.method,
         "graph": res.graph,
         "labels_file": str(labels_file),
@@ -259,33 +285,43 @@ def _divisors(n: int) -> list[int]:
     return [d for d in (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if d <= n and n % d == 0][:6]
 
 
-def _reference_or_images(target: Target, sites, cfg: ClusterConfig, what: str):
-    """Co-moments of ``sites`` from the reference run (language models) or the training images (zoo models)."""
+def _reference_or_images(target: Target, sites, cfg: ClusterConfig, what: str, kind: str = "comoments"):
+    """Co-moments (``kind``) of ``sites`` from the reference run (language models), or ``None`` for the training
+    images (zoo models)."""
     if cfg.reference is not None:
         run = reference_run(cfg.reference, target)
-        com, tasks = reference_comoments(run, [s.name for s in sites], cfg.tasks)
+        com, tasks = reference_comoments(run, [s.name for s in sites], cfg.tasks, kind=kind)
         return com, {"reference": str(Path(cfg.reference).resolve()), "reference_tasks": tasks}
     if target.kind == "image":
         return None, {"reference": None, "reference_tasks": ["train images"]}
     raise NeurospecError(
         f"{what} needs recorded co-moments: pass --reference RUN, a run recorded on this model with "
-        "`neurospec record --model MODEL --task T ... --comoments mlp --out RUN`"
+        f"`neurospec record --model MODEL --task T ... --{kind.replace('_', '-')} mlp --out RUN`"
     )
 
 
 def _moe_coactivation(target: Target, sites, cfg: ClusterConfig):
-    from neurospec.cluster.moefication import coactivation_experts
+    from neurospec.cluster.moefication import coactivation_experts, coactivation_graph
 
-    com, extra = _reference_or_images(target, sites, cfg, "moefication by co-activation")
-    if com is None:
-        com = _comoments_of(_image_train_activations(target, sites))
-    labels = {}
     for s in sites:
         if cfg.experts > s.width:
             raise NeurospecError(f"--experts {cfg.experts} does not fit site {s.name}: its MLP has {s.width} neurons")
+    kind = "relu_comoments" if cfg.coactivation == "relu" else "comoments"
+    com, extra = _reference_or_images(target, sites, cfg, "moefication by co-activation", kind)
+    if com is None:
+        acts = _image_train_activations(target, sites)
+        if cfg.coactivation == "relu":
+            acts = {n: x.clamp(min=0) for n, x in acts.items()}
+        com = _comoments_of(acts)
+    labels, kept = {}, {}
+    for s in sites:
         c = com[s.name]
-        second = c["cov"] + torch.outer(c["mean"], c["mean"])
-        labels[s.name] = coactivation_experts(second, cfg.experts, seed=cfg.seed)
+        second = c["cov"] + torch.outer(c["mean"], c["mean"])  # E[r_i r_j], r = relu(x) or x
+        graph = coactivation_graph(second, threshold=float(cfg.threshold or 0.0))
+        w = graph.shape[0]
+        kept[s.name] = float(np.count_nonzero(graph) / max(1, w * (w - 1)))
+        labels[s.name] = coactivation_experts(graph, cfg.experts, seed=cfg.seed)
+    extra.update(coactivation=cfg.coactivation, threshold=cfg.threshold, edges_kept=kept)
     return labels, None, "per_layer", extra
 
 

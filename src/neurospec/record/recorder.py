@@ -27,8 +27,10 @@ from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import SITE_KINDS, Site
 from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
+from neurospec.record.coactivation import ReluCoMoments
 
-ACCUMULATORS = {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}
+ACCUMULATORS = {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments,
+                "relu_comoments": ReluCoMoments}
 CONFIG_VERSION = 1
 
 
@@ -40,6 +42,8 @@ class RecordConfig:
     (held out, never recorded). ``hist_sample_every``: the histogram sees every k-th token row of a batch (moments
     always see every token). ``reservoir``: activation vectors kept per site (0 = none), for resample ablation.
     ``comoments``: site kinds whose full co-moment matrix is recorded (for correlation graphs; costly).
+    ``relu_comoments``: site kinds whose co-moment matrix of ``relu(x)`` is recorded (the MoEfication co-activation
+    graph; as costly as ``comoments``). Left out of ``to_dict()`` when empty, so older manifests still match.
     """
 
     tokens: int = 20_000
@@ -51,6 +55,7 @@ class RecordConfig:
     hist_sample_every: int = 1
     reservoir: int = 1024
     comoments: tuple[str, ...] = ()
+    relu_comoments: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,15 +64,19 @@ class RecordConfig:
                 raise NeurospecError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.reservoir < 0:
             raise NeurospecError(f"reservoir must be >= 0, got {self.reservoir}")
-        for k in (*self.kinds, *self.comoments):
+        for k in (*self.kinds, *self.comoments, *self.relu_comoments):
             if k not in SITE_KINDS:
                 raise NeurospecError(f"site kind must be one of {SITE_KINDS}, got {k!r}")
         object.__setattr__(self, "kinds", tuple(self.kinds))
         object.__setattr__(self, "comoments", tuple(self.comoments))
+        object.__setattr__(self, "relu_comoments", tuple(self.relu_comoments))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["kinds"], d["comoments"] = list(self.kinds), list(self.comoments)
+        d["relu_comoments"] = list(self.relu_comoments)
+        if not self.relu_comoments:
+            del d["relu_comoments"]
         return {"type": "RecordConfig", "version": CONFIG_VERSION, **d}
 
     @classmethod
@@ -79,7 +88,7 @@ class RecordConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise NeurospecError(f"unknown RecordConfig keys {unknown}")
-        for k in ("kinds", "comoments"):
+        for k in ("kinds", "comoments", "relu_comoments"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -102,6 +111,8 @@ def make_accumulators(site: Site, cfg: RecordConfig, range_sync=None, rank: int 
         accs["reservoir"] = Reservoir(site.width, cfg.reservoir, seed=seed)
     if site.kind in cfg.comoments:
         accs["comoments"] = CoMoments(site.width)
+    if site.kind in cfg.relu_comoments:
+        accs["relu_comoments"] = ReluCoMoments(site.width)
     return accs
 
 
