@@ -382,20 +382,69 @@ def gaussian_smooth(counts: Tensor, sigma: float, truncate: float = 4.0) -> Tens
     return padded.unfold(-1, 2 * radius + 1, 1) @ kernel.to(padded.device)
 
 
-def peak(stats_or_hist: Any, bins: int = 100, smooth: float = 0.0, assign: str = "overlap") -> Tensor:
+def spread(stats_or_hist: Any) -> Tensor:
+    """Per-neuron standard deviation ``[width]`` (float64) of the histogram's piecewise-uniform distribution (each
+    segment's mass spread evenly over it); NaN for neurons without data."""
+    h = as_histogram(stats_or_hist)
+    knots, cum, valid = _cdf_knots(h)
+    mass = cum.diff(dim=1) / cum[:, -1:].clamp(min=1.0)
+    a, b = knots[:, :-1], knots[:, 1:]
+    mean = (mass * 0.5 * (a + b)).sum(1, keepdim=True)
+    a, b = a - mean, b - mean  # centred, for accuracy
+    var = (mass * (a * a + a * b + b * b) / 3.0).sum(1).clamp(min=0.0)
+    return torch.where(valid, var.sqrt(), math.nan)
+
+
+def _kde_on_bins(coarse: Tensor, sigma: Tensor, chunk: int = 128) -> Tensor:
+    """Sum of Gaussians of ``sigma[j]`` bins (no reflection at the ends) centred on each bin, weighted by its
+    count, evaluated at every bin centre: ``[width, bins]`` (float64)."""
+    bins = coarse.shape[1]
+    pos = torch.arange(bins, dtype=torch.float64)
+    offset = pos[None, :, None] - pos[None, None, :]  # [1, at, from]
+    out = torch.empty_like(coarse)
+    for i in range(0, coarse.shape[0], chunk):
+        s = sigma[i : i + chunk, None, None]
+        kernel = torch.exp(-0.5 * (offset / s) ** 2)
+        out[i : i + chunk] = (kernel @ coarse[i : i + chunk, :, None]).squeeze(2)
+    return out
+
+
+def peak(
+    stats_or_hist: Any,
+    bins: int = 100,
+    smooth: float = 0.0,
+    assign: str = "overlap",
+    method: str = "histogram",
+    bandwidth: float = 0.1,
+) -> Tensor:
     """Per-neuron mode ``[width]`` (float64) of the activation distribution, as used by peak ablation.
 
     Re-bins each neuron's distribution into ``bins`` equal bins between its exact min and max (see :func:`rebin`
-    for ``assign``), optionally smooths the counts with a Gaussian of ``smooth`` bins, and returns
-    ``min + (max - min) / bins * (argmax + 0.5)`` (the first fullest bin on ties). A constant neuron gives its
-    value; a neuron without data gives NaN.
+    for ``assign``) and returns the centre of the best bin, ``min + (max - min) / bins * (argmax + 0.5)`` (the
+    first one on ties). ``method="histogram"``: the fullest bin, after optionally smoothing the counts with a
+    Gaussian of ``smooth`` bins (mirrored at the ends). ``method="kde"``: the maximum of a Gaussian kernel density
+    estimate whose kernel's standard deviation is ``bandwidth`` times the neuron's standard deviation (the
+    convention of ``scipy.stats.gaussian_kde(data, bw_method=bandwidth)``), computed from the re-binned counts
+    (so exact to about a bin) and evaluated at the bin centres. A constant neuron gives its value; a neuron
+    without data gives NaN.
     """
+    if method not in PEAK_METHODS:
+        raise ValueError(f"peak method must be one of {PEAK_METHODS}, got {method!r}")
+    if method == "kde" and smooth > 0:
+        raise ValueError("smooth applies to method='histogram'; method='kde' smooths by its bandwidth")
+    if not (bandwidth > 0 and math.isfinite(bandwidth)):
+        raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}")
     h = as_histogram(stats_or_hist)
     coarse = rebin(h, bins, assign)
-    if smooth > 0:
+    mn, mx = h.min.double(), h.max.double()
+    if method == "kde":
+        width = (mx - mn) / bins
+        sigma = bandwidth * spread(h) / torch.where(width > 0, width, 1.0)
+        sigma = torch.where(torch.isfinite(sigma) & (sigma > 0), sigma, 1.0)  # constant / empty: any kernel
+        coarse = _kde_on_bins(coarse, sigma)
+    elif smooth > 0:
         coarse = gaussian_smooth(coarse, smooth)
     arg = coarse.argmax(dim=1).double()
-    mn, mx = h.min.double(), h.max.double()
     out = mn + (mx - mn) / bins * (arg + 0.5)
     has_data = (h.counts.sum(1) > 0) & (mn <= mx)
     return torch.where(has_data, out, math.nan)
