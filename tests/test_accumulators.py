@@ -24,7 +24,7 @@ from neurospec.record.accumulators import (
     spearman_from_samples,
     to_safetensors,
 )
-from neurospec.record.histogram import CELL_LIMIT, MIN_LEVEL, Histogram, cdf, gaussian_smooth
+from neurospec.record.histogram import CELL_LIMIT, MIN_LEVEL, Histogram, cdf, gaussian_smooth, spread
 
 W = 24
 
@@ -371,6 +371,30 @@ def test_peak_matches_numpy_mode(smooth, assign):
         assert abs(got[j].item() - (2 * scale + shift)) < 3 * coarse  # the mode of the 70% component
     if smooth == 0 and assign == "overlap":
         torch.testing.assert_close(acc.compute()["peak"], got)
+
+
+def test_kde_peak_matches_scipy_gaussian_kde_argmax():
+    # A narrow component (30%, sd 0.1 at -1) and a wide one (70%, sd 1 at 2): a kernel of 0.1 sd keeps the narrow
+    # spike highest, one of 0.5 sd flattens it below the wide hump, so the answer depends on the bandwidth rule.
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(-1, 0.1, 3000), rng.normal(2, 1.0, 7000)])
+    x = torch.tensor(np.stack([v, 3 * v + 1], 1), dtype=torch.float32)
+    acc = feed(NeuronStats(2), list(x.split(3000)))
+    x64 = x.double().numpy()
+    np.testing.assert_allclose(spread(acc).numpy(), x64.std(0), rtol=1e-3)
+    for bw, near in ((0.1, -1.0), (0.5, 2.0)):
+        got = peak(acc, method="kde", bandwidth=bw)
+        for j in range(2):
+            d = x64[:, j]
+            grid = np.linspace(d.min(), d.max(), 801)
+            want = grid[np.argmax(stats.gaussian_kde(d, bw_method=bw)(grid))]
+            coarse = (d.max() - d.min()) / 100
+            assert abs(got[j].item() - want) <= coarse, (bw, j, got[j].item(), want)
+            assert abs(want - (near if j == 0 else 3 * near + 1)) < 0.2 * (1 + 2 * j)
+    with pytest.raises(ValueError, match="smooth"):
+        peak(acc, method="kde", smooth=1.0)
+    with pytest.raises(ValueError, match="method"):
+        peak(acc, method="mode")
 
 
 def test_peak_of_constant_and_point_masses():
