@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage, stats
 
+from neurospec.errors import NeurospecError
 from neurospec.record.accumulators import (
     CoMoments,
     NeuronStats,
@@ -23,7 +24,7 @@ from neurospec.record.accumulators import (
     spearman_from_samples,
     to_safetensors,
 )
-from neurospec.record.histogram import calibrated_range, cdf, gaussian_smooth
+from neurospec.record.histogram import CELL_LIMIT, MIN_LEVEL, Histogram, cdf, gaussian_smooth, spread
 
 W = 24
 
@@ -109,85 +110,160 @@ def test_neuron_stats_without_finite_values_are_nan():
         assert torch.isnan(got[name][3]) and torch.isfinite(got[name][:3]).all(), name
 
 
-def reference_bins(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 histogram of the finite values, and per neuron how many values sit within 1e-3 bin of an edge."""
-    fin = np.isfinite(x)
-    pos = (np.where(fin, x, 0.0) - lo) / (hi - lo) * bins + 1
-    idx = np.floor(np.clip(pos, 0, bins + 1)).astype(int)
-    near = fin & (np.abs(pos - np.round(pos)) < 1e-3)
-    counts = np.stack([np.bincount(idx[fin[:, j], j], minlength=bins + 2) for j in range(x.shape[1])])
-    return counts, near.sum(0)
+def grid_reference(x: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Brute force in float64 per neuron: the smallest level at which the finite values fit into ``bins`` cells of
+    width 2**level (cell indices within +-2**23), the window's first cell, and the counts [width, bins + 2]."""
+    levels, firsts, counts = [], [], []
+    for col in x.T:
+        v = col[np.isfinite(col)]
+        level = MIN_LEVEL
+        while True:
+            c = np.floor(v / 2.0**level)
+            if len(v) == 0 or (c.max() - c.min() < bins and c.min() >= -CELL_LIMIT and c.max() < CELL_LIMIT):
+                break
+            level += 1
+        first = c.min() if len(v) else np.nan
+        counts.append(np.bincount((c - first + 1).astype(int), minlength=bins + 2) if len(v) else np.zeros(bins + 2))
+        levels.append(level)
+        firsts.append(first)
+    return np.array(levels), np.array(firsts), np.stack(counts)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_histogram_matches_float64_binning(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_histogram_equals_brute_force_binning_on_its_grid(dtype):
     batches = make_batches(1, dtype)
-    acc = feed(NeuronStats(W, hist_bins=64, calib_margin=0.05), batches)
+    acc = feed(NeuronStats(W, hist_bins=64), batches)
+    levels, firsts, want = grid_reference(torch.cat(batches).double().numpy(), 64)
+    grid = acc.grid()
+    np.testing.assert_array_equal(grid.level.numpy(), levels)
+    np.testing.assert_array_equal(grid.first.numpy(), firsts)
+    np.testing.assert_array_equal(acc.histogram().counts.numpy(), want)  # exact, value by value
     h = acc.histogram()
-    first = batches[0].double()
-    lo, hi = calibrated_range(first.amin(0), first.amax(0), 0.05)
-    torch.testing.assert_close(h.lo, lo, rtol=0, atol=0)
-    torch.testing.assert_close(h.hi, hi, rtol=0, atol=0)
-    ref, near = reference_bins(torch.cat(batches).double().numpy(), lo.numpy(), hi.numpy(), 64)
-    got = h.counts.numpy()
-    np.testing.assert_array_equal(got.sum(1), ref.sum(1))
-    assert (np.abs(got - ref).sum(1) <= 2 * near).all()
-    assert got[:, 0].sum() + got[:, -1].sum() > 0  # later batches overflow the calibrated range somewhere
+    live = ~np.isnan(firsts)
+    np.testing.assert_array_equal(h.lo.numpy()[live], firsts[live] * 2.0 ** levels[live])
+    np.testing.assert_array_equal(h.hi.numpy()[live], (firsts[live] + 64) * 2.0 ** levels[live])
 
 
 def test_histogram_sample_every():
     batches = make_batches(2, torch.float32)
     acc = feed(NeuronStats(W, hist_sample_every=3), batches)
     rows = torch.cat([b[::3] for b in batches])
-    np.testing.assert_array_equal(acc.histogram().counts.sum(1).numpy(), torch.isfinite(rows).sum(0).numpy())
+    np.testing.assert_array_equal(acc.histogram().counts.numpy(), grid_reference(rows.double().numpy(), 256)[2])
     assert acc.compute()["count"].sum() == sum(torch.isfinite(b).sum().item() for b in batches)
     assert acc.meta()["hist_sample_every"] == 3
 
 
-def test_calibration_constant_and_degenerate_ranges():
-    lo, hi = calibrated_range(
-        torch.tensor([0.0, 5.0, -2.0, math.inf, 1.0]),
-        torch.tensor([0.0, 5.0, 2.0, -math.inf, math.inf]),
-        0.25,
-    )
-    assert torch.all(hi > lo)
-    assert lo[0] < 0 < hi[0] and lo[1] < 5 < hi[1]
-    assert (lo[2], hi[2]) == (-3.0, 3.0)
-    assert (lo[3], hi[3]) == (lo[4], hi[4]) == (-1.5, 1.5)
+def test_float32_and_float64_binning_agree_and_tiny_negatives_get_cell_minus_one():
+    # Neuron 0 spans about 2000, so its level is above 0 and x * 2**-level underflows for the float32 subnormal
+    # -1e-45; exactly, that value lies in cell -1 (just below 0) and 0.0 / -0.0 in cell 0.
+    x = torch.tensor([[-1e-45, 1.0], [0.0, 1.5], [-0.0, 2.0], [1000.0, -3.0], [-1000.0, 7.0]], dtype=torch.float32)
+    a = feed(NeuronStats(2, hist_bins=16), [x[:3], x[3:]])
+    b = feed(NeuronStats(2, hist_bins=16), [x.double()])
+    assert a.grid().level[0] > 0
+    for name, t in a.state_dict().items():
+        if name.startswith("hist"):
+            assert torch.equal(t, b.state_dict()[name]), name
+    np.testing.assert_array_equal(a.histogram().counts.numpy(), grid_reference(x.double().numpy(), 16)[2])
 
 
-def test_calibration_waits_for_finite_values_and_calls_range_sync():
+def test_grid_of_constant_huge_tiny_and_empty_neurons():
+    x = torch.tensor([[0.0, 5.0, 3e30, 1e-30, math.nan, -2.5]] * 4, dtype=torch.float32)
+    x[0, 5] = 2.5
+    acc = feed(NeuronStats(6, hist_bins=8), [x[:1], x[1:]])
+    h, grid = acc.histogram(), acc.grid()
+    got = acc.compute()
+    for j in range(4):
+        assert h.lo[j] <= x[0, j] < h.hi[j] and got["peak"][j] == x[0, j].double()
+    assert grid.level[0] == MIN_LEVEL and h.counts[0, 1] == 4  # a constant 0 sits in the window's first cell
+    assert torch.isnan(h.lo[4]) and torch.isnan(got["peak"][4]) and torch.isnan(got["out_of_range"][4])
+    # -2.5 (x3) and 2.5: at level 0 cells -3 and 2 fit into 8 bins, at level -1 cells -5 and 4 do not.
+    assert (grid.level[5], h.lo[5], h.hi[5]) == (0, -3.0, 5.0) and h.counts[5, 1] == 3 and h.counts[5, 6] == 1
+    assert (grid.first[:4].abs() < CELL_LIMIT).all()
+    np.testing.assert_array_equal(h.counts.numpy(), grid_reference(x.double().numpy(), 8)[2])
+
+
+def test_range_sync_and_calib_margin_are_accepted_and_unused():
     calls = []
-
-    def sync(lo, hi):
-        calls.append((lo.clone(), hi.clone()))
-        return lo - 1, hi + 1
-
-    acc = NeuronStats(3, calib_margin=0.0, range_sync=sync)
+    acc = NeuronStats(3, calib_margin=0.25, range_sync=lambda lo, hi: calls.append(1) or (lo, hi))
     acc.update(torch.empty(0, 3))
     acc.update(torch.full((4, 3), math.nan))
-    assert not acc.calibrated and len(calls) == 2 and torch.isinf(calls[1][0]).all()
-    acc.update(torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 3.0]]))
-    acc.update(torch.tensor([[10.0, 10.0, 10.0]]))
-    assert acc.calibrated and len(calls) == 3
-    h = acc.histogram()
-    torch.testing.assert_close(h.lo, torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(h.hi, torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64))
-    assert h.counts.sum() == 9 and h.counts[:, -1].tolist() == [1, 1, 1]
-    assert acc.compute()["nonfinite"].tolist() == [4.0, 4.0, 4.0]
+    acc.update(torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [10.0, 10.0, 10.0]]))
+    assert calls == [] and "calib_margin" not in acc.meta()
+    assert acc.histogram().counts.sum() == 9 and acc.compute()["nonfinite"].tolist() == [4.0, 4.0, 4.0]
+
+
+# ------------------------------------------------------------------------------------------------- robust mode
+def adversarial_batches(seed: int) -> list[torch.Tensor]:
+    """A first batch constant near 0, then 40k values per neuron from a skewed distribution with mode 3."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.full((64, 3), 0.01) + 1e-4 * torch.randn(64, 3, generator=g)
+    gamma = torch.distributions.Gamma(torch.tensor([5.0, 9.0, 3.0]), torch.tensor([4 / 3, 8 / 3, 2 / 3]))
+    torch.manual_seed(seed)
+    rest = gamma.sample((40_000,))  # modes (k - 1) / rate = 3 for each neuron
+    return [first] + list(rest.split(4000))
+
+
+def test_peak_survives_an_unrepresentative_first_batch():
+    batches = adversarial_batches(0)
+    acc = feed(NeuronStats(3), batches)
+    full = torch.cat(batches).double().numpy()
+    got = acc.compute()
+    assert (got["out_of_range"] == 0).all()
+    for j in range(3):
+        coarse = (full[:, j].max() - full[:, j].min()) / 100
+        want = numpy_peak(full[:, j])  # the recipe's 100-bin histogram of the full tensor
+        assert abs(got["peak"][j].item() - want) <= coarse + 1e-9, (j, got["peak"][j].item(), want)
+        assert abs(got["peak"][j].item() - 3.0) < 3 * coarse  # near the distribution's mode
+
+
+def test_histogram_ignores_order_and_batching_and_merges_exactly():
+    batches = adversarial_batches(1)
+    x = torch.cat(batches)
+    whole = feed(NeuronStats(3, hist_bins=64), batches).state_dict()
+    g = torch.Generator().manual_seed(5)
+    for size in (401, 1000, 4003):
+        rows = x[torch.randperm(x.shape[0], generator=g)]
+        shuffled = feed(NeuronStats(3, hist_bins=64), list(rows.split(size)))
+        left = feed(NeuronStats(3, hist_bins=64), [rows[:700]])
+        right = feed(NeuronStats(3, hist_bins=64), [rows[700:]])
+        merged = NeuronStats(3, hist_bins=64).merge(right).merge(left)
+        for name in ("hist", "hist_lo", "hist_hi"):
+            assert torch.equal(shuffled.state_dict()[name], whole[name]), (size, name)
+            assert torch.equal(merged.state_dict()[name], whole[name]), (size, name)
+
+
+def legacy_stats() -> NeuronStats:
+    """A state saved by an earlier version: edges [0, 1) fixed from a first batch, 30% of one neuron's mass above."""
+    acc = NeuronStats(2, hist_bins=10)
+    state = acc.state_dict()
+    state["hist"][0, 1:11] = 10
+    state["hist"][1, 1:11] = 7
+    state["hist"][1, 11] = 30
+    state["hist_lo"][:] = 0.0
+    state["hist_hi"][:] = 0.95
+    state["count"][:] = 100
+    state["min"][:], state["max"][:] = 0.0, torch.tensor([0.94, 5.0], dtype=torch.float64)
+    acc.load_state_dict(state)
+    return acc
+
+
+def test_out_of_range_mass_of_an_old_histogram_is_reported_and_warned():
+    acc = legacy_stats()
+    with pytest.warns(UserWarning, match="1 of 2 neurons .* 30.0%"):
+        got = acc.compute()
+    assert got["out_of_range"].tolist() == [0.0, 0.3]
+    with pytest.raises(NeurospecError, match="earlier neurospec version"):
+        acc.update(torch.zeros(1, 2))
+    with pytest.raises(NeurospecError, match="earlier neurospec version"):
+        NeuronStats(2, hist_bins=10).merge(acc)
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def pinned_range(batch: torch.Tensor):
-    lo, hi = batch.double().amin(0), batch.double().amax(0)
-    return lambda _lo, _hi: (lo, hi)
-
-
 def test_merge_equals_sequential_exactly():
     a, b = make_batches(3, torch.float32, sizes=(400, 333))
     whole = feed(NeuronStats(W), [a, b])
     left = feed(NeuronStats(W), [a])
-    right = feed(NeuronStats(W, range_sync=pinned_range(a)), [b])
+    right = feed(NeuronStats(W), [b])
     merged = left.merge(right)
     for name, t in whole.state_dict().items():
         assert torch.equal(merged.state_dict()[name], t), name
@@ -197,7 +273,7 @@ def test_merge_of_several_batches_matches_up_to_rounding():
     batches = make_batches(4, torch.bfloat16, sizes=(200, 150, 170, 90))
     whole = feed(NeuronStats(W), batches)
     left = feed(NeuronStats(W), batches[:2])
-    right = feed(NeuronStats(W, range_sync=pinned_range(batches[0])), batches[2:])
+    right = feed(NeuronStats(W), batches[2:])
     merged = left.merge(right).state_dict()
     for name, t in whole.state_dict().items():
         if t.dtype == torch.float64:
@@ -211,21 +287,20 @@ def test_merge_with_empty_is_identity_and_adopts_edges():
     full = feed(NeuronStats(W), [a])
     before = full.state_dict()
     full.merge(NeuronStats(W))
-    assert all(
-        torch.equal(before[k], v) for k, v in full.state_dict().items() if k not in ("hist_lo", "hist_hi")
-    )
+    assert all(torch.equal(before[k], v) for k, v in full.state_dict().items())
     empty = NeuronStats(W).merge(full)
-    assert empty.calibrated
+    assert all(torch.equal(before[k], v) for k, v in empty.state_dict().items())
     torch.testing.assert_close(empty.compute(), full.compute(), equal_nan=True, rtol=0, atol=0)
 
 
 def test_merge_incompatible_raises_and_leaves_state():
-    a, b = make_batches(6, torch.float32, sizes=(100, 120), nonfinite=False)
-    left, right = feed(NeuronStats(W), [a]), feed(NeuronStats(W), [b])
+    a = make_batches(6, torch.float32, sizes=(100,), nonfinite=False)[0]
+    left = feed(NeuronStats(2, hist_bins=10), [a[:, :2]])
     before = left.state_dict()
-    with pytest.raises(ValueError, match="hist_lo"):
-        left.merge(right)
+    with pytest.raises(ValueError, match="earlier neurospec version"):
+        left.merge(legacy_stats())
     assert all(torch.equal(before[k], v) for k, v in left.state_dict().items())
+    left = feed(NeuronStats(W), [a])
     with pytest.raises(ValueError, match="settings"):
         left.merge(NeuronStats(W + 1))
     with pytest.raises(ValueError, match="settings"):
@@ -250,7 +325,7 @@ def test_inference_mode_then_merge_and_save():
     a, b = make_batches(7, torch.float32, sizes=(64, 64))
     with torch.inference_mode():
         left = feed(NeuronStats(W), [a])
-        right = feed(NeuronStats(W, range_sync=pinned_range(a)), [b])
+        right = feed(NeuronStats(W), [b])
         res = feed(Reservoir(W, 8, seed=1), [a])
     left.merge(right)
     res.merge(feed(Reservoir(W, 8, seed=2), [b]))
@@ -298,6 +373,30 @@ def test_peak_matches_numpy_mode(smooth, assign):
         torch.testing.assert_close(acc.compute()["peak"], got)
 
 
+def test_kde_peak_matches_scipy_gaussian_kde_argmax():
+    # A narrow component (30%, sd 0.1 at -1) and a wide one (70%, sd 1 at 2): a kernel of 0.1 sd keeps the narrow
+    # spike highest, one of 0.5 sd flattens it below the wide hump, so the answer depends on the bandwidth rule.
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(-1, 0.1, 3000), rng.normal(2, 1.0, 7000)])
+    x = torch.tensor(np.stack([v, 3 * v + 1], 1), dtype=torch.float32)
+    acc = feed(NeuronStats(2), list(x.split(3000)))
+    x64 = x.double().numpy()
+    np.testing.assert_allclose(spread(acc).numpy(), x64.std(0), rtol=1e-3)
+    for bw, near in ((0.1, -1.0), (0.5, 2.0)):
+        got = peak(acc, method="kde", bandwidth=bw)
+        for j in range(2):
+            d = x64[:, j]
+            grid = np.linspace(d.min(), d.max(), 801)
+            want = grid[np.argmax(stats.gaussian_kde(d, bw_method=bw)(grid))]
+            coarse = (d.max() - d.min()) / 100
+            assert abs(got[j].item() - want) <= coarse, (bw, j, got[j].item(), want)
+            assert abs(want - (near if j == 0 else 3 * near + 1)) < 0.2 * (1 + 2 * j)
+    with pytest.raises(ValueError, match="smooth"):
+        peak(acc, method="kde", smooth=1.0)
+    with pytest.raises(ValueError, match="method"):
+        peak(acc, method="mode")
+
+
 def test_peak_of_constant_and_point_masses():
     x = torch.tensor([[3.0, 0.0], [3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [3.0, 0.5]])
     got = peak(feed(NeuronStats(2), [x]))
@@ -335,12 +434,17 @@ def test_quantiles_match_numpy_within_a_bin():
 
 
 def test_quantiles_with_out_of_range_mass_are_monotone_and_bounded():
+    # A histogram as saved by an earlier version: edges from the first 100 rows, later data far outside them.
     x = bimodal(4000, 3)
-    acc = feed(NeuronStats(3, calib_margin=0.0), [x[:100], x[100:] * 3])  # later data far outside the range
+    allx = torch.cat([x[:100], x[100:] * 3]).double()
+    lo, hi = x[:100].double().amin(0), x[:100].double().amax(0)
+    pos = ((allx - lo) / (hi - lo) * 64 + 1).floor().clamp(0, 65).long()
+    counts = torch.stack([torch.bincount(pos[:, j], minlength=66) for j in range(3)])
+    acc = Histogram(counts, lo, hi, allx.amin(0), allx.amax(0))
+    assert (counts[:, 0] + counts[:, -1] > 1000).all()
     q = torch.linspace(0, 1, 101)
     got = quantiles(acc, q)
     assert (got.diff(dim=0) >= 0).all()
-    allx = torch.cat([x[:100], x[100:] * 3]).double()
     torch.testing.assert_close(got[0], allx.amin(0), rtol=0, atol=0)
     torch.testing.assert_close(got[-1], allx.amax(0), rtol=0, atol=0)
     with pytest.raises(ValueError):

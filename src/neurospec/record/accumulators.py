@@ -1,7 +1,8 @@
 """Streaming per-neuron statistics of one site, and the public face of neurospec's accumulators.
 
 :class:`NeuronStats` takes batches of a site's activations ``[tokens, width]`` and keeps, per neuron, float64 sums
-(moments, sign counts, |x| and sqrt|x| sums), exact min and max, a non-finite count and a fixed-edge histogram.
+(moments, sign counts, |x| and sqrt|x| sums), exact min and max, a non-finite count and a histogram on a
+power-of-two grid that widens as needed (:mod:`neurospec.record.histogram`).
 All of it merges exactly across batches, processes and runs (see :mod:`neurospec.record.base`).
 
 This module also re-exports the other accumulators and the histogram readers, so that
@@ -18,12 +19,14 @@ Dimensions: ``tokens`` rows of a batch (every position of every sequence), ``wid
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from neurospec.errors import NeurospecError
 from neurospec.record.base import (
     Accumulator,
     accumulator_class,
@@ -33,7 +36,7 @@ from neurospec.record.base import (
     to_safetensors,
 )
 from neurospec.record.comoments import CoMoments, spearman_from_samples
-from neurospec.record.histogram import Binner, Histogram, calibrated_range, peak, quantiles, rebin
+from neurospec.record.histogram import Binner, Grid, Histogram, fit_grid, peak, quantiles, rebin, regrid
 from neurospec.record.reservoir import Reservoir
 
 __all__ = [
@@ -53,11 +56,25 @@ __all__ = [
 ]
 
 RangeSync = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-"""``(lo, hi) -> (lo, hi)``: agree on the calibration batch's per-neuron min and max across processes."""
+"""``(lo, hi) -> (lo, hi)``: the range agreement of earlier versions; accepted by NeuronStats and not called."""
+
+OUT_OF_RANGE_WARN = 0.01
+"""``compute()`` warns when some neuron has more than this fraction of its histogram mass outside the bins."""
 
 # Rows of the per-batch partials computed by _fast_partials.
 _SUM_C, _SUM_SQ_C, _SUM_ABS, _SUM_SQRT, _POS_COUNT, _MIN, _MAX, _SHIFT = range(8)
 _SHIFT_ROWS = 64  # rows averaged for the per-batch shift
+
+
+def _raise_to(grid: Grid, level: Tensor, bins: int) -> Grid:
+    """``grid`` moved up to at least ``level`` where it is finer, refitted (only upward moves)."""
+    up = torch.where(grid.has_data, (level - grid.level).clamp(min=0), 0)
+    if not bool(up.any()):
+        return grid
+    scale = torch.exp2(-up.double())
+    moved = Grid(grid.level + up, torch.floor(grid.first * scale), torch.floor(grid.last * scale))
+    none = torch.full_like(grid.first, math.inf)
+    return fit_grid(moved, none, -none, bins)
 
 
 def _fast_partials(x: Tensor) -> Tensor:
@@ -123,15 +140,13 @@ class NeuronStats(Accumulator):
     ``update(x)`` takes ``x`` ``[tokens, width]`` (or ``[..., width]``) in any float dtype on any device.
     Non-finite values (NaN, +-inf) are counted per neuron in ``nonfinite`` and left out of every other statistic.
 
-    Histogram: ``hist_bins`` equal bins per neuron on a range fixed at the first ``update`` (the *calibration
-    batch*): that batch's finite [min, max] per neuron, widened by ``calib_margin * (max - min)`` on each side
-    (see :func:`~neurospec.record.histogram.calibrated_range`), plus underflow and overflow counts. With
-    ``range_sync`` (e.g. :func:`neurospec.record.distributed.sync_range`), the calibration batch's raw per-neuron
-    ``(min, max)`` (``+inf``/``-inf`` where a neuron had no finite value) go through ``range_sync`` before
-    widening, so that all processes fix the same edges; it is a collective call made inside the first
-    ``update`` of every process (and again at the next ``update`` while no process has seen a finite value).
+    Histogram: ``hist_bins`` equal bins per neuron, plus (always empty) underflow and overflow counts, on a
+    power-of-two grid that covers every value the histogram saw and widens by merging pairs of bins when a value
+    falls outside (see :mod:`neurospec.record.histogram`). It depends only on the set of values seen, so no
+    first batch decides it and histograms of different batches, processes and runs merge exactly.
     ``hist_sample_every = k`` feeds only rows ``0, k, 2k, ...`` of each batch to the histogram (moments always
-    use every row).
+    use every row). ``calib_margin`` and ``range_sync`` are accepted for callers and saved files of earlier
+    versions (whose histograms had edges fixed from the first batch) and are not used.
 
     Precision: each batch's partial sums are computed in float32 (float64 for float64 input), those of moments
     after subtracting a shift near the batch's mean, then added into float64 state:
@@ -144,9 +159,9 @@ class NeuronStats(Accumulator):
     scratch buffer that all accumulators of a thread share on the CPU.
 
     Saved state (``state_dict()``): ``count, nonfinite, pos_count`` int64 ``[width]``; ``sum, sum_sq, sum_abs,
-    sum_sqrt_abs, pos_sum, neg_sum, min, max, hist_lo, hist_hi`` float64 ``[width]`` (``hist_lo``/``hist_hi`` NaN
-    until calibrated); ``hist`` int64 ``[width, hist_bins + 2]``. ``meta()``: ``width, hist_bins,
-    hist_sample_every, calib_margin``.
+    sum_sqrt_abs, pos_sum, neg_sum, min, max, hist_lo, hist_hi`` float64 ``[width]`` (the window of the regular
+    bins, ``hist_lo = first * 2**level``, ``hist_hi = hist_lo + hist_bins * 2**level``; NaN while the neuron has
+    no value); ``hist`` int64 ``[width, hist_bins + 2]``. ``meta()``: ``width, hist_bins, hist_sample_every``.
     """
 
     kind: ClassVar[str] = "neuron_stats"
@@ -162,11 +177,10 @@ class NeuronStats(Accumulator):
         "neg_sum": "sum",
         "min": "min",
         "max": "max",
-        "hist": "sum",
-        "hist_lo": "same",
-        "hist_hi": "same",
+        "hist": "custom",
+        "hist_lo": "custom",
+        "hist_hi": "custom",
     }
-    merge_ignores: ClassVar[tuple[str, ...]] = ("calib_margin",)
 
     def __init__(
         self,
@@ -174,7 +188,7 @@ class NeuronStats(Accumulator):
         *,
         hist_bins: int = 256,
         hist_sample_every: int = 1,
-        calib_margin: float = 0.25,
+        calib_margin: float | None = None,
         range_sync: RangeSync | None = None,
     ) -> None:
         for name, value in (
@@ -184,13 +198,11 @@ class NeuronStats(Accumulator):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"NeuronStats: {name} must be a positive int, got {value!r}")
-        if not (calib_margin >= 0 and math.isfinite(calib_margin)):
-            raise ValueError(f"NeuronStats: calib_margin must be a finite number >= 0, got {calib_margin!r}")
         self.width = width
         self.hist_bins = hist_bins
         self.hist_sample_every = hist_sample_every
-        self.calib_margin = float(calib_margin)
-        self.range_sync = range_sync
+        self.range_sync = range_sync  # not used (see the class docstring)
+        self._grid: Grid | None = None  # derived from the state; None: not derived yet
         self._binner: Binner | None = None
         super().__init__()
 
@@ -216,25 +228,30 @@ class NeuronStats(Accumulator):
             "width": self.width,
             "hist_bins": self.hist_bins,
             "hist_sample_every": self.hist_sample_every,
-            "calib_margin": self.calib_margin,
         }
 
     def _state_changed(self) -> None:
+        self._grid = None
         self._binner = None
 
-    @property
-    def calibrated(self) -> bool:
-        """Whether the histogram edges are fixed."""
-        return not bool(torch.isnan(self._state["hist_lo"][0]))
+    def grid(self) -> Grid:
+        """The histogram's per-neuron grid; ``NeurospecError`` for a histogram saved by an earlier version."""
+        if self._grid is None:
+            s = self._state
+            grid = Grid.from_state(s["hist"], s["hist_lo"], s["hist_hi"])
+            if grid is None:
+                raise NeurospecError(
+                    "this NeuronStats histogram was recorded by an earlier neurospec version (edges fixed from the "
+                    "first batch); it can be read but not extended or merged with new ones: record the run again"
+                )
+            self._grid = grid
+        return self._grid
 
     # --------------------------------------------------------------------------------------------- update
     def update(self, x: Tensor) -> None:
         """Add a batch ``x`` ``[tokens, width]`` (any float dtype, any device)."""
         x = as_rows(x, self.width, "NeuronStats")
         if x.shape[0] == 0:
-            if not self.calibrated:  # still take part in a collective range_sync
-                none = torch.full((self.width,), math.inf, dtype=torch.float64)
-                self._calibrate(none, -none)
             return
         part = _fast_partials(x).to("cpu", torch.float64)
         keep = None
@@ -244,9 +261,7 @@ class NeuronStats(Accumulator):
         else:
             keep = torch.isfinite(x)
             batch_min, batch_max = self._add_exact(_masked_partials(x, keep))
-        if not self.calibrated and not self._calibrate(batch_min, batch_max):
-            return
-        self._add_histogram(x, keep)
+        self._add_histogram(x, keep, batch_min, batch_max)
 
     def _add_fast(self, part: Tensor, n: int) -> None:
         s = self._state
@@ -279,33 +294,64 @@ class NeuronStats(Accumulator):
                 torch.maximum(s[name], value, out=s[name])
         return moved[names.index("min")], moved[names.index("max")]
 
-    def _calibrate(self, first_min: Tensor, first_max: Tensor) -> bool:
-        """Fix the histogram edges from the calibration batch's extremes; False while no finite value exists."""
-        lo, hi = first_min.double().cpu(), first_max.double().cpu()
-        if self.range_sync is not None:
-            lo, hi = self.range_sync(lo.clone(), hi.clone())
-            lo, hi = torch.as_tensor(lo).double().cpu(), torch.as_tensor(hi).double().cpu()
-            if lo.shape != (self.width,) or hi.shape != (self.width,):
-                raise ValueError(
-                    f"range_sync must return two [{self.width}] tensors, got {lo.shape} and {hi.shape}"
-                )
-        if not bool((lo <= hi).any()):
-            return False
-        lo, hi = calibrated_range(lo, hi, self.calib_margin)
-        self._state["hist_lo"].copy_(lo)
-        self._state["hist_hi"].copy_(hi)
-        self._binner = None
-        return True
-
-    def _add_histogram(self, x: Tensor, keep: Tensor | None) -> None:
-        if self._binner is None:
-            self._binner = Binner(self._state["hist_lo"], self._state["hist_hi"], self.hist_bins)
+    def _add_histogram(self, x: Tensor, keep: Tensor | None, batch_min: Tensor, batch_max: Tensor) -> None:
+        """Widen the grid to the extremes of the rows the histogram sees, then bin those rows."""
         k = self.hist_sample_every
         if k > 1:
             x = x[::k]
             keep = None if keep is None else keep[::k]
+            if keep is None:
+                batch_min, batch_max = x.amin(0), x.amax(0)
+            else:
+                batch_min = torch.where(keep, x, math.inf).amin(0)
+                batch_max = torch.where(keep, x, -math.inf).amax(0)
+            both = torch.stack([batch_min, batch_max]).to("cpu", torch.float64)  # one transfer
+            batch_min, batch_max = both[0], both[1]
+        old = self.grid()
+        new = fit_grid(old, batch_min, batch_max, self.hist_bins)
+        s = self._state
+        if not (torch.equal(new.level, old.level) and torch.equal(new.first, old.first)):
+            s["hist"].copy_(regrid(s["hist"], old, new))
+            lo, hi = new.edges(self.hist_bins)
+            s["hist_lo"].copy_(lo)
+            s["hist_hi"].copy_(hi)
+            self._binner = None
+        self._grid = new
+        if self._binner is None:
+            self._binner = Binner(new, self.hist_bins)
         counts = self._binner.counts(x, keep)
-        self._state["hist"].view(-1).add_(counts.to("cpu"))
+        s["hist"].view(-1).add_(counts.to("cpu"))
+
+    # --------------------------------------------------------------------------------------------- merge
+    @classmethod
+    def _check_states(cls, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:
+        for side in (a, b):
+            if Grid.from_state(side["hist"], side["hist_lo"], side["hist_hi"]) is None:
+                raise NeurospecError(
+                    "cannot merge a NeuronStats histogram recorded by an earlier neurospec version (edges fixed "
+                    "from the first batch): record the run again"
+                )
+
+    def _merge_custom(self, other: Mapping[str, Tensor]) -> None:
+        """Merge the histograms: both move to the grid of their values together, then add."""
+        theirs = Grid.from_state(other["hist"], other["hist_lo"], other["hist_hi"])
+        mine = self.grid()
+        assert theirs is not None  # checked by _check_states
+        # The other side's extremes, as values on the lower edges of its first and last cells (same cells).
+        step = torch.exp2(theirs.level.double())
+        vmin = torch.where(theirs.has_data, theirs.first * step, math.inf)
+        vmax = torch.where(theirs.has_data, theirs.last * step, -math.inf)
+        # Raise my level to theirs first, so that their cells are whole cells of the result.
+        joint = fit_grid(mine, vmin, vmax, self.hist_bins)
+        joint = _raise_to(joint, theirs.level, self.hist_bins)
+        s = self._state
+        total = regrid(s["hist"], mine, joint) + regrid(other["hist"].to(s["hist"].device), theirs, joint)
+        s["hist"].copy_(total)
+        lo, hi = joint.edges(self.hist_bins)
+        s["hist_lo"].copy_(lo)
+        s["hist_hi"].copy_(hi)
+        self._grid = joint
+        self._binner = None
 
     # --------------------------------------------------------------------------------------------- read
     def histogram(self) -> Histogram:
@@ -318,8 +364,12 @@ class NeuronStats(Accumulator):
 
         ``count, nonfinite, mean, var`` (population), ``std``, ``rms`` (sqrt of the mean of x^2, which equals
         sqrt(var + mean^2)), ``mean_abs, mean_sqrt_abs, frac_pos`` (fraction of x > 0), ``mean_pos`` (mean of
-        x * 1[x > 0]), ``mean_neg`` (mean of x * 1[x <= 0]), ``min, max``, and ``peak`` (the mode: 100 bins between
-        min and max, see :func:`~neurospec.record.histogram.peak`).
+        x * 1[x > 0]), ``mean_neg`` (mean of x * 1[x <= 0]), ``min, max``, ``peak`` (the mode: 100 bins between
+        min and max, see :func:`~neurospec.record.histogram.peak`), and ``out_of_range``: the fraction of the
+        neuron's histogram mass in the under/overflow counts, i.e. located only as "below lo" / "above hi" (0 for
+        histograms of this version, which widen instead; histograms saved by earlier versions, whose edges came
+        from the first batch, can have some). A ``UserWarning`` says when some neuron has more than
+        ``OUT_OF_RANGE_WARN`` (1%) of its mass out of range, as its peak and quantiles are then unreliable.
         """
         s = self._state
         count = s["count"].double()
@@ -347,4 +397,19 @@ class NeuronStats(Accumulator):
             "min": torch.where(has, s["min"], math.nan),
             "max": torch.where(has, s["max"], math.nan),
             "peak": peak(self),
+            "out_of_range": self._out_of_range(),
         }
+
+    def _out_of_range(self) -> Tensor:
+        counts = self._state["hist"]
+        total = counts.sum(1).double()
+        frac = torch.where(total > 0, (counts[:, 0] + counts[:, -1]).double() / total.clamp(min=1.0), math.nan)
+        bad = frac > OUT_OF_RANGE_WARN
+        if bool(bad.any()):
+            warnings.warn(
+                f"{int(bad.sum())} of {self.width} neurons have more than {OUT_OF_RANGE_WARN:.0%} of their histogram "
+                f"mass outside the histogram's bins (at most {float(frac[bad].max()):.1%}; histograms recorded by an "
+                "earlier neurospec version): their peaks and quantiles are unreliable; record the run again",
+                stacklevel=3,
+            )
+        return frac
