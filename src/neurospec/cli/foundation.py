@@ -9,7 +9,19 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, emit, err, finish_distributed, handle_errors, init_distributed
+from neurospec.cli.common import (
+    ALLOW_PICKLE_HELP,
+    Progress,
+    check_model_options,
+    check_seed,
+    check_tasks,
+    emit,
+    err,
+    finish_distributed,
+    handle_errors,
+    init_distributed,
+    load_model_cli,
+)
 
 out = Console()
 
@@ -78,12 +90,11 @@ def tasks_cmd(json_: bool = typer.Option(False, "--json", help="machine-readable
 @handle_errors
 def sites_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Table of neuron sites: name, kind, layer, width, heads."""
-    from neurospec.models.loading import load_model
-
-    loaded = load_model(model)
+    loaded = load_model_cli(model, allow_pickle=allow_pickle)
     rows = [
         {"name": s.name, "kind": s.kind, "layer": s.layer, "width": s.width, "module": s.module,
          "n_heads": s.n_heads, "d_head": s.d_head}
@@ -121,19 +132,22 @@ def record_cmd(
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto (device_map=auto)"),
     dtype: str = typer.Option(None, help="float32 (default), bfloat16, float16"),
     force: bool = typer.Option(False, "--force", help="discard an existing run with another model or config"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Record per-neuron statistics of every site on each task into a run directory (resumable)."""
-    from neurospec.models.loading import load_model
     from neurospec.record.recorder import RecordConfig, record
 
+    check_seed(seed)
+    check_model_options(device, dtype)
+    check_tasks(task)
     init_distributed()
     cfg = RecordConfig(
         tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
         kinds=tuple(k for k in kinds.split(",") if k), hist_bins=hist_bins, hist_sample_every=hist_every,
         reservoir=reservoir, comoments=tuple(k for k in comoments.split(",") if k), seed=seed,
     )
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     from neurospec.record.recorder import dist_context
 
     rank = dist_context()[0]

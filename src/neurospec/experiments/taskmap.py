@@ -27,8 +27,9 @@ from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.experiments.selective import select
 from neurospec.intervene.ablate import ablated
 from neurospec.models.loading import LoadedModel, random_init_copy
+from neurospec.record.layout import TASKMAP, write_result_json
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
-from neurospec.record.store import atomic_write_json, open_run
+from neurospec.record.store import open_run
 from neurospec.score import score_neurons
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -189,5 +190,5 @@ def task_map(
             "fingerprint": rnd.fingerprint,
         }
         del rnd
-    atomic_write_json(out / "taskmap.json", result)
+    write_result_json(out / TASKMAP, result)
     return result
