@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import os
@@ -70,19 +71,30 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import click
-
+        token = _options.set(dict(kwargs))
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except _passthrough():
             raise
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to resume")
             raise typer.Exit(130) from None
         except Exception as e:
             raise typer.Exit(report_exception(e)) from None
+        finally:
+            _options.reset(token)
 
     return wrapper
+
+
+# the options of the command that runs (typer passes every option as a keyword), for its --out claim
+_options: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("neurospec_options", default={})
+
+
+def _passthrough() -> tuple[type[BaseException], ...]:
+    """typer's (and click's) own exits and usage errors, which typer reports itself."""
+    usage = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    return (typer.Exit, typer.Abort, *usage)
 
 
 # ------------------------------------------------------------------------------------ option checks (before work)
@@ -255,9 +267,7 @@ def command_config(exclude=()) -> dict:
     """The configuration of the running command: its options as given (defaults included), without those that do
     not change its results (output flags, --force, --out, --device, --threads, --save, --allow-pickle). A model
     given as a local path is recorded by its absolute path."""
-    import click
-
-    params = dict(click.get_current_context().params)
+    params = _options.get()
     cfg = {k: _normal(v) for k, v in params.items() if k not in _NOT_CONFIG and k not in set(exclude)}
     model = cfg.get("model")
     if isinstance(model, str) and Path(model).expanduser().exists():
