@@ -88,7 +88,7 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 # the options of the command that runs (typer passes every option as a keyword), for its --out claim
-_options: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("neurospec_options", default={})
+_options: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("neurospec_options", default=None)
 
 
 def _passthrough() -> tuple[type[BaseException], ...]:
@@ -267,7 +267,7 @@ def command_config(exclude=()) -> dict:
     """The configuration of the running command: its options as given (defaults included), without those that do
     not change its results (output flags, --force, --out, --device, --threads, --save, --allow-pickle). A model
     given as a local path is recorded by its absolute path."""
-    params = _options.get()
+    params = _options.get() or {}
     cfg = {k: _normal(v) for k, v in params.items() if k not in _NOT_CONFIG and k not in set(exclude)}
     model = cfg.get("model")
     if isinstance(model, str) and Path(model).expanduser().exists():

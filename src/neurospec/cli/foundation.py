@@ -67,13 +67,19 @@ def models_cmd(json_: bool = typer.Option(False, "--json", help="machine-readabl
 @app.command("tasks")
 @handle_errors
 def tasks_cmd(json_: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Bundled tasks, with source, size and licence."""
+    """Bundled tasks, with source, size and licence.
+
+    Use a bundled name, or NAME=SOURCE for your own data (a .txt file or folder, a .jsonl/.csv/.parquet file, a
+    saved dataset, hf:NAME; options after ?, e.g. ?split=train). NAME=SOURCE,eval=EVAL_SOURCE takes the whole
+    collection split from SOURCE and the whole evaluation split from EVAL_SOURCE, e.g.
+    "qa=data/qa?split=train,eval=data/qa?split=test". Names that differ only by case are refused.
+    """
     from neurospec.data.corpora import corpus_rows
 
     rows = corpus_rows()
 
     def human():
-        t = Table(title="bundled tasks (use a name, or NAME=SOURCE for your own data)")
+        t = Table(title="bundled tasks (use a name, NAME=SOURCE for your own data, or NAME=SOURCE,eval=EVAL_SOURCE)")
         for c in ("task", "description", "documents", "characters", "licence"):
             t.add_column(c)
         for r in rows:
@@ -117,7 +123,7 @@ def sites_cmd(
 @handle_errors
 def record_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    task: list[str] = typer.Option(..., "--task", "-t", help="bundled task name or NAME=SOURCE (repeat)"),
+    task: list[str] = typer.Option(..., "--task", "-t", help="bundled task name, NAME=SOURCE or NAME=SOURCE,eval=EVAL_SOURCE (repeat)"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="run directory"),
     tokens: int = typer.Option(20_000, help="tokens recorded per task"),
     eval_tokens: int = typer.Option(8_192, "--eval-tokens", help="tokens held out per task for evaluation"),
