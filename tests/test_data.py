@@ -669,3 +669,101 @@ def test_minilm_python_task_is_deterministic(minilm):
     assert first.fingerprint == second.fingerprint and torch.equal(first.collect, second.collect)
     text = minilm.decode(first.collect[0])
     assert text.strip()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Task names that differ only by case; separate collection and evaluation sources
+
+
+def test_task_names_that_differ_only_by_case_are_refused(tmp_path, toy_tokenizer):
+    from neurospec.data.tasks import check_task_names
+
+    check_task_names(["python", "prose", "dialog-spanish"])
+    with pytest.raises(TaskError, match="'Python' and 'python' differ only by case"):
+        check_task_names(["Python", "prose", "python"])
+    with pytest.raises(TaskError, match="named more than once"):
+        check_task_names(["prose", "prose"])
+    # the experiments build their task lists through it
+    from types import SimpleNamespace
+
+    from neurospec.experiments.common import build_tasks
+    from neurospec.record.recorder import RecordConfig
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in make_docs(40, seed=1)])
+    loaded = SimpleNamespace(tokenizer=toy_tokenizer)
+    cfg = RecordConfig(tokens=32, eval_tokens=32, seq_len=8)
+    assert list(build_tasks(loaded, [f"Toy={a}", f"other={a}"], cfg)) == ["Toy", "other"]
+    with pytest.raises(TaskError, match="differ only by case"):
+        build_tasks(loaded, [f"Toy={a}", f"toy={a}"], cfg)
+
+
+def test_separate_evaluation_source_spec_round_trips(tmp_path):
+    spec = parse_task_spec("qa=data/qa?split=train,eval=data/qa?split=test")
+    assert spec.name == "qa" and spec.source == "data/qa" and spec.split == "train"
+    assert spec.evaluation == TaskSpec("qa", "data/qa", split="test")
+    assert parse_task_spec(spec.to_string()) == spec
+    assert TaskSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    unnamed = parse_task_spec("train.txt,eval=test.txt")
+    assert (unnamed.name, unnamed.source, unnamed.evaluation.source) == ("train", "train.txt", "test.txt")
+    assert parse_task_spec("p=python,eval=prose").evaluation == TaskSpec("p", "prose")
+    # a plain spec's dict has no evaluation key, so its fingerprints are those of earlier versions
+    assert "evaluation" not in TaskSpec("p", "python").to_dict()
+    with pytest.raises(TaskError, match="empty evaluation source"):
+        parse_task_spec("x=a.txt,eval=")
+    with pytest.raises(TaskError, match="more than once"):
+        parse_task_spec("x=a.txt,eval=b.txt,eval=c.txt")
+    with pytest.raises(TaskError, match="unknown option"):
+        parse_task_spec("x=a.txt,eval=b.txt?foo=1")
+
+
+def _split_words(data: TaskData, tokenizer, split: str) -> set[str]:
+    ids = getattr(data, split).flatten().tolist()
+    return set(tokenizer.decode(ids).split()) - {"[EOS]"}
+
+
+@pytest.mark.parametrize("kind", ["saved-dataset", "two-files"])
+def test_collection_and_evaluation_come_wholly_from_their_own_source(tmp_path, offline_datasets, kind):
+    # each document starts with a marker naming its source; the word pools are disjoint
+    train_docs = [f"trainmark{i} " + " ".join(random.Random(i).choices(WORDS[:15], k=30)) for i in range(60)]
+    test_docs = [f"testmark{i} " + " ".join(random.Random(i).choices(WORDS[15:], k=30)) for i in range(60)]
+    tokenizer = word_tokenizer(train_docs + test_docs)
+    if kind == "saved-dataset":
+        ds = offline_datasets.DatasetDict({
+            "train": offline_datasets.Dataset.from_dict({"text": train_docs}),
+            "test": offline_datasets.Dataset.from_dict({"text": test_docs}),
+        })
+        ds.save_to_disk(str(tmp_path / "qa"))
+        text = f"qa={tmp_path / 'qa'}?split=train,eval={tmp_path / 'qa'}?split=test"
+    else:
+        write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in train_docs])
+        (tmp_path / "test.txt").write_text("\n\n".join(test_docs))
+        text = f"qa={tmp_path / 'train.jsonl'},eval={tmp_path / 'test.txt'}"
+    kwargs = {"seq_len": 16, "collect_tokens": 320, "eval_tokens": 160, "cache": False}
+    data = build_task_data(text, tokenizer, **kwargs)
+    collect_words, eval_words = _split_words(data, tokenizer, "collect"), _split_words(data, tokenizer, "eval")
+    assert collect_words and all(w.startswith("trainmark") or w in WORDS[:15] for w in collect_words)
+    assert eval_words and all(w.startswith("testmark") or w in WORDS[15:] for w in eval_words)
+    # the same split of the same source would have given the collection split some test documents: not here
+    assert data.collect.shape == (20, 16) and data.eval.shape == (10, 16)
+    assert all(i.isdigit() for i in data.collect_info.doc_ids + data.eval_info.doc_ids)
+    # deterministic, and the cache keeps both sources apart from a spec that reads only one of them
+    again = build_task_data(text, tokenizer, **kwargs)
+    assert again.fingerprint == data.fingerprint and torch.equal(again.eval, data.eval)
+    cached = build_task_data(text, tokenizer, **{**kwargs, "cache": True})
+    assert cached.fingerprint == data.fingerprint
+    assert build_task_data(text, tokenizer, **{**kwargs, "cache": True}).fingerprint == data.fingerprint
+    plain = build_task_data(text.split(",eval=")[0], tokenizer, **{**kwargs, "cache": True})
+    assert plain.fingerprint != data.fingerprint  # without ",eval=": both splits cut from the train source
+    assert all(w.startswith("trainmark") or w in WORDS[:15] for w in _split_words(plain, tokenizer, "eval"))
+    # a seed changes the order of the documents, not the source they come from
+    other = build_task_data(text, tokenizer, **{**kwargs, "seed": 1})
+    assert other.fingerprint != data.fingerprint
+    assert _split_words(other, tokenizer, "eval") <= set(WORDS[15:]) | {f"testmark{i}" for i in range(60)}
+
+
+def test_too_small_evaluation_source_names_it(tmp_path, toy_tokenizer):
+    write_jsonl(tmp_path / "big.jsonl", [{"text": t} for t in make_docs(40)])
+    (tmp_path / "tiny.txt").write_text("the a")
+    with pytest.raises(TaskError, match=r"evaluation source .*tiny\.txt.* less than one block"):
+        build_task_data(f"t={tmp_path / 'big.jsonl'},eval={tmp_path / 'tiny.txt'}", toy_tokenizer, seq_len=16,
+                        collect_tokens=64, eval_tokens=64, cache=False)

@@ -18,8 +18,18 @@ def _register() -> None:
 
 
 def main() -> None:
-    from neurospec.cli.common import tune_allocator
+    """The ``neurospec`` entry point. Each command handles its own errors (``cli.common.handle_errors``); this
+    catches what escapes them (say, a failing import), with the same rules: a user error is one line and exit
+    code 2, anything else a traceback and a line asking for a report."""
+    import sys
 
-    tune_allocator()
-    _register()
-    app()
+    from neurospec.cli.common import report_exception, tune_allocator
+
+    try:
+        tune_allocator()
+        _register()
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        sys.exit(report_exception(e))

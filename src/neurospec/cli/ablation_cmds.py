@@ -10,7 +10,23 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, emit, err, handle_errors
+from neurospec.cli.common import (
+    ALLOW_PICKLE_HELP,
+    Progress,
+    check_ablation_methods,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_model_options,
+    check_save_dir,
+    check_tasks,
+    claim_out,
+    emit,
+    err,
+    handle_errors,
+    load_model_cli,
+    parse_seeds,
+)
 from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
@@ -34,13 +50,17 @@ def evaluate_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """Next-token top-1, top-10, skip top-1, loss and perplexity of each task's evaluation split."""
     from neurospec.experiments.common import skip_ids_for, task_metrics
-    from neurospec.models.loading import load_model
 
-    loaded = load_model(model, device=device, dtype=dtype)
+    check_model_options(device, dtype)
+    check_tasks(task)
+    for option, value in (("--tokens", tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        check_int(option, value)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
     res = {}
     for name, data in tasks.items():
@@ -92,15 +112,50 @@ def ablate_cmd(
     out_dir: Path = typer.Option(None, "--out", "-o", help="directory for the study's table, figure and report"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
+                                                      "--out; write --save into a non-empty directory"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """Ablation-method study on random neurons (--task), or fold an ablation of given neurons into the weights."""
     from neurospec.errors import NeurospecError
+    from neurospec.experiments.ablation import KINDS
     from neurospec.experiments.references import reference_values
-    from neurospec.models.loading import load_model
-    from neurospec.record.store import atomic_write_json, open_run
+    from neurospec.intervene.ablate import ablation_methods
+    from neurospec.record.layout import ABLATION, ABLATION_FIGURE, write_result_json
+    from neurospec.record.store import open_run
 
-    loaded = load_model(model, device=device, dtype=dtype)
+    check_model_options(device, dtype)
+    for option, value in (("--tokens", tokens), ("--seq-len", seq_len), ("--batch-size", batch_size),
+                          ("--steps", steps), ("--peak-bins", peak_bins)):
+        check_int(option, value)
+    if peak_smooth < 0:
+        raise NeurospecError(f"--peak-smooth must be >= 0, got {peak_smooth}")
+    # "value" needs constants from the caller; the command line has none to give
+    usable = [m for m in ablation_methods() if m != "value"]
+    if neurons is not None:
+        if save is None:
+            raise NeurospecError("--neurons needs --save DIR (the folded model is written there)")
+        if method == "resample":
+            raise NeurospecError("resample ablation needs a hook and cannot be folded into weights; use zero, mean "
+                                 "or peak")
+        check_ablation_methods([method], "--method", [m for m in usable if not ablation_methods()[m].per_input])
+        check_save_dir(save, model=model, force=force)
+        if resample_align != "random" or resample_per_neuron:
+            raise NeurospecError("--resample-align and --resample-per-neuron apply to the ablation study (--task), "
+                                 "not to folding given neurons")
+    else:
+        if not task:
+            raise NeurospecError("give --task (an ablation study) or --neurons with --save (fold given neurons)")
+        check_tasks(task)
+        check_choice("--kind", kind, KINDS)
+        check_fraction("--random-frac", random_frac)
+        check_ablation_methods([m for m in methods.split(",") if m], "--methods", usable)
+        seed_list = parse_seeds(seeds)
+        resample = _resample_options([m for m in methods.split(",") if m], resample_align, resample_per_neuron)
+        if out_dir is not None:
+            claim_out(out_dir, "ablate", force, exclude=("neurons", "method"))
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     ref = open_run(reference)
     ref.check_model(loaded.fingerprint)
     if not ref.tasks:
@@ -117,15 +172,7 @@ def ablate_cmd(
         from neurospec.intervene.ablate import fold_ablation
         from neurospec.intervene.neuronset import NeuronSet
 
-        if save is None:
-            raise NeurospecError("--neurons needs --save DIR (the folded model is written there)")
-        if resample_align != "random" or resample_per_neuron:
-            raise NeurospecError("--resample-align and --resample-per-neuron apply to the ablation study (--task), "
-                                 "not to folding given neurons")
         ns = NeuronSet.load(neurons, loaded.sites)
-        if method == "resample":
-            raise NeurospecError("resample ablation needs a hook and cannot be folded into weights; use zero, mean "
-                                 "or peak")
         offsets = None
         if method != "zero":
             offs, _ = reference_values(ref, ref_task_for(None), [method], peak_bins=peak_bins, peak_smooth=peak_smooth,
@@ -139,17 +186,11 @@ def ablate_cmd(
         emit(res, json_, lambda: out.print(f"ablated {len(ns)} neurons ({method}); model saved to {save}"))
         return
 
-    if not task:
-        raise NeurospecError("give --task (an ablation study) or --neurons with --save (fold given neurons)")
     from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
     from neurospec.experiments.common import skip_ids_for
     from neurospec.intervene.ablate import get_ablation
 
-    if not 0 < random_frac <= 1:
-        raise NeurospecError(f"--random-frac must be in (0, 1], got {random_frac}")
     method_list = [m for m in methods.split(",") if m]
-    seed_list = [int(s) for s in seeds.split(",") if s]
-    resample = _resample_options(method_list, resample_align, resample_per_neuron)
     tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
     rows = []
     for name, data in tasks.items():
@@ -177,10 +218,8 @@ def ablate_cmd(
     if out_dir is not None:
         from neurospec.report.html import build_report
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "ablation.json", {"rows": rows, "resample": resample,
-                                                      "command": " ".join(sys.argv)})
-        res["figure"] = str(plot_ablation(rows, out_dir / "ablation_methods")[0])
+        write_result_json(out_dir / ABLATION, {"rows": rows, "resample": resample, "command": " ".join(sys.argv)})
+        res["figure"] = str(plot_ablation(rows, out_dir / ABLATION_FIGURE)[0])
         res["report"] = str(build_report(out_dir))
 
     def human():
@@ -230,22 +269,31 @@ def run_cmd(
     ablation_task: list[str] = typer.Option(None, "--ablation-task", help="tasks of the ablation-method study"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force"),
+    force: bool = typer.Option(False, "--force", help="replace results of another configuration in --out (those "
+                                                      "of tasks no longer run are removed); re-record runs of "
+                                                      "another config"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """The main job: task map, selective pruning, ablation methods and the HTML report, in one run directory."""
     from neurospec.experiments.main import DEFAULT_TASKS, RunConfig, main_job
-    from neurospec.models.loading import load_model
 
+    check_model_options(device, dtype)
     tasks = tuple(task) if task else DEFAULT_TASKS
+    check_tasks(tasks)
     ab = tuple(ablation_task) if ablation_task else tuple(t for t in ("python", "prose") if t in tasks) or tasks[:2]
+    check_tasks(ab, option="--ablation-task")
+    for option, value in (("--tokens", tokens), ("--eval-tokens", eval_tokens), ("--seq-len", seq_len),
+                          ("--batch-size", batch_size)):
+        check_int(option, value)
     cfg = RunConfig(tasks=tasks, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
                     random_init=random_init, ablation_tasks=ab)
+    claim_out(out_dir, "run", force)
     b = cfg.budget()
     err.print(f"[bold]budget[/]: {b['tasks']} tasks x {tokens:,} tokens recorded ({b['record_tokens']:,} forward tokens "
               f"with the random-init control and the ablation reference), {b['eval_tokens']:,} evaluation tokens. "
               "Raise it with --tokens / --eval-tokens.")
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     with Progress() as progress:
         res = main_job(loaded, out_dir, cfg, force=force, progress=progress, command=" ".join(["neurospec", *sys.argv[1:]]),
                        log=lambda m: err.print(f"[cyan]{m}[/]"))

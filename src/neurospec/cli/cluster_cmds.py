@@ -10,7 +10,22 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, Steps, emit, err, handle_errors
+from neurospec.cli.common import (
+    ALLOW_PICKLE_HELP,
+    Progress,
+    Steps,
+    check_choice,
+    check_int,
+    check_model_options,
+    check_scorer,
+    check_seed,
+    check_tasks,
+    claim_out,
+    emit,
+    err,
+    handle_errors,
+    pickle_kwargs,
+)
 from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
@@ -63,18 +78,25 @@ def cluster_cmd(
     seed: int = typer.Option(0),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     threads: int = typer.Option(1, help=THREADS_HELP),
+    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
+                                                      "--out"),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """Cluster a model's MLP neurons: MoEfication experts or spectral clusters; labels saved in --out."""
     from neurospec.experiments.clusters import ClusterConfig, cluster_to_dir, parse_layers
     from neurospec.experiments.targets import load_target
 
+    check_seed(seed)
+    check_model_options(device, dtype)
+    check_int("--threads", threads, minimum=0)
     cfg = ClusterConfig(method=method, graph=graph, experts=experts, projection=projection, k=k,
                         layers=parse_layers(layers), top_k=top_k, reference=reference, tasks=tuple(task),
                         shuffles=shuffles, n_init=n_init, seed=seed, coactivation=coactivation, threshold=threshold)
+    claim_out(out_dir, "cluster", force)
     t0 = time.perf_counter()
-    target = load_target(model, device=device, dtype=dtype)
+    target = load_target(model, device=device, dtype=dtype, **pickle_kwargs(load_target, allow_pickle))
     with Steps() as steps:
         res = cluster_to_dir(target, cfg, out_dir, step=steps, threads=_threads(threads))
     res["seconds_total"] = round(time.perf_counter() - t0, 3)
@@ -122,6 +144,11 @@ def specialization_cmd(
     from neurospec.experiments.clusters import parse_layers
     from neurospec.experiments.specialization import SPECIALIZATION_FILE, SpecializationConfig, specialization
 
+    check_seed(seed)
+    check_scorer(score)
+    check_choice("--ablation", ablation, ("zero", "mean"))
+    check_int("--threads", threads, minimum=0)
+    check_tasks([t for t in task if t != "all"])
     cfg = SpecializationConfig(tasks=tuple(task), n_random=n_random, ablation=ablation,
                                per_layer=None if all_clusters else per_layer, layers=parse_layers(layers),
                                tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
@@ -183,6 +210,8 @@ def align_cmd(
     """Are each task's specific neurons concentrated in fewer clusters than chance? Per layer, with p-values."""
     from neurospec.experiments.clusters import ALIGNMENT_FILE, align
 
+    check_seed(seed)
+    check_int("--n-perm", n_perm)
     res = align(cluster_dir, taskmap_dir, n_perm=n_perm, frac=frac, seed=seed)
     keys = ("task", "site", "layer", "n_task", "n_clusters_hit", "null_clusters_hit_mean", "entropy",
             "null_entropy_mean", "entropy_deficit", "pvalue_clusters", "pvalue_entropy")
@@ -234,6 +263,8 @@ def route_cmd(
         k_list = [int(x) for x in ks.split(",") if x.strip()]
     except ValueError:
         raise NeurospecError(f"--k must be comma-separated integers, got {ks!r}") from None
+    check_tasks([t for t in task if t != "all"])
+    check_int("--threads", threads, minimum=0)
     res = routing(cluster_dir, list(task), k_list, eval_tokens=eval_tokens, seq_len=seq_len,
                   batch_size=batch_size, score=score, threads=_threads(threads))
     payload = {"n_experts": res["n_experts"], "tasks": res["tasks"], "baseline": res["baseline"],
@@ -266,6 +297,7 @@ def zoo_train_cmd(
     out_dir: Path = typer.Option(..., "--out", "-o"),
     seed: int = typer.Option(0),
     epochs: int = typer.Option(None, help="training epochs (default: the model's, 30 for the MLP, 40 for the ViT)"),
+    force: bool = typer.Option(False, "--force", help="write into an --out that holds something else"),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a digits model (seeded, about a minute at most on one CPU core) and save it to --out."""
@@ -277,6 +309,8 @@ def zoo_train_cmd(
         raise NeurospecError(f"unknown zoo model {kind!r}; choose one of {', '.join(zoo.KINDS)}")
     if epochs is not None and epochs < 1:
         raise NeurospecError(f"epochs must be >= 1, got {epochs}")
+    check_seed(seed)
+    claim_out(out_dir, "zoo train", force)
     t0 = time.perf_counter()
     model = trainers[kind](seed=seed, **({} if epochs is None else {"epochs": epochs}))
     zoo.save(model, out_dir)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
@@ -24,23 +27,280 @@ def emit(obj: Any, as_json: bool, human: Callable[[], None] | None = None) -> No
         human()
 
 
+INTERNAL_ERROR = "neurospec: internal error, please report it with the traceback above"
+
+
+def _os_error_text(e: OSError) -> str:
+    if e.strerror and e.filename is not None:
+        names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{e.strerror}: {names}"
+    return e.strerror or str(e) or type(e).__name__
+
+
+def report_exception(e: BaseException) -> int:
+    """Print an exception the way the command line does and return the exit code.
+
+    User errors (:class:`~neurospec.errors.NeurospecError`, an ``OSError`` such as a full disk or a denied
+    permission, running out of memory) print one line and give 2; anything else is a bug: its traceback, then a line
+    asking for a report, and 1.
+    """
+    from neurospec.errors import NeurospecError
+
+    if isinstance(e, NeurospecError):
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
+    if isinstance(e, OSError):
+        err.print(f"[bold red]error:[/] {escape(_os_error_text(e))}", highlight=False, soft_wrap=True)
+        return 2
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch's (CUDA) out of memory
+        first = (str(e).splitlines() or [""])[0]
+        err.print(f"[bold red]error:[/] out of memory{': ' + escape(first) if first else ''}; lower --batch-size or "
+                  "--seq-len, or use a smaller --dtype", highlight=False, soft_wrap=True)
+        return 2
+    import traceback
+
+    sys.stderr.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    sys.stderr.write(INTERNAL_ERROR + "\n")
+    sys.stderr.flush()
+    return 1
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn library errors into one clear line on stderr and exit code 2 (no traceback)."""
+    """The top-level handler of each command: user errors are one clear line on stderr and exit code 2, anything
+    else a traceback with a line saying it is a bug (exit code 1); typer's and click's own exits pass through."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from neurospec.errors import NeurospecError
-
+        token = _options.set(dict(kwargs))
         try:
             return fn(*args, **kwargs)
-        except NeurospecError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
+        except _passthrough():
+            raise
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to resume")
             raise typer.Exit(130) from None
+        except Exception as e:
+            raise typer.Exit(report_exception(e)) from None
+        finally:
+            _options.reset(token)
 
     return wrapper
+
+
+# the options of the command that runs (typer passes every option as a keyword), for its --out claim
+_options: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("neurospec_options", default=None)
+
+
+def _passthrough() -> tuple[type[BaseException], ...]:
+    """typer's (and click's) own exits and usage errors, which typer reports itself."""
+    usage = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    return (typer.Exit, typer.Abort, *usage)
+
+
+# ------------------------------------------------------------------------------------ option checks (before work)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(message: str) -> None:
+    from neurospec.errors import NeurospecError
+
+    raise NeurospecError(message)
+
+
+def check_int(option: str, value: int | None, minimum: int = 1) -> None:
+    """``value`` (when given) must be an integer >= ``minimum``."""
+    if value is not None and value < minimum:
+        _fail(f"{option} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value}")
+
+
+def check_seed(value: int | None, option: str = "--seed") -> None:
+    if value is not None and value < 0:
+        _fail(f"{option} must be a non-negative integer, got {value}")
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """Comma-separated non-negative integers, at least one."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        _fail(f"{option} must be comma-separated non-negative integers (e.g. 0,1,2), got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        _fail(f"{option} names a seed more than once: {text!r}")
+    return seeds
+
+
+def check_fraction(option: str, value: float | None, *, zero_ok: bool = False) -> None:
+    """``value`` in (0, 1] (or [0, 1] with ``zero_ok``)."""
+    if value is None:
+        return
+    if not (0 <= value <= 1) or (value == 0 and not zero_ok):
+        _fail(f"{option} must be in {'[0, 1]' if zero_ok else '(0, 1]'}, got {value}")
+
+
+def check_choice(option: str, value: str | None, choices) -> None:
+    if value is not None and value not in choices:
+        _fail(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_dtype(dtype: str | None) -> None:
+    check_choice("--dtype", dtype, DTYPES)
+
+
+def check_device(device: str | None) -> None:
+    """``None``, ``auto``, or a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    if device is None or device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail(f"unknown --device {device!r}; use cpu, cuda, cuda:N, mps or auto (device_map=auto)")
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                  f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
+        return
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            _fail(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        return
+    _fail(f"unsupported --device {device!r}; use cpu, cuda, cuda:N, mps or auto")
+
+
+def check_model_options(device: str | None, dtype: str | None) -> None:
+    check_dtype(dtype)
+    check_device(device)
+
+
+def check_scorer(name: str | None, option: str = "--score") -> None:
+    """A scorer of the registry (:data:`neurospec.score.selective.SCORERS`)."""
+    from neurospec.score.selective import SCORERS
+
+    check_choice(option, name, list(SCORERS))
+
+
+def check_ablation_methods(names, option: str, allowed=None) -> None:
+    """Every name is a registered ablation method (and among ``allowed`` when given)."""
+    from neurospec.intervene.ablate import ablation_methods
+
+    known = list(allowed) if allowed is not None else list(ablation_methods())
+    if not names:
+        _fail(f"{option} names no ablation method; choose from {', '.join(known)}")
+    for n in names:
+        check_choice(option, n, known)
+
+
+def check_tasks(specs, option: str = "--task") -> None:
+    """Parse every task spec (bad names and options fail here, before a model is loaded) and refuse the same name
+    twice or names that differ only by case."""
+    from neurospec.data.images import image_task
+    from neurospec.data.tasks import check_task_names, parse_task_spec
+
+    names = []
+    for s in specs or ():
+        img = image_task(s) if isinstance(s, str) else None
+        names.append(img.name if img is not None else parse_task_spec(s).name)
+    check_task_names(names)
+
+
+# ----------------------------------------------------------------------------------- result directories, models
+
+
+def _model_dir(model: str) -> Path | None:
+    """The directory a model spec loads from (a model directory, a .gguf file's folder, a bundled package)."""
+    from neurospec.models import loading
+
+    bundled = getattr(loading, "BUNDLED", {})
+    if model in bundled:
+        try:
+            p = Path(loading._package_path(bundled[model]))
+        except Exception:  # a bundled package that is not installed: load_model says so later
+            return None
+    else:
+        p = Path(model).expanduser()
+    if p.is_file():
+        p = p.parent
+    return p.resolve() if p.exists() else None
+
+
+def check_save_dir(save: Path | None, *, model: str, force: bool, option: str = "--save",
+                   out_dir: Path | None = None) -> None:
+    """A directory a model is saved into must be new or empty (unless ``force``), and never the directory the
+    model is loaded from nor the command's --out."""
+    if save is None:
+        return
+    save = Path(save).expanduser()
+    target = save.resolve()
+    src = _model_dir(model)
+    if src is not None and target == src:
+        _fail(f"{option} {save} is the directory the model is loaded from; saving there would overwrite the "
+              "original model: choose another directory")
+    if out_dir is not None and target == Path(out_dir).expanduser().resolve():
+        _fail(f"{option} {save} is also --out (the results directory); save the model elsewhere")
+    if save.exists() and not save.is_dir():
+        _fail(f"{option} {save} exists and is not a directory: choose another directory")
+    if save.is_dir() and any(save.iterdir()) and not force:
+        _fail(f"{option} {save} is not empty; choose a new or empty directory, or add --force to write into it")
+
+
+_NOT_CONFIG = {"json_", "force", "out_dir", "device", "threads", "save", "allow_pickle"}
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value.expanduser().resolve())
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def command_config(exclude=()) -> dict:
+    """The configuration of the running command: its options as given (defaults included), without those that do
+    not change its results (output flags, --force, --out, --device, --threads, --save, --allow-pickle). A model
+    given as a local path is recorded by its absolute path."""
+    params = _options.get() or {}
+    cfg = {k: _normal(v) for k, v in params.items() if k not in _NOT_CONFIG and k not in set(exclude)}
+    model = cfg.get("model")
+    if isinstance(model, str) and Path(model).expanduser().exists():
+        cfg["model"] = str(Path(model).expanduser().resolve())
+    return cfg
+
+
+def claim_out(out_dir: Path, command: str, force: bool, exclude=()) -> Path:
+    """Claim ``--out`` for this command and configuration (:func:`neurospec.record.layout.claim_out_dir`)."""
+    from neurospec.record.layout import claim_out_dir
+
+    return claim_out_dir(out_dir, command, command_config(exclude), force=force)
+
+
+def load_model_cli(model: str, *, device: str | None = None, dtype: str | None = None, allow_pickle: bool = False):
+    """``load_model`` for the commands; ``--allow-pickle`` is passed on when this ``load_model`` takes it."""
+    from neurospec.models.loading import load_model
+
+    return load_model(model, device=device, dtype=dtype, **pickle_kwargs(load_model, allow_pickle))
+
+
+def pickle_kwargs(fn: Callable, allow_pickle: bool) -> dict:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"allow_pickle": allow_pickle} if "allow_pickle" in params else {}
+
+
+ALLOW_PICKLE_HELP = ("also load pickled PyTorch weights (.bin) when a model directory has no safetensors; unpickling "
+                     "can run code, so only for models you trust")
 
 
 class _Bar:

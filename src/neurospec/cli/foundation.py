@@ -9,7 +9,19 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, emit, err, finish_distributed, handle_errors, init_distributed
+from neurospec.cli.common import (
+    ALLOW_PICKLE_HELP,
+    Progress,
+    check_model_options,
+    check_seed,
+    check_tasks,
+    emit,
+    err,
+    finish_distributed,
+    handle_errors,
+    init_distributed,
+    load_model_cli,
+)
 
 out = Console()
 
@@ -55,13 +67,19 @@ def models_cmd(json_: bool = typer.Option(False, "--json", help="machine-readabl
 @app.command("tasks")
 @handle_errors
 def tasks_cmd(json_: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Bundled tasks, with source, size and licence."""
+    """Bundled tasks, with source, size and licence.
+
+    Use a bundled name, or NAME=SOURCE for your own data (a .txt file or folder, a .jsonl/.csv/.parquet file, a
+    saved dataset, hf:NAME; options after ?, e.g. ?split=train). NAME=SOURCE,eval=EVAL_SOURCE takes the whole
+    collection split from SOURCE and the whole evaluation split from EVAL_SOURCE, e.g.
+    "qa=data/qa?split=train,eval=data/qa?split=test". Names that differ only by case are refused.
+    """
     from neurospec.data.corpora import corpus_rows
 
     rows = corpus_rows()
 
     def human():
-        t = Table(title="bundled tasks (use a name, or NAME=SOURCE for your own data)")
+        t = Table(title="bundled tasks (use a name, NAME=SOURCE for your own data, or NAME=SOURCE,eval=EVAL_SOURCE)")
         for c in ("task", "description", "documents", "characters", "licence"):
             t.add_column(c)
         for r in rows:
@@ -78,12 +96,11 @@ def tasks_cmd(json_: bool = typer.Option(False, "--json", help="machine-readable
 @handle_errors
 def sites_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Table of neuron sites: name, kind, layer, width, heads."""
-    from neurospec.models.loading import load_model
-
-    loaded = load_model(model)
+    loaded = load_model_cli(model, allow_pickle=allow_pickle)
     rows = [
         {"name": s.name, "kind": s.kind, "layer": s.layer, "width": s.width, "module": s.module,
          "n_heads": s.n_heads, "d_head": s.d_head}
@@ -106,7 +123,7 @@ def sites_cmd(
 @handle_errors
 def record_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    task: list[str] = typer.Option(..., "--task", "-t", help="bundled task name or NAME=SOURCE (repeat)"),
+    task: list[str] = typer.Option(..., "--task", "-t", help="bundled task name, NAME=SOURCE or NAME=SOURCE,eval=EVAL_SOURCE (repeat)"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="run directory"),
     tokens: int = typer.Option(20_000, help="tokens recorded per task"),
     eval_tokens: int = typer.Option(8_192, "--eval-tokens", help="tokens held out per task for evaluation"),
@@ -124,12 +141,15 @@ def record_cmd(
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto (device_map=auto)"),
     dtype: str = typer.Option(None, help="float32 (default), bfloat16, float16"),
     force: bool = typer.Option(False, "--force", help="discard an existing run with another model or config"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Record per-neuron statistics of every site on each task into a run directory (resumable)."""
-    from neurospec.models.loading import load_model
     from neurospec.record.recorder import RecordConfig, record
 
+    check_seed(seed)
+    check_model_options(device, dtype)
+    check_tasks(task)
     init_distributed()
     cfg = RecordConfig(
         tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
@@ -137,7 +157,7 @@ def record_cmd(
         reservoir=reservoir, comoments=tuple(k for k in comoments.split(",") if k),
         relu_comoments=tuple(k for k in relu_comoments.split(",") if k), seed=seed,
     )
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     from neurospec.record.recorder import dist_context
 
     rank = dist_context()[0]

@@ -9,7 +9,19 @@ from rich.console import Console
 from rich.table import Table
 
 from neurospec.cli import app
-from neurospec.cli.common import Progress, emit, err, handle_errors
+from neurospec.cli.common import (
+    ALLOW_PICKLE_HELP,
+    Progress,
+    check_model_options,
+    check_save_dir,
+    check_scorer,
+    check_tasks,
+    claim_out,
+    emit,
+    err,
+    handle_errors,
+    load_model_cli,
+)
 from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
@@ -43,28 +55,36 @@ def prune_cmd(
     eval_tokens: int = typer.Option(4_096, "--eval-tokens", help="tokens evaluated per task and step"),
     seq_len: int = typer.Option(256, "--seq-len"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    save: Path = typer.Option(None, "--save", help="write the final pruned model here (save_pretrained)"),
+    save: Path = typer.Option(None, "--save", help="write the final pruned model here (save_pretrained); a new or "
+                                                   "empty directory unless --force"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force"),
+    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
+                                                      "--out, re-record a run of another config, write --save into "
+                                                      "a non-empty directory"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """Selective pruning: remove the neurons most specific to the forget task, step by step."""
     import json
 
     from neurospec.experiments.selective import PruneConfig, selective_pruning
-    from neurospec.models.loading import load_model
+    from neurospec.record.layout import PRUNE_RESULT, write_result_json
     from neurospec.record.recorder import RecordConfig
-    from neurospec.record.store import atomic_write_json
 
+    check_scorer(score)
+    check_model_options(device, dtype)
+    check_tasks([forget, *retain], option="--forget/--retain")
+    check_save_dir(save, model=model, force=force, out_dir=out_dir)
     pcfg = PruneConfig(score=score, frac=frac, attn_frac=attn_frac, steps=steps, mode=mode, scope=scope,
                        ablation=ablation, heads=heads, batch_size=batch_size)
     rcfg = RecordConfig(tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size, reservoir=0)
-    loaded = load_model(model, device=device, dtype=dtype)
+    claim_out(out_dir, "prune", force)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     with Progress() as progress:
         res = selective_pruning(loaded, forget, list(retain), out_dir, record_cfg=rcfg, prune_cfg=pcfg,
                                 force=force, progress=progress, save_dir=save)
-    atomic_write_json(Path(out_dir) / "result.json", res)
+    write_result_json(Path(out_dir) / PRUNE_RESULT, res)
     payload = {"steps": [{"fraction": r["fraction"], "attn_fraction": r["attn_fraction"], "n_pruned": r["n_pruned"],
                           "forget": r["forget"], "retain": r["retain"]} for r in res["steps"]],
                "area": res["area"], "forget": res["forget"], "retain": res["retain"], "run": str(out_dir)}
@@ -100,19 +120,24 @@ def taskmap_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force"),
+    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
+                                                      "--out; re-record runs of another config"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """The task map: overlap of task-specific neurons, selectivity matrix, random-init comparison; HTML report."""
     from neurospec.experiments.taskmap import TaskMapConfig, task_map
-    from neurospec.models.loading import load_model
     from neurospec.record.recorder import RecordConfig
     from neurospec.report.html import build_report
 
+    check_scorer(score)
+    check_model_options(device, dtype)
+    check_tasks(task)
     cfg = TaskMapConfig(score=score, fractions=_fractions(fractions), select_frac=select_frac, kind=kind,
                         retain=retain, random_init=random_init, batch_size=batch_size)
     rcfg = RecordConfig(tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size, reservoir=0)
-    loaded = load_model(model, device=device, dtype=dtype)
+    claim_out(out_dir, "taskmap", force)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     with Progress() as progress:
         res = task_map(loaded, list(task), out_dir, record_cfg=rcfg, cfg=cfg, force=force, progress=progress)
     report = build_report(out_dir)

@@ -8,6 +8,13 @@ A *task spec* is written ``NAME=SOURCE`` or just ``SOURCE`` (see ``neurospec.dat
     mycode=path/to/dir                  a directory of .txt files, task name "mycode"
     reviews.jsonl?column=body           task name "reviews" (the file's stem)
     wiki=hf:wikitext?config=wikitext-2-raw-v1&split=test
+    qa=data/qa?split=train,eval=data/qa?split=test
+                                        collection split from one source, evaluation split from another
+    code=train.txt,eval=test.txt
+
+``SOURCE,eval=EVAL_SOURCE`` (each with its own ``?options``) takes the whole collection split from ``SOURCE`` and
+the whole evaluation split from ``EVAL_SOURCE`` (say, a saved dataset's ``train`` and ``test`` splits, the
+published protocol); neither source is split again, and the two are not checked for shared documents.
 
 A name is 1-64 letters, digits, ``_``, ``-`` or ``.``, starting with a letter or digit; ``NAME=`` is recognised
 only when the text before the first ``=`` is such a name (so ``./a=b.txt`` is a path).
@@ -15,7 +22,9 @@ only when the text before the first ``=`` is such a name (so ``./a=b.txt`` is a 
 How ``build_task_data`` makes the blocks, for each split (``collect`` and ``eval``):
 
 1. Every document goes to the evaluation split when a stable hash of ``(seed, doc_id)`` falls below
-   ``eval_fraction``, else to the collection split, so no document feeds both splits. An exact duplicate of a
+   ``eval_fraction``, else to the collection split, so no document feeds both splits (with a separate evaluation
+   source, every document of ``SOURCE`` goes to the collection split and every one of ``EVAL_SOURCE`` to the
+   evaluation split). An exact duplicate of a
    document already used (in either split) is skipped, so no text appears twice.
 2. Documents are visited in a seeded shuffle (sorting by a stable hash of ``(seed, doc_id)``); blank ones are
    skipped. Only documents of a split that still needs tokens are read and tokenised, so a large corpus is never
@@ -57,6 +66,7 @@ SPLITS = ("collect", "eval")
 DATA_FORMAT = 1  # bump when the packing changes what a spec and a tokenizer produce
 SPEC_VERSION = 1
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+EVAL_MARK = ",eval="  # NAME=SOURCE,eval=EVAL_SOURCE
 _PROBE = (
     "neurospec tokenizer probe. The quick brown fox jumps over the lazy dog; déjà vu, naïve café, 3.14159 and "
     "1,000,000.\n\tdef f(x):\n\t\treturn x ** 2  # comment\n<html>&amp;</html> 日本語 Ελληνικά русский 😀 "
@@ -74,6 +84,7 @@ class TaskSpec:
     split: str | None = None
     config: str | None = None
     data_files: str | None = None
+    evaluation: TaskSpec | None = None  # a separate source of the evaluation split (same name, no evaluation)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -86,6 +97,13 @@ class TaskSpec:
         for key, value in self.options().items():
             if not isinstance(value, str) or not value:
                 raise TaskError(f"task {self.name!r}: option {key} must be a non-empty string, got {value!r}")
+        if self.evaluation is not None:
+            ev = self.evaluation
+            if not isinstance(ev, TaskSpec) or ev.evaluation is not None or ev.name != self.name:
+                raise TaskError(
+                    f"task {self.name!r}: its evaluation source must be a TaskSpec of the same name without an "
+                    f"evaluation source of its own, got {ev!r}"
+                )
 
     def options(self) -> dict[str, str]:
         """The options that are set (``column``, ``split``, ``config``, ``data_files``)."""
@@ -96,17 +114,28 @@ class TaskSpec:
         """The documents of this task (TaskError if the source cannot be read)."""
         return open_source(self.source, **self.options())
 
-    def to_string(self) -> str:
-        """The spec as ``parse_task_spec`` reads it: ``parse_task_spec(spec.to_string()) == spec``."""
+    def _body(self) -> str:
         body = self.source
         if self.options():
             body += "?" + urlencode(self.options(), safe="/:,*")
+        return body
+
+    def to_string(self) -> str:
+        """The spec as ``parse_task_spec`` reads it: ``parse_task_spec(spec.to_string()) == spec``."""
+        body = self._body()
+        if self.evaluation is not None:
+            return f"{self.name}={body}{EVAL_MARK}{self.evaluation._body()}"
         if self.name == self.source and not self.options():
             return body
         return f"{self.name}={body}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "task_spec", "version": SPEC_VERSION, **dataclasses.asdict(self)}
+        """JSON-ready; ``evaluation`` appears only when set (so a plain spec's dict, and its fingerprints, are
+        those of earlier versions)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "evaluation"}
+        if self.evaluation is not None:
+            data["evaluation"] = self.evaluation.to_dict()
+        return {"type": "task_spec", "version": SPEC_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
@@ -117,6 +146,8 @@ class TaskSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TaskError(f"unknown task_spec keys {unknown}; known keys are {sorted(known)}")
+        if data.get("evaluation") is not None:
+            data["evaluation"] = cls.from_dict(data["evaluation"])
         return cls(**data)
 
 
@@ -129,6 +160,16 @@ def parse_task_spec(text: str) -> TaskSpec:
     if not isinstance(text, str) or not text.strip():
         raise TaskError("empty task spec; write a bundled corpus name (e.g. python), a path, or NAME=SOURCE")
     text = text.strip()
+    if EVAL_MARK in text and not Path(text).exists():
+        head, _, eval_text = text.partition(EVAL_MARK)
+        if EVAL_MARK in eval_text:
+            raise TaskError(f"task spec {text!r} has {EVAL_MARK!r} more than once; give one evaluation source")
+        spec = parse_task_spec(head)
+        eval_source, eval_options = split_options(eval_text.strip())
+        if not eval_source:
+            raise TaskError(f"task {spec.name!r} has an empty evaluation source; write NAME=SOURCE,eval=SOURCE")
+        evaluation = TaskSpec(name=spec.name, source=resolve_corpus_name(eval_source) or eval_source, **eval_options)
+        return dataclasses.replace(spec, evaluation=evaluation)
     name: str | None = None
     head, sep, rest = text.partition("=")
     if sep and _NAME_RE.fullmatch(head) and not Path(text).exists():
@@ -429,6 +470,32 @@ def _too_small(
     )
 
 
+def _too_small_source(spec: TaskSpec, split: str, info: SplitInfo, seq_len: int) -> TaskError:
+    label, where = ("collection", spec.source) if split == "collect" else ("evaluation", spec.evaluation.source)
+    return TaskError(
+        f"task {spec.name!r}: its {label} source {where!r} ({info.documents} documents) holds only "
+        f"{info.tokens_read} tokens, less than one block of seq_len={seq_len}. Use a smaller --seq-len or give "
+        "that source more text"
+    )
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    """TaskError when two tasks have the same name, or names that differ only by case: a task's name becomes file
+    names (``stats/NAME.safetensors``, ``prune/NAME/``), and those collide on case-insensitive file systems
+    (macOS and Windows by default)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.get(name.casefold())
+        if other == name:
+            raise TaskError(f"task {name!r} is named more than once")
+        if other is not None:
+            raise TaskError(
+                f"tasks {other!r} and {name!r} differ only by case: their files would collide on case-insensitive "
+                "file systems (macOS, Windows); rename one of them (NAME=SOURCE)"
+            )
+        seen[name.casefold()] = name
+
+
 def build_task_data(
     spec: TaskSpec | str,
     tokenizer: PreTrainedTokenizerBase,
@@ -453,6 +520,7 @@ def build_task_data(
         spec = parse_task_spec(spec)
     _check_budgets(seq_len, collect_tokens, eval_tokens, eval_fraction, seed)
     source = spec.open()
+    eval_source = spec.evaluation.open() if spec.evaluation is not None else None
     arguments = {
         "seq_len": seq_len,
         "collect_tokens": collect_tokens,
@@ -460,7 +528,7 @@ def build_task_data(
         "eval_fraction": float(eval_fraction),
         "seed": seed,
     }
-    cache_path = _cache_path(spec, source, tokenizer, arguments) if cache else None
+    cache_path = _cache_path(spec, [source, eval_source], tokenizer, arguments) if cache else None
     if cache_path is not None:
         cached = _load_cached(cache_path, spec)
         if cached is not None:
@@ -469,7 +537,11 @@ def build_task_data(
     separator = separator_id(tokenizer)
     budgets = {"collect": collect_tokens, "eval": eval_tokens}
     streams = {split: _Stream(wanted=math.ceil(budgets[split] / seq_len) * seq_len) for split in SPLITS}
-    _fill_streams(source, tokenizer, separator, streams, eval_fraction=float(eval_fraction), seed=seed)
+    if eval_source is None:
+        _fill_streams(source, tokenizer, separator, streams, eval_fraction=float(eval_fraction), seed=seed)
+    else:  # each split wholly from its own source: fraction 0 sends every document to collect, 1 to eval
+        _fill_streams(source, tokenizer, separator, {"collect": streams["collect"]}, eval_fraction=0.0, seed=seed)
+        _fill_streams(eval_source, tokenizer, separator, {"eval": streams["eval"]}, eval_fraction=1.0, seed=seed)
 
     tensors: dict[str, torch.Tensor] = {}
     infos: dict[str, SplitInfo] = {}
@@ -501,6 +573,8 @@ def build_task_data(
     total = sum(s.length for s in streams.values()) if all(not s.full for s in streams.values()) else None
     for split in SPLITS:
         if infos[split].requested_blocks > 0 and infos[split].blocks == 0:
+            if eval_source is not None:
+                raise _too_small_source(spec, split, infos[split], seq_len)
             raise _too_small(spec, split, infos[split], seq_len, float(eval_fraction), total)
 
     data = TaskData(
@@ -510,7 +584,8 @@ def build_task_data(
         eval=tensors["eval"],
         fingerprint=digest.hexdigest(),
         n_documents=infos["collect"].documents + infos["eval"].documents,
-        licence=source.licence,
+        licence=source.licence if eval_source is None or eval_source.licence == source.licence
+        else f"collection: {source.licence}; evaluation: {eval_source.licence}",
         seq_len=seq_len,
         seed=seed,
         eval_fraction=float(eval_fraction),
@@ -540,11 +615,15 @@ def cache_dir() -> Path:
 
 
 def _cache_path(
-    spec: TaskSpec, source: DocumentSource, tokenizer: PreTrainedTokenizerBase, arguments: dict[str, Any]
+    spec: TaskSpec, sources: Sequence[DocumentSource | None], tokenizer: PreTrainedTokenizerBase,
+    arguments: dict[str, Any]
 ) -> Path | None:
-    source_identity = source.identity()
+    identities = [s.identity() for s in sources if s is not None]
+    if any(i is None for i in identities):
+        return None
+    source_identity = identities[0] if len(identities) == 1 else "\0eval\0".join(identities)
     tokenizer_id = tokenizer_identity(tokenizer, exact=True)
-    if source_identity is None or tokenizer_id["definition_sha256"] is None:
+    if tokenizer_id["definition_sha256"] is None:
         return None
     key = {
         "format": DATA_FORMAT,

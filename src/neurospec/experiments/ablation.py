@@ -224,6 +224,8 @@ def plot_ablation(rows: Sequence[Mapping], path: str | Path, *, y: str = "loss_i
     stem = path.with_suffix("") if path.suffix in (".png", ".svg") else path
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
+    from neurospec.record.layout import write_result_figure
+
     for p in out:
-        fig.savefig(p, dpi=150)
+        write_result_figure(fig, p, dpi=150)
     return out

@@ -17,7 +17,7 @@ from neurospec.record.store import Run, open_run
 def build_tasks(loaded: LoadedModel, specs: Sequence[Any], cfg: RecordConfig) -> dict[str, Any]:
     """``{name: TaskData}`` for every spec (strings like ``"python"`` or ``"name=path"``, or TaskSpec)."""
     from neurospec.data.images import ImageTaskData, image_task
-    from neurospec.data.tasks import TaskData, TaskSpec, build_task_data, parse_task_spec
+    from neurospec.data.tasks import TaskData, TaskSpec, build_task_data, check_task_names, parse_task_spec
 
     out: dict[str, Any] = {}
     for s in specs:
@@ -29,8 +29,7 @@ def build_tasks(loaded: LoadedModel, specs: Sequence[Any], cfg: RecordConfig) ->
             spec = s if isinstance(s, TaskSpec) else parse_task_spec(str(s))
             data = build_task_data(spec, loaded.tokenizer, seq_len=cfg.seq_len, collect_tokens=cfg.tokens,
                                    eval_tokens=cfg.eval_tokens, seed=cfg.seed)
-        if data.name in out:
-            raise TaskError(f"task {data.name!r} is named more than once")
+        check_task_names([*out, data.name])  # the same name twice, or names that differ only by case
         if data.eval.shape[0] == 0:
             raise TaskError(f"task {data.name!r} has no evaluation blocks; give it more data or lower --seq-len")
         out[data.name] = data

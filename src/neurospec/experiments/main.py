@@ -18,8 +18,9 @@ from typing import Any
 
 from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel
+from neurospec.record import layout
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
-from neurospec.record.store import atomic_write_json, open_run
+from neurospec.record.store import open_run
 
 DEFAULT_TASKS = ("python", "c", "prose", "dialog", "dialog-spanish", "dialog-italian")
 
@@ -102,7 +103,7 @@ def main_job(
                                       batch_size=cfg.batch_size),
                 force=force, progress=progress, run_dir=out / "taskmap" / "model",
             )
-            atomic_write_json(out / "prune" / t / "result.json", res)
+            layout.write_result_json(out / layout.PRUNE_DIR / t / layout.PRUNE_RESULT, res)
             prune[t] = {"area": res["area"], "steps": res["steps"]}
     timings["prune"] = time.perf_counter() - t1
 
@@ -122,7 +123,7 @@ def main_job(
                 steps=cfg.ablation_steps, methods=cfg.ablation_methods, offsets_by_method=offsets, samples=samples,
                 seeds=cfg.ablation_seeds, batch_size=cfg.batch_size, skip_ids=skip_ids_for(tasks[t].collect),
             )
-        atomic_write_json(out / "ablation" / "ablation.json", {"rows": ab_rows, "config": cfg.to_dict()})
+        layout.write_result_json(out / layout.ABLATION_DIR / layout.ABLATION, {"rows": ab_rows, "config": cfg.to_dict()})
     timings["ablation"] = time.perf_counter() - t2
 
     say("4/4 report")
@@ -136,6 +137,6 @@ def main_job(
         "selectivity": tm.get("selectivity"),
         "prune_area": {t: p["area"] for t, p in prune.items()},
     }
-    atomic_write_json(out / "main.json", summary)
+    layout.write_result_json(out / layout.MAIN, summary)
     summary["report"] = str(build_report(out))
     return summary

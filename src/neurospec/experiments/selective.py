@@ -34,6 +34,7 @@ from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
+from neurospec.record.layout import PRUNED_NEURONS
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
@@ -242,7 +243,7 @@ def selective_pruning(
         with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
             rows.append({"step": step, "fraction": pcfg.frac * step, "attn_fraction": pcfg.attn_frac * step,
                          "n_pruned": len(pruned), **measure()})
-    pruned.save(out / "pruned_neurons.txt")
+    pruned.save(out / PRUNED_NEURONS)  # atomic, like every result file
     if save_dir is not None:
         from neurospec.intervene.ablate import fold_ablation
 

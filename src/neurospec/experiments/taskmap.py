@@ -32,8 +32,9 @@ from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.experiments.selective import select
 from neurospec.intervene.ablate import ablated
 from neurospec.models.loading import LoadedModel, random_init_copy
+from neurospec.record.layout import TASKMAP, write_result_json
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
-from neurospec.record.store import atomic_write_json, open_run
+from neurospec.record.store import open_run
 from neurospec.score import score_neurons
 from neurospec.score.selective import tie_break_keys
 
@@ -208,5 +209,5 @@ def task_map(
             "fingerprint": rnd.fingerprint,
         }
         del rnd
-    atomic_write_json(out / "taskmap.json", result)
+    write_result_json(out / TASKMAP, result)
     return result

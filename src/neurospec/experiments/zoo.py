@@ -250,7 +250,9 @@ def save(zoo_model: ZooModel, directory: str | Path) -> Path:
         "config": zoo_model.config,
         "data": DIGITS_SOURCE,
     }
-    (out / ZOO_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    from neurospec.record.layout import write_result_text
+
+    write_result_text(out / ZOO_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -368,12 +368,15 @@ class NeuronSet:
 
     def save(self, path: str | Path) -> Path:
         """Write the set: JSON (with site widths) if ``path`` ends in ``.json``, else text with one id per line."""
+        from neurospec.record.store import atomic_write_bytes
+
         path = Path(path)
         if path.suffix == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            text = json.dumps(self.to_dict(), indent=1) + "\n"
         else:
             header = f"# neurospec neuron set: {len(self)} neurons in {len(self._idx)} sites\n"
-            path.write_text(header + "".join(i + "\n" for i in self.to_ids()))
+            text = header + "".join(i + "\n" for i in self.to_ids())
+        atomic_write_bytes(path, text.encode("utf-8"))  # temporary file + os.replace: never half a file
         return path
 
     def validate(self, sites: Sites) -> NeuronSet:

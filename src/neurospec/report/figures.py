@@ -19,9 +19,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=110, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
+    from neurospec.record.layout import write_result_figure
+
+    write_result_figure(fig, path.with_suffix(".png"), dpi=110, bbox_inches="tight")
+    write_result_figure(fig, path.with_suffix(".svg"), bbox_inches="tight")
     _plt().close(fig)
     return path.with_suffix(".png")
 

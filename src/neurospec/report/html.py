@@ -189,6 +189,6 @@ def build_report(run_dir: str | Path) -> Path:
                    f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></details>")
         + "".join(sections) + "</body></html>"
     )
-    path = run_dir / "report.html"
-    path.write_text(doc, encoding="utf-8")
-    return path
+    from neurospec.record.layout import REPORT, write_result_text
+
+    return write_result_text(run_dir / REPORT, doc)
