@@ -127,7 +127,7 @@ def record_cmd(
     from neurospec.models.loading import load_model
     from neurospec.record.recorder import RecordConfig, record
 
-    init_distributed()
+    device = init_distributed(device)  # under torchrun: this rank's own GPU (cuda:LOCAL_RANK)
     cfg = RecordConfig(
         tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
         kinds=tuple(k for k in kinds.split(",") if k), hist_bins=hist_bins, hist_sample_every=hist_every,
