@@ -179,3 +179,22 @@ def test_join_process_group_sets_the_rank_device_backend_and_timeout(monkeypatch
     monkeypatch.setenv("NEUROSPEC_DIST_TIMEOUT", "soon")
     with pytest.raises(NeurospecError, match="NEUROSPEC_DIST_TIMEOUT must be a positive number"):
         default_timeout()
+
+
+def test_leaving_the_group_skips_the_barrier_while_an_error_propagates(monkeypatch):
+    """A rank that fails must not wait at a barrier for ranks that may be inside another collective."""
+    from neurospec.cli.common import finish_distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **kw: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **kw: calls.append("destroy"))
+    finish_distributed()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(KeyError):
+        try:
+            raise KeyError("failed on this rank")
+        finally:
+            finish_distributed()
+    assert calls == ["destroy"]
