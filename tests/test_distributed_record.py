@@ -163,7 +163,7 @@ def _checkpoints(rank: int, tmp: Path, port: int) -> None:
     _outcome(lambda: record(loaded, task, tmp / "mixed", CFG, checkpoint_every=1))
     store.save_tensors = save
     if rank == 1:
-        (tmp / "mixed" / "partial" / "alpha.rank1.safetensors").unlink()
+        (tmp / "mixed" / "partial" / "alpha.rank1.safetensors").unlink(missing_ok=True)
     starts.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
