@@ -101,3 +101,96 @@ def test_all_reduce_without_process_group_is_a_no_op():
     assert all(torch.equal(before[k], v) for k, v in acc.state_dict().items())
     lo, hi = torch.zeros(3), torch.ones(3)
     assert sync_range(lo, hi) == (lo, hi)
+
+
+# ------------------------------------------------------------------------------------- devices and backends
+
+
+def fake_gpus(monkeypatch, n: int) -> None:
+    """Pretend that ``n`` CUDA devices are visible (the device choice is tested without a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+def test_collective_device_follows_the_backend(monkeypatch):
+    from neurospec.errors import NeurospecError
+    from neurospec.record.distributed import collective_device
+
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert collective_device("gloo") == torch.device("cpu")
+    assert collective_device("nccl") == torch.device("cuda", 1)  # NCCL only moves tensors on the rank's own GPU
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(NeurospecError, match=r"one GPU per rank.*--nproc_per_node 2.*--device cpu"):
+        collective_device("nccl")
+    fake_gpus(monkeypatch, 0)
+    with pytest.raises(NeurospecError, match="no GPU is visible"):
+        collective_device("nccl")
+
+
+def test_rank_device_gives_each_rank_its_own_gpu(monkeypatch):
+    from neurospec.errors import NeurospecError
+    from neurospec.record.distributed import rank_device
+
+    fake_gpus(monkeypatch, 2)
+    env = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert rank_device("cuda", env) == ("nccl", "cuda:1")
+    assert rank_device(None, env) == ("gloo", None)  # a model on the CPU talks over gloo, GPUs or not
+    assert rank_device("cpu", env) == ("gloo", "cpu")
+    with pytest.raises(NeurospecError, match=r"this node runs 3 ranks and has 2 GPU\(s\).*--nproc_per_node 2"):
+        rank_device("cuda", {**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3"})  # every rank refuses alike
+    with pytest.raises(NeurospecError, match="pass --device cuda, not cuda:0"):
+        rank_device("cuda:0", env)
+    with pytest.raises(NeurospecError, match="cannot be combined with torchrun"):
+        rank_device("auto", env)
+    fake_gpus(monkeypatch, 0)
+    with pytest.raises(NeurospecError, match="no GPU is visible"):
+        rank_device("cuda", env)
+
+
+def test_join_process_group_sets_the_rank_device_backend_and_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from neurospec.cli.common import init_distributed
+    from neurospec.errors import NeurospecError
+    from neurospec.record.distributed import default_timeout
+
+    fake_gpus(monkeypatch, 2)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed("cuda") == "cuda" and calls == []  # not under torchrun: nothing to join
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("NEUROSPEC_DIST_TIMEOUT", raising=False)
+    assert init_distributed("cuda") == "cuda:1"
+    assert calls == [("set_device", torch.device("cuda", 1)), ("nccl", {"timeout": timedelta(minutes=10)})]
+    calls.clear()
+    monkeypatch.setenv("NEUROSPEC_DIST_TIMEOUT", "45")
+    assert init_distributed(None) is None
+    assert calls == [("gloo", {"timeout": timedelta(seconds=45)})]
+    monkeypatch.setenv("NEUROSPEC_DIST_TIMEOUT", "soon")
+    with pytest.raises(NeurospecError, match="NEUROSPEC_DIST_TIMEOUT must be a positive number"):
+        default_timeout()
+
+
+def test_leaving_the_group_skips_the_barrier_while_an_error_propagates(monkeypatch):
+    """A rank that fails must not wait at a barrier for ranks that may be inside another collective."""
+    from neurospec.cli.common import finish_distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **kw: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **kw: calls.append("destroy"))
+    finish_distributed()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(KeyError):
+        try:
+            raise KeyError("failed on this rank")
+        finally:
+            finish_distributed()
+    assert calls == ["destroy"]

@@ -393,21 +393,15 @@ def tune_allocator() -> bool:
 
 
 def finish_distributed() -> None:
-    """Wait for every rank, then leave the process group (a rank that exits while another still talks to it can
-    abort in the communication library's threads)."""
-    import torch.distributed as dist
+    """Leave the process group (see :func:`neurospec.record.distributed.leave_process_group`)."""
+    from neurospec.record.distributed import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
 
 
-def init_distributed() -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-    import torch.distributed as dist
+def init_distributed(device: str | None = None) -> str | None:
+    """Join the process group when started by torchrun; returns this rank's device (see
+    :func:`neurospec.record.distributed.join_process_group`)."""
+    from neurospec.record.distributed import join_process_group
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return join_process_group(device)

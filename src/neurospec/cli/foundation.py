@@ -150,7 +150,7 @@ def record_cmd(
     check_seed(seed)
     check_model_options(device, dtype)
     check_tasks(task)
-    init_distributed()
+    device = init_distributed(device)  # under torchrun: this rank's own GPU (cuda:LOCAL_RANK)
     cfg = RecordConfig(
         tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
         kinds=tuple(k for k in kinds.split(",") if k), hist_bins=hist_bins, hist_sample_every=hist_every,

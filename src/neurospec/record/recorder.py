@@ -8,12 +8,17 @@ Interruption: the accumulator states of an unfinished task are checkpointed ever
 (atomic writes); running the same recording again resumes after the last checkpoint and gives the same result as an
 uninterrupted run. Scale-out: under ``torchrun`` batch ``b`` goes to rank ``b % world_size``; histogram ranges are
 taken from global batch 0 and broadcast from rank 0, and the accumulators are all-reduced before rank 0 writes.
+Checks that can fail on one rank only are agreed on before any collective that could wait on it
+(:func:`neurospec.record.distributed.together`), so all ranks stop with the same message.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -154,12 +159,42 @@ def dist_context() -> tuple[int, int]:
     return 0, 1
 
 
-def _broadcast_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch.distributed as dist
+def _checkpoints_beyond(out: Path, name: str, world: int) -> list[Path]:
+    """Checkpoint files of task ``name`` written by ranks ``>= world``."""
+    pattern = re.compile(rf"{re.escape(name)}\.rank(\d+)\.safetensors")
+    found = [(pattern.fullmatch(p.name), p) for p in (out / "partial").glob(f"{glob.escape(name)}.rank*")]
+    return [p for m, p in found if m is not None and int(m.group(1)) >= world]
 
-    both = torch.stack([lo, hi]).to(torch.float64).contiguous()
-    dist.broadcast(both, src=0)
-    return both[0].to(lo.dtype), both[1].to(hi.dtype)
+
+def _resume_plan(
+    name: str, out: Path, mine: dict | None, fingerprint: str, rank: int, world: int, force: bool
+) -> bool:
+    """Whether every rank resumes task ``name`` from its checkpoint (the same answer on every rank).
+
+    ``mine``: this rank's checkpoint (``fingerprint``, ``world``, ``rank``, ``batches_done``) or None. Ranks resume
+    together or not at all: checkpoints of other task data are ignored; if some ranks lack one (an interruption
+    between two ranks' checkpoints), the task is recorded again from its start. Checkpoints written under another
+    number of ranks cover other batches: refused, unless ``force`` (then recorded again).
+    """
+    from neurospec.record.distributed import gather_objects
+
+    infos = gather_objects(mine)
+    valid = [i if i is not None and i.get("fingerprint") == fingerprint else None for i in infos]
+    other = sorted({i["world"] for i in valid if i is not None and i["world"] != world})
+    if other and not force:
+        was = " or ".join(map(str, other))
+        raise RunStoreError(
+            f"task {name!r} of run {out} was interrupted while recorded by {was} process(es), and its checkpoints "
+            f"cover other batches than {world} process(es) record: run again with {was} process(es) "
+            "(torchrun --nproc_per_node N), or pass --force to record the task again from its start"
+        )
+    usable = [i is not None and i["world"] == world and i.get("rank", r) == r for r, i in enumerate(valid)]
+    if any(usable) and not all(usable) and rank == 0:
+        warnings.warn(
+            f"task {name!r}: some ranks have no checkpoint of the interrupted recording; recording it again from "
+            "its start", stacklevel=3,
+        )
+    return all(usable)
 
 
 # ----------------------------------------------------------------------------------------------- recording
@@ -195,8 +230,10 @@ def record_task(
     ``resume_state = (accumulators, batches_done)`` continues an interrupted recording; ``checkpoint(accs,
     batches_done)`` is called every ``checkpoint_every`` batches of this rank.
     """
+    from neurospec.record.distributed import all_reduce_, broadcast_range
+
     rank, world = dist_context()
-    sync = _broadcast_range if world > 1 else None
+    sync = broadcast_range if world > 1 else None
     n_batches = -(-blocks.shape[0] // cfg.batch_size)
     if world > n_batches:
         raise NeurospecError(f"{n_batches} batches cannot be split across {world} ranks: record more tokens")
@@ -245,8 +282,6 @@ def record_task(
         for h in handles:
             h.remove()
     if world > 1:
-        from neurospec.record.distributed import all_reduce_
-
         for group in accs.values():
             for acc in group.values():
                 all_reduce_(acc)
@@ -272,6 +307,7 @@ def record(
     """
     from neurospec.data.images import ImageTaskData, image_task
     from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
+    from neurospec.record.distributed import broadcast_object, check_same, together
 
     cfg = config or RecordConfig()
     rank, world = dist_context()
@@ -287,27 +323,35 @@ def record(
     if not tasks:
         raise TaskError("no task given: name at least one (see `neurospec tasks`)")
 
-    manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=rank == 0)
+    # Under torchrun, checks that can fail on one rank only run under together(): then every rank stops alike.
+    check_same("models", loaded.fingerprint, "every rank must load the same model")
+    check_same("record configurations", cfg.to_dict(), "every rank must be given the same configuration", width=0)
+    with together():  # only rank 0 writes the run (a bad --out fails there)
+        manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=True) if rank == 0 else None
+    manifest = broadcast_object(manifest)  # every rank decides from rank 0's view of the run
     summary_tasks: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
-    for t in tasks:
-        if isinstance(t, TaskData | ImageTaskData):
-            data = t
-        else:
-            spec = t if not isinstance(t, str) else parse_task_spec(t)
-            data = build_task_data(
-                spec, loaded.tokenizer, seq_len=cfg.seq_len, collect_tokens=cfg.tokens,
-                eval_tokens=cfg.eval_tokens, seed=cfg.seed,
-            )
-        want_blocks = -(-cfg.tokens // cfg.seq_len)
-        if isinstance(data, ImageTaskData):  # an image task records all of its collection images
-            want_blocks = data.collect.shape[0]
-        if data.collect.shape[0] < want_blocks:
-            have = data.collect.shape[0] * cfg.seq_len
-            raise TaskError(
-                f"task {data.name!r} has only {have} tokens in its collection split (blocks of {cfg.seq_len}); "
-                f"{cfg.tokens} were asked for. Lower --tokens (or --seq-len), or give the task more data."
-            )
+    for t, task_name in zip(tasks, names, strict=True):
+        with together():
+            if isinstance(t, TaskData | ImageTaskData):
+                data = t
+            else:
+                spec = t if not isinstance(t, str) else parse_task_spec(t)
+                data = build_task_data(
+                    spec, loaded.tokenizer, seq_len=cfg.seq_len, collect_tokens=cfg.tokens,
+                    eval_tokens=cfg.eval_tokens, seed=cfg.seed,
+                )
+            want_blocks = -(-cfg.tokens // cfg.seq_len)
+            if isinstance(data, ImageTaskData):  # an image task records all of its collection images
+                want_blocks = data.collect.shape[0]
+            if data.collect.shape[0] < want_blocks:
+                have = data.collect.shape[0] * cfg.seq_len
+                raise TaskError(
+                    f"task {data.name!r} has only {have} tokens in its collection split (blocks of {cfg.seq_len}); "
+                    f"{cfg.tokens} were asked for. Lower --tokens (or --seq-len), or give the task more data."
+                )
+        check_same(f"data for task {task_name!r} (fingerprints)", data.fingerprint,
+                   "every rank must read the same task data")
         blocks = data.collect[:want_blocks]
         n_tokens = int(blocks.numel()) if not blocks.is_floating_point() else None
         info = manifest["tasks"].get(data.name)
@@ -321,22 +365,29 @@ def record(
             nonfinite[data.name] = info.get("nonfinite", 0)
             continue
         partial = out / "partial" / f"{data.name}.rank{rank}.safetensors"
+        mine = None
+        with together():
+            if partial.exists():
+                tensors, meta = store.load_tensors(partial)
+                mine = {"fingerprint": meta.get("fingerprint"), "world": int(meta.get("world", 1)),
+                        "rank": int(meta.get("rank", rank)), "batches_done": int(meta["batches_done"])}
+            if rank == 0:
+                manifest["tasks"][data.name] = {
+                    "spec": _spec_dict(data), "fingerprint": data.fingerprint, "status": "running",
+                    "tokens": n_tokens, "blocks": int(blocks.shape[0]), "licence": getattr(data, "licence", None),
+                }
+                store.atomic_write_json(out / store.MANIFEST, manifest)
         resume = None
-        if partial.exists():
-            tensors, meta = store.load_tensors(partial)
-            if meta.get("fingerprint") == data.fingerprint and int(meta.get("world", 1)) == world:
-                resume = (accumulators_from_tensors(tensors, json.loads(meta["accumulators"])), int(meta["batches_done"]))
-        if rank == 0:
-            manifest["tasks"][data.name] = {
-                "spec": _spec_dict(data), "fingerprint": data.fingerprint, "status": "running",
-                "tokens": n_tokens, "blocks": int(blocks.shape[0]), "licence": getattr(data, "licence", None),
-            }
-            store.atomic_write_json(out / store.MANIFEST, manifest)
+        if _resume_plan(data.name, out, mine, data.fingerprint, rank, world, force):
+            resume = (accumulators_from_tensors(tensors, json.loads(meta["accumulators"])), mine["batches_done"])
+        elif mine is not None:
+            partial.unlink()
 
         def checkpoint(accs, done, _partial=partial, _fp=data.fingerprint):
             tensors, meta = pack_accumulators(accs)
             store.save_tensors(_partial, tensors, {
-                "fingerprint": _fp, "batches_done": str(done), "world": str(world), "accumulators": json.dumps(meta),
+                "fingerprint": _fp, "batches_done": str(done), "world": str(world), "rank": str(rank),
+                "accumulators": json.dumps(meta),
             })
 
         t0 = time.perf_counter()
@@ -348,13 +399,16 @@ def record(
         n_bad = int(sum(int(g["stats"].state_dict()["nonfinite"].sum()) for g in accs.values()))
         if n_tokens is None:  # images: every position (patch) of every image counts once
             n_tokens = int(next(iter(accs.values()))["stats"].state_dict()["count"].max())
-        if rank == 0:
-            tensors, meta = pack_accumulators(accs)
-            store.save_tensors(out / "stats" / f"{data.name}.safetensors", tensors,
-                               {"accumulators": json.dumps(meta), "fingerprint": data.fingerprint})
-            manifest["tasks"][data.name].update(status="done", nonfinite=n_bad, seconds=round(seconds, 3),
-                                                tokens=n_tokens)
-            store.atomic_write_json(out / store.MANIFEST, manifest)
+        with together():  # every rank keeps its checkpoint until rank 0 has written the task's result
+            if rank == 0:
+                tensors, meta = pack_accumulators(accs)
+                store.save_tensors(out / "stats" / f"{data.name}.safetensors", tensors,
+                                   {"accumulators": json.dumps(meta), "fingerprint": data.fingerprint})
+                manifest["tasks"][data.name].update(status="done", nonfinite=n_bad, seconds=round(seconds, 3),
+                                                    tokens=n_tokens)
+                store.atomic_write_json(out / store.MANIFEST, manifest)
+                for old in _checkpoints_beyond(out, data.name, world):  # left by a run with more ranks
+                    old.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
         summary_tasks[data.name] = n_tokens
         nonfinite[data.name] = n_bad
