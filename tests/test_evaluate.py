@@ -361,3 +361,20 @@ def test_real_minilm_evaluate_and_task_map(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     sel = np.array(json.loads(r.stdout)["selectivity"])
     assert sel.shape == (2, 2) and (sel > 0).all() and (sel < 1).all()
+
+
+def test_ablation_study_names_the_metric_of_its_loss(encoder):
+    from neurospec.experiments.ablation import ablation_study, summarise
+
+    b = blocks(n=3, seq=12, low=2)
+    rows = ablation_study(encoder, encoder.sites, {"t": b}, kind="mlp", frac_per_step=0.5, steps=1,
+                          methods=["zero"], seeds=[0], batch_size=2)
+    ref = reference_states(encoder, b)
+    with ablated(encoder.model, encoder.sites, NeuronSet.random_nested(encoder.sites.of_kind("mlp"), [0.5],
+                                                                       seed=0)[0], "zero"):
+        want = 1 - hand_similarity(encoder.model, b, ref)
+    assert rows[-1]["loss"] == pytest.approx(want, rel=1e-5) and rows[-1]["top1"] is None
+    assert {r["loss_metric"] for r in summarise(rows)} == {"cosine distance to the unablated model"}
+    lm = ablation_study(tiny_model("llama"), find_sites(tiny_model("llama")), {"t": b}, kind="mlp",
+                        frac_per_step=0.5, steps=1, methods=["zero"], seeds=[0])
+    assert lm[0]["loss_metric"] == "next-token cross-entropy"

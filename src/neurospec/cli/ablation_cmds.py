@@ -181,7 +181,7 @@ def ablate_cmd(
         res["report"] = str(build_report(out_dir))
 
     def human():
-        t = Table(title="ablation methods: loss increase (mean over seeds)")
+        t = Table(title=f"ablation methods: increase of {rows[0]['loss_metric']} (mean over seeds)")
         for c in ("task", "fraction", *method_list):
             t.add_column(c, justify="right")
         summ = res["summary"]
