@@ -34,7 +34,8 @@ def test_evaluate_json_contract(setup):
     res = json.loads(r.stdout)
     assert set(res) == {"prose", "dialog"}
     for m in res.values():
-        assert set(m) == {"top1", "top10", "skip_top1", "loss", "perplexity", "tokens"}
+        assert set(m) == {"metric", "top1", "top10", "skip_top1", "loss", "perplexity", "tokens", "nonfinite"}
+        assert m["metric"] == "next-token top-1" and m["nonfinite"] == 0
         assert m["perplexity"] == pytest.approx(torch.tensor(m["loss"]).exp().item(), rel=1e-6)
         assert 0 <= m["top1"] <= m["top10"] <= 1
 

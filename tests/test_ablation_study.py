@@ -86,7 +86,7 @@ def test_rows_baseline_and_growth(study):
     model, sites, tasks, rows, kw, _ = study
     assert len(rows) == 2 * 5 * 4 * 2
     assert set(rows[0]) == {"seed", "step", "fraction", "method", "task", "loss", "top1", "loss_increase",
-                            "top1_drop", "n_ablated"}
+                            "top1_drop", "n_ablated", "loss_metric"}
     for task in tasks:
         base = [r for r in rows if r["step"] == 0 and r["task"] == task]
         assert len(base) == 8 and len({(r["loss"], r["top1"]) for r in base}) == 1

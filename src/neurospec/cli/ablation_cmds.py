@@ -53,8 +53,10 @@ def evaluate_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Next-token top-1, top-10, skip top-1, loss and perplexity of each task's evaluation split."""
-    from neurospec.experiments.common import skip_ids_for, task_metrics
+    """Next-token top-1, top-10, skip top-1, loss and perplexity of each task's evaluation split (masked LMs: on
+    masked positions; image classifiers: class accuracy; head-less encoders: representation similarity)."""
+    from neurospec.evaluate import task_metrics, task_references
+    from neurospec.experiments.common import skip_ids_for
 
     check_model_options(device, dtype)
     check_tasks(task)
@@ -62,19 +64,41 @@ def evaluate_cmd(
         check_int(option, value)
     loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
+    refs = task_references(loaded, {n: d.eval for n, d in tasks.items()}, batch_size=batch_size)
+    keys = ("metric", "top1", "top10", "skip_top1", "loss", "perplexity", "tokens", "nonfinite")
     res = {}
     for name, data in tasks.items():
-        m = task_metrics(loaded, data.eval, skip_ids=skip_ids_for(data.collect), batch_size=batch_size)
-        res[name] = {k: m[k] for k in ("top1", "top10", "skip_top1", "loss", "perplexity", "tokens")}
+        m = task_metrics(loaded, data.eval, skip_ids=skip_ids_for(data.collect), batch_size=batch_size,
+                         label=getattr(data, "label", None), reference=refs.get(name))
+        res[name] = {k: m.get(k) for k in keys}
+        if m["objective"] == "representation":
+            res[name].update(cosine_distance=m["cosine_distance"], rel_l2=m["rel_l2"])
+    metrics = sorted({m["metric"] for m in res.values()})
+
+    def num(v, f: str) -> str:
+        return "-" if v is None else format(v, f)
 
     def human():
-        t = Table(title=f"{model}: evaluation splits")
-        for c in ("task", "top1", "top10", "skip top1", "loss", "perplexity", "tokens"):
+        t = Table(title=f"{model}: evaluation splits, {' / '.join(metrics)}")
+        rep = [n for n, m in res.items() if m["metric"] == "representation similarity"]
+        cols = ("task", "top1", "top10", "skip top1", "loss", "perplexity", "tokens", "non-finite")
+        if rep:
+            cols = ("task", "similarity", "cosine distance", "rel. L2 change", "tokens", "non-finite")
+        for c in cols:
             t.add_column(c, justify="right")
         for name, m in res.items():
-            t.add_row(name, f"{m['top1']:.4f}", f"{m['top10']:.4f}", f"{m['skip_top1']:.4f}", f"{m['loss']:.4f}",
-                      f"{m['perplexity']:.2f}", f"{m['tokens']:,}")
+            if rep:
+                t.add_row(name, num(m["top1"], ".4f"), num(m.get("cosine_distance"), ".4f"),
+                          num(m.get("rel_l2"), ".4f"), f"{m['tokens']:,}", str(m["nonfinite"]))
+            else:
+                t.add_row(name, num(m["top1"], ".4f"), num(m["top10"], ".4f"), num(m["skip_top1"], ".4f"),
+                          num(m["loss"], ".4f"), num(m["perplexity"], ".2f"), f"{m['tokens']:,}",
+                          str(m["nonfinite"]))
         out.print(t)
+        if rep:
+            out.print("The model has no language-model or class head, so its metric is the representation "
+                      "similarity: the mean cosine of the final hidden states to the unablated model's (1 here by "
+                      "construction; pruning and ablation move it, see `neurospec prune`, `taskmap`, `ablate`).")
 
     emit(res, json_, human)
 
@@ -223,7 +247,7 @@ def ablate_cmd(
         res["report"] = str(build_report(out_dir))
 
     def human():
-        t = Table(title="ablation methods: loss increase (mean over seeds)")
+        t = Table(title=f"ablation methods: increase of {rows[0]['loss_metric']} (mean over seeds)")
         for c in ("task", "fraction", *method_list):
             t.add_column(c, justify="right")
         summ = res["summary"]

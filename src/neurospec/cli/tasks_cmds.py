@@ -91,7 +91,7 @@ def prune_cmd(
 
     def human():
         t = Table(title=f"selective pruning: forget {res['forget']}, retain {'+'.join(res['retain'])} "
-                        f"(area {res['area']:.3f})")
+                        f"(area {res['area']:.3f}; top1 = {res['metric']})")
         for c in ("fraction", "pruned", "forget top1", "forget loss", "retain top1", "retain loss"):
             t.add_column(c, justify="right")
         for r in res["steps"]:
@@ -157,7 +157,8 @@ def taskmap_cmd(
             t.add_row(n, *(f"{v:.2f}" for v in row))
         out.print(t)
         if res["selectivity"] is not None:
-            s = Table(title=f"selectivity: top-1 drop of column task when row task's top {cfg.select_frac:.0%} are pruned")
+            s = Table(title=f"selectivity: {res['metric']} drop of column task when row task's top "
+                            f"{cfg.select_frac:.0%} are pruned")
             s.add_column("")
             for n in names:
                 s.add_column(n, justify="right")

@@ -3,8 +3,12 @@
 ``evaluate_lm`` (causal LM): every position ``t < seq-1`` of every block predicts token ``t+1``.
 
 - ``loss``: mean cross-entropy over all predicted positions; ``perplexity = exp(loss)``.
-- ``top1`` / ``top{k}``: fraction of positions whose target is among the ``k`` highest logits. The rank of the
-  target is the number of logits *strictly* greater than the target's, so ties count in the target's favour.
+- ``top1`` / ``top{k}``: fraction of positions whose target is among the ``k`` highest logits. One definition
+  (:func:`target_rank`) serves every evaluator of the package: the target's rank is the number of *other* tokens
+  whose logit is ``>=`` the target's, so ties count against the target (constant logits are never a hit), and the
+  target is in the top ``k`` when its rank is ``< k``.
+- ``nonfinite``: the number of positions with a NaN or infinite logit. They are never a hit (they stay in the
+  denominators) and they make ``loss`` NaN or infinite; a warning says how many there were.
 - ``skip_top1``: top-1 over the positions whose *target* is not in ``skip_ids`` (by convention the 50 most frequent
   tokens of the task's collection split: :func:`most_frequent_tokens`); ``None`` without ``skip_ids``.
 - ``tokens`` / ``skip_tokens``: the number of positions each average is over.
@@ -21,13 +25,17 @@ with those of the unablated model (:func:`reference_states`): mean per-token cos
 ``cosine_distance`` (0 for the unablated model, the number to track in an ablation study) and the mean relative L2
 change ``||h - h_ref|| / ||h_ref||``.
 
-Everything accumulates in float64; only one batch of logits exists at a time (memory ``batch * seq * vocab``
-floats for the model's own output, plus a ``rows x vocab`` temporary per chunk of 1024 positions).
+Memory: causal LMs whose logits are the output embedding applied to the base model's final hidden states (the
+families of :data:`HIDDEN_PATH_FAMILIES` without a logit transform; tested against the full logits) are evaluated
+from those hidden states through the head, ``chunk`` positions at a time, so no ``[batch, seq, vocab]`` tensor
+exists: peak memory is ``batch * seq * hidden`` plus a few ``chunk x vocab`` temporaries. Other models (masked LMs,
+other families) take the model's full logits, one batch at a time. Sums accumulate in float64.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -38,6 +46,14 @@ from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel, _head_of
 
 _CHUNK = 1024
+
+#: What the accuracy-like ``top1`` of each objective's metrics measures (every metrics dict names it as ``metric``).
+METRIC_NAMES = {
+    "causal": "next-token top-1",
+    "masked": "masked-token top-1",
+    "image-class": "class top-1",
+    "representation": "representation similarity",
+}
 
 
 def most_frequent_tokens(blocks: torch.Tensor, n: int = 50) -> torch.Tensor:
@@ -78,32 +94,63 @@ def has_lm_head(model: nn.Module) -> bool:
     return _head_of(model) in ("causal-lm", "masked-lm")
 
 
-class _Counts:
-    """Float64 sums of the next-token metrics."""
+def target_rank(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank of each target among its row's logits, and whether the row is finite.
 
-    def __init__(self, topk: int, skip_ids: torch.Tensor | None):
+    ``logits``: ``[rows, n_classes]``; ``targets``: ``LongTensor[rows]``. Returns ``(rank, finite)``: ``rank`` is the
+    number of *other* classes whose logit is ``>=`` the target's (ties count against the target) and ``finite`` is
+    True where every logit of the row is finite. The target is in the top ``k`` iff ``finite & (rank < k)``: see
+    :func:`topk_hits`.
+    """
+    tgt = logits.gather(1, targets[:, None])
+    rank = (logits >= tgt).sum(dim=1) - 1  # the target itself is >= itself (unless NaN: then the row is not finite)
+    finite = torch.isfinite(logits).all(dim=1)
+    return rank, finite
+
+
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """``BoolTensor[rows]``: the target is among the ``k`` highest logits of a finite row (see :func:`target_rank`)."""
+    rank, finite = target_rank(logits, targets)
+    return finite & (rank < k)
+
+
+def warn_nonfinite(n: int, total: int, what: str = "positions") -> None:
+    if n:
+        warnings.warn(f"{n} of {total} {what} had NaN or infinite outputs; they count as wrong and make the loss "
+                      "NaN or infinite (is the model overflowing in this dtype, or are all neurons of a layer "
+                      "ablated?)", RuntimeWarning, stacklevel=3)
+
+
+class TokenCounts:
+    """Float64 sums of the next-token (or masked-token) metrics of :func:`evaluate_lm`, fed a batch at a time."""
+
+    def __init__(self, topk: int, skip_ids: torch.Tensor | None, chunk: int = _CHUNK):
         self.topk = topk
         self.skip_ids = skip_ids
+        self.chunk = chunk
         self.loss = 0.0
         self.top1 = 0
         self.topk_hits = 0
         self.n = 0
+        self.nonfinite = 0
         self.skip_top1 = 0
         self.skip_n = 0
 
-    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """``logits``: ``[rows, vocab]``; ``targets``: ``LongTensor[rows]``."""
+    def update(self, rows: torch.Tensor, targets: torch.Tensor, head: Any = None) -> None:
+        """``rows``: logits ``[n, vocab]``, or with ``head`` final hidden states ``[n, hidden]`` that ``head`` maps
+        to logits (one chunk of positions at a time); ``targets``: ``LongTensor[n]``."""
         skip = None if self.skip_ids is None else self.skip_ids.to(targets.device)
-        for lo in range(0, targets.numel(), _CHUNK):
-            lg = logits[lo : lo + _CHUNK].float()
-            tg = targets[lo : lo + _CHUNK]
-            tgt_logit = lg.gather(1, tg[:, None])
-            nll = torch.logsumexp(lg, dim=1) - tgt_logit[:, 0]
-            rank = (lg > tgt_logit).sum(dim=1)
-            hit1 = rank < 1
+        for lo in range(0, targets.numel(), self.chunk):
+            part = rows[lo : lo + self.chunk]
+            lg = (part if head is None else head(part)).float()
+            tg = targets[lo : lo + self.chunk]
+            rank, finite = target_rank(lg, tg)
+            nll = torch.logsumexp(lg, dim=1) - lg.gather(1, tg[:, None])[:, 0]
+            hit1 = finite & (rank < 1)
             self.loss += float(nll.double().sum())
             self.top1 += int(hit1.sum())
-            self.topk_hits += int((rank < self.topk).sum())
+            self.topk_hits += int((finite & (rank < self.topk)).sum())
+            self.nonfinite += int((~finite).sum())
             self.n += tg.numel()
             if skip is not None:
                 keep = ~torch.isin(tg, skip)
@@ -113,6 +160,7 @@ class _Counts:
     def compute(self, objective: str) -> dict:
         if self.n == 0:
             raise NeurospecError("no positions to evaluate (blocks too short, or no position was masked)")
+        warn_nonfinite(self.nonfinite, self.n)
         loss = self.loss / self.n
         try:
             ppl = math.exp(loss)
@@ -123,6 +171,7 @@ class _Counts:
             skip_top1 = self.skip_top1 / self.skip_n if self.skip_n else math.nan
         return {
             "objective": objective,
+            "metric": METRIC_NAMES[objective],
             "top1": self.top1 / self.n,
             f"top{self.topk}": self.topk_hits / self.n,
             "skip_top1": skip_top1,
@@ -130,6 +179,7 @@ class _Counts:
             "perplexity": ppl,
             "tokens": self.n,
             "skip_tokens": self.skip_n if self.skip_ids is not None else None,
+            "nonfinite": self.nonfinite,
         }
 
 
@@ -145,6 +195,41 @@ def _special_ids(model: nn.Module, tokenizer: Any) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long).reshape(-1)
 
 
+#: Causal-LM families whose logits are exactly ``output_embeddings(base_model(ids).last_hidden_state)``.
+HIDDEN_PATH_FAMILIES = frozenset({"llama", "qwen2", "gemma", "gpt2", "gpt_neox", "opt"})
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def hidden_path(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(base, head)`` of a causal LM whose logits are ``head(base(ids).last_hidden_state)`` (a family of
+    :data:`HIDDEN_PATH_FAMILIES` whose config sets no logit transform such as soft-capping), else ``None``: then
+    the model's full logits are used."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in HIDDEN_PATH_FAMILIES:
+        return None
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings()
+    if base is None or base is model or not isinstance(head, nn.Linear):
+        return None
+    return base, head
+
+
+def causal_batch(model: nn.Module, ids: torch.Tensor, counts: TokenCounts, path: tuple | None) -> None:
+    """Add one batch of blocks ``ids`` (on the input device) to ``counts``: through ``path`` (:func:`hidden_path`)
+    a chunk of positions at a time, or from the model's full logits when ``path`` is ``None``."""
+    targets = ids[:, 1:].reshape(-1)
+    if path is None:
+        logits = model(input_ids=ids, use_cache=False).logits
+        counts.update(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.to(logits.device))
+        return
+    base, head = path
+    h = base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    h = h.reshape(-1, h.shape[-1]).to(head.weight.device)
+    counts.update(h, targets.to(h.device), head=head)
+
+
 @torch.no_grad()
 def evaluate_lm(
     model: Any,
@@ -157,19 +242,23 @@ def evaluate_lm(
     mlm_prob: float = 0.15,
     seed: int = 0,
     special_ids: torch.Tensor | None = None,
+    chunk: int = _CHUNK,
+    full_logits: bool = False,
 ) -> dict:
     """Next-token (causal LM) or masked-token (masked LM) metrics of ``model`` on ``blocks``; see the module doc.
 
     ``model``: a Hugging Face model with an LM head, or a :class:`~neurospec.models.loading.LoadedModel` (whose
     tokenizer then supplies the mask token and special tokens). ``blocks``: ``LongTensor[n_blocks, seq]``.
     ``mask_token_id``, ``mlm_prob``, ``seed`` and ``special_ids`` (never masked; default: the tokenizer's special
-    tokens, or the config's pad/bos/eos/sep/cls ids) apply to masked LMs only.
-    Returns ``{objective, top1, top{k}, skip_top1, loss, perplexity, tokens, skip_tokens}``.
+    tokens, or the config's pad/bos/eos/sep/cls ids) apply to masked LMs only. ``chunk``: positions per logits
+    chunk; ``full_logits=True`` always takes the model's full logits (the reference the chunked path is tested
+    against).
+    Returns ``{objective, metric, top1, top{k}, skip_top1, loss, perplexity, tokens, skip_tokens, nonfinite}``.
     """
     model, tokenizer = unwrap_model(model)
     blocks = _check_blocks(blocks)
-    if batch_size < 1 or topk < 1:
-        raise NeurospecError(f"batch_size and topk must be >= 1, got {batch_size} and {topk}")
+    if batch_size < 1 or topk < 1 or chunk < 1:
+        raise NeurospecError(f"batch_size, topk and chunk must be >= 1, got {batch_size}, {topk} and {chunk}")
     if not has_lm_head(model):
         raise NeurospecError(_no_lm_head_message(model))
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
@@ -177,15 +266,14 @@ def evaluate_lm(
         raise NeurospecError(f"blocks hold token id {int(blocks.max())}, but the model's vocabulary has {vocab}")
     if skip_ids is not None:
         skip_ids = torch.as_tensor(skip_ids, dtype=torch.long).reshape(-1)
-    counts = _Counts(topk, skip_ids)
+    counts = TokenCounts(topk, skip_ids, chunk)
     device = _input_device(model)
     if _head_of(model) == "causal-lm":
         if blocks.shape[1] < 2:
             raise NeurospecError("causal-LM evaluation needs blocks of at least 2 tokens")
+        path = None if full_logits else hidden_path(model)
         for lo in range(0, blocks.shape[0], batch_size):
-            ids = blocks[lo : lo + batch_size].to(device)
-            logits = model(input_ids=ids).logits
-            counts.update(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            causal_batch(model, blocks[lo : lo + batch_size].to(device), counts, path)
         return counts.compute("causal")
     if mask_token_id is None:
         mask_token_id = getattr(tokenizer, "mask_token_id", None)
@@ -269,7 +357,8 @@ def evaluate_representation(
 
     ``inputs``: ``LongTensor[n, seq]`` token ids (or pixel values for vision encoders). Per token ``t``:
     ``cos_t = cos(h_t, ref_t)`` and ``rel_t = ||h_t - ref_t|| / ||ref_t||``; returns their means
-    ``{cosine, cosine_distance (= 1 - cosine), rel_l2, tokens}``.
+    ``{cosine, cosine_distance (= 1 - cosine), rel_l2, tokens, nonfinite}``. Tokens whose hidden state holds a NaN
+    or infinity are counted in ``nonfinite`` and score cosine 0 (``rel_l2`` becomes NaN or infinite).
     """
     model, _ = unwrap_model(model)
     inputs = _check_inputs(inputs)
@@ -277,16 +366,23 @@ def evaluate_representation(
         raise NeurospecError(f"reference holds {reference.shape[0]} inputs, but {inputs.shape[0]} inputs were given")
     device = _input_device(model)
     cos_sum = rel_sum = 0.0
-    n = 0
+    n = nonfinite = 0
     for lo in range(0, inputs.shape[0], batch_size):
         h = _final_hidden(model, inputs[lo : lo + batch_size].to(device)).float()
         ref = reference[lo : lo + batch_size].to(h.device, torch.float32)
         if h.shape != ref.shape:
             raise NeurospecError(f"hidden states {tuple(h.shape)} do not match the reference {tuple(ref.shape)}")
         h, ref = h.reshape(-1, h.shape[-1]).double(), ref.reshape(-1, ref.shape[-1]).double()
-        cos_sum += float(F.cosine_similarity(h, ref, dim=-1, eps=1e-12).sum())
+        finite = torch.isfinite(h).all(dim=-1)
+        cos = F.cosine_similarity(h, ref, dim=-1, eps=1e-12)
+        cos_sum += float(torch.where(finite, cos, torch.zeros_like(cos)).sum())
         rel = (h - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
         rel_sum += float(rel.sum())
+        nonfinite += int((~finite).sum())
         n += h.shape[0]
+    if n == 0:
+        raise NeurospecError("no inputs to evaluate")
+    warn_nonfinite(nonfinite, n, "tokens")
     cosine = cos_sum / n
-    return {"cosine": cosine, "cosine_distance": 1.0 - cosine, "rel_l2": rel_sum / n, "tokens": n}
+    return {"cosine": cosine, "cosine_distance": 1.0 - cosine, "rel_l2": rel_sum / n, "tokens": n,
+            "nonfinite": nonfinite}

@@ -8,7 +8,8 @@ evaluated once and shared by every method and seed.
 
 Metrics: models with an LM head use :func:`~neurospec.evaluate.evaluate_lm` (``loss``, ``top1``). Head-less
 encoders use :func:`~neurospec.evaluate.evaluate_representation`: ``loss`` is then the mean cosine distance of the
-final hidden states to the unablated model's (0 at step 0) and ``top1`` is ``None``.
+final hidden states to the unablated model's (0 at step 0) and ``top1`` is ``None`` (so do image classifiers: the
+study's tasks carry no class labels). Every row names what its ``loss`` is in ``loss_metric``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from neurospec.evaluate.metrics import (
 )
 from neurospec.intervene.ablate import ablated, get_ablation
 from neurospec.intervene.neuronset import NeuronSet
+from neurospec.models.loading import _head_of
 from neurospec.models.sites import Sites
 
 KINDS = ("attn", "mlp", "both")
@@ -62,7 +64,8 @@ def ablation_study(
     per_neuron: bool = False,
 ) -> list[dict]:
     """Run the study; returns one row per ``(seed, step, method, task)``:
-    ``{seed, step, fraction, method, task, loss, top1, loss_increase, top1_drop, n_ablated}``.
+    ``{seed, step, fraction, method, task, loss, top1, loss_increase, top1_drop, n_ablated, loss_metric}``
+    (``loss_metric`` names what ``loss`` measures).
 
     ``tasks``: task name -> evaluation blocks (``LongTensor[n, seq]``, tokens not used to compute the offsets).
     ``kind``: which sites to ablate (``"both"``: MLP and attention, each site ``fraction`` of its width).
@@ -104,6 +107,9 @@ def ablation_study(
     if mask_token_id is None and tokenizer is not None:
         mask_token_id = getattr(tokenizer, "mask_token_id", None)
 
+    loss_metric = "cosine distance to the unablated model"
+    if metric == "lm":
+        loss_metric = ("next-token" if _head_of(model) == "causal-lm" else "masked-token") + " cross-entropy"
     refs = {}
     if metric == "representation":
         refs = {t: reference_states(model, b, batch_size=batch_size) for t, b in tasks.items()}
@@ -131,6 +137,7 @@ def ablation_study(
             "loss_increase": loss - base_loss,
             "top1_drop": None if top1 is None else base_top1 - top1,
             "n_ablated": n,
+            "loss_metric": loss_metric,
         })
 
     fracs = [step * frac_per_step for step in range(1, steps + 1)]
@@ -179,6 +186,7 @@ def summarise(rows: Sequence[Mapping]) -> list[dict]:
             "step": rs[0]["step"],
             "n_seeds": len({r["seed"] for r in rs}),
             "n_ablated": sum(r["n_ablated"] for r in rs) / len(rs),
+            "loss_metric": rs[0].get("loss_metric"),
         }
         for f in _FIELDS:
             d[f"{f}_mean"], d[f"{f}_std"] = _mean_std([r[f] for r in rs])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from neurospec.errors import NeurospecError, TaskError
+from neurospec.evaluate.tasks import classification_metrics, task_metrics  # noqa: F401  (re-exported)
 from neurospec.models.loading import LoadedModel
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import Run, open_run
@@ -85,47 +86,3 @@ def skip_ids_for(blocks: torch.Tensor, n: int = 50) -> torch.Tensor | None:
     if blocks.is_floating_point():
         return None
     return most_frequent_tokens(blocks, n=n)
-
-
-def task_metrics(
-    loaded: LoadedModel, blocks: torch.Tensor, *, skip_ids: torch.Tensor | None = None, batch_size: int = 8,
-    seed: int = 0, label: int | None = None,
-) -> dict[str, float]:
-    """Metrics of one task's evaluation blocks for whatever head the model has.
-
-    Causal LMs: next-token top-1, top-10, skip top-1, loss, perplexity. Masked LMs: the same on a seeded 15% of
-    masked positions. Image classifiers on an image task (``label``: its class): top-1 and top-10 class accuracy,
-    cross-entropy (``skip_top1`` = top-1). Head-less encoders have no such metric (an error says what to use).
-    """
-    from neurospec import evaluate as ev
-
-    if loaded.head == "image-classification" and blocks.is_floating_point():
-        if label is None:
-            raise NeurospecError("image classification metrics need the images' class (an image task's label)")
-        return classification_metrics(loaded, blocks, label, batch_size=batch_size)
-    if loaded.head in ("causal-lm", "masked-lm"):
-        return ev.evaluate_lm(loaded, blocks, batch_size=batch_size, skip_ids=skip_ids, seed=seed)
-    raise NeurospecError(
-        f"model {loaded.name} has head {loaded.head!r}: next-token metrics need a causal or masked LM head. "
-        "For a head-less encoder use neurospec.evaluate.evaluate_representation (the change of the final hidden "
-        "states against the unablated model)"
-    )
-
-
-def classification_metrics(loaded: LoadedModel, images: torch.Tensor, label: int, *, batch_size: int = 64) -> dict:
-    """Accuracy of an image classifier on images that all belong to class ``label``, in the keys of
-    :func:`neurospec.evaluate.evaluate_lm` (``skip_top1`` = ``top1``; ``tokens`` = images)."""
-    correct = top10 = 0
-    loss = 0.0
-    with torch.inference_mode():
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].to(loaded.device, loaded.dtype)
-            logits = loaded.model(pixel_values=x).logits.double()
-            target = torch.full((x.shape[0],), label, device=logits.device)
-            correct += int((logits.argmax(-1) == target).sum())
-            k = min(10, logits.shape[-1])
-            top10 += int((logits.topk(k, -1).indices == target[:, None]).any(-1).sum())
-            loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-    n = images.shape[0]
-    return {"objective": "image-class", "top1": correct / n, "top10": top10 / n, "skip_top1": correct / n,
-            "loss": loss / n, "perplexity": float(torch.tensor(loss / n).exp()), "tokens": n}

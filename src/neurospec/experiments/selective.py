@@ -13,6 +13,10 @@ Pruned neurons are replaced by a constant: 0 (``ablation="zero"``) or their mean
 
 The retain task is measured on as many evaluation blocks as the forget task, taken in turn from each retain task.
 
+Accuracy is the ``top1`` of :func:`neurospec.evaluate.task_metrics`, named in the result as ``metric``: next-token
+(causal LM), masked-token (masked LM) or class (image classifier) top-1, and for head-less encoders the
+representation similarity (mean cosine of the final hidden states to the unpruned model's; 1 at step 0).
+
 Summary: the curve of accuracy on F (x) against accuracy on R (y), from the unpruned point ``(F0, R0)`` to the
 last step's ``(F1, R1)``, and its normalised area (:func:`normalised_area`) over the range of F it measured:
 1 means both tasks fall together (the diagonal ``y = R0 * x / F0``), above 1 that F falls faster than R, 2 that
@@ -30,7 +34,8 @@ import numpy as np
 import torch
 
 from neurospec.errors import NeurospecError
-from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for, task_metrics
+from neurospec.evaluate.tasks import objective_of, task_metrics, task_references
+from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
@@ -176,7 +181,7 @@ def selective_pruning(
     """Run selective pruning of ``forget`` against ``retain`` (one task or a list, merged). Records into ``out``.
 
     Returns ``{"steps": [{"step", "fraction", "attn_fraction", "n_pruned", "forget": {...}, "retain": {...}}],
-    "area", "forget", "retain", "config"}``; ``save_dir`` also writes the final pruned model with
+    "metric", "area", "forget", "retain", "config"}`` (``metric``: what the accuracy ``top1`` measures); ``save_dir`` also writes the final pruned model with
     ``save_pretrained``. ``run_dir``: where the unpruned statistics are recorded (default ``out/step0``); an existing
     run with the same model and config is reused without recording again.
     """
@@ -204,19 +209,22 @@ def selective_pruning(
     skip_r = skip_ids_for(torch.cat([tasks[n].collect for n in r_names]))  # None for image tasks
     r_eval = _interleave([tasks[n].eval for n in r_names], tasks[f_name].eval.shape[0])
 
-    images = tasks[f_name].eval.is_floating_point()
+    images = objective_of(loaded, tasks[f_name].eval) == "image-class"
+    # head-less models: similarity of the final hidden states to the unpruned model's (taken now, before pruning)
+    refs = task_references(loaded, {"forget": tasks[f_name].eval, "retain": r_eval}, batch_size=pcfg.batch_size)
 
     def measure() -> dict:
         f = task_metrics(loaded, tasks[f_name].eval, skip_ids=skip_f, batch_size=pcfg.batch_size,
-                         label=getattr(tasks[f_name], "label", None))
+                         label=getattr(tasks[f_name], "label", None), reference=refs.get("forget"))
         if images:  # each retain class on its own images, averaged with weights by image count
             parts = [task_metrics(loaded, tasks[n].eval, label=tasks[n].label, batch_size=pcfg.batch_size)
                      for n in r_names]
             total = sum(p["tokens"] for p in parts)
             r = {k: sum(p[k] * p["tokens"] for p in parts) / total for k in ("top1", "top10", "skip_top1", "loss")}
-            r.update(perplexity=float(torch.tensor(r["loss"]).exp()), tokens=total, objective="image-class")
+            r.update(perplexity=float(torch.tensor(r["loss"]).exp()), tokens=total, objective="image-class",
+                     metric=parts[0]["metric"], nonfinite=sum(p["nonfinite"] for p in parts))
         else:
-            r = task_metrics(loaded, r_eval, skip_ids=skip_r, batch_size=pcfg.batch_size)
+            r = task_metrics(loaded, r_eval, skip_ids=skip_r, batch_size=pcfg.batch_size, reference=refs.get("retain"))
         return {"forget": f, "retain": r}
 
     f_stats = run.stats(f_name)
@@ -255,5 +263,5 @@ def selective_pruning(
     acc_r = [r["retain"]["top1"] for r in rows]
     return {
         "forget": f_name, "retain": r_names, "config": pcfg.to_dict(), "steps": rows,
-        "area": normalised_area(acc_f, acc_r), "run": str(run_dir),
+        "metric": rows[0]["forget"]["metric"], "area": normalised_area(acc_f, acc_r), "run": str(run_dir),
     }

@@ -6,14 +6,16 @@ metrics) and :meth:`~LMEvaluator.ablate` ``(site, indices) -> {task: {metric: va
 :meth:`~LMEvaluator.damage` (how much worse, larger = more damage):
 
 * :class:`LMEvaluator` (causal LMs): mean next-token cross-entropy (``loss``) and top-1 accuracy (``top1``) over each
-  task's evaluation blocks; damage = loss increase. *Prefix cache*: ablating a site of layer ``L`` cannot change
+  task's evaluation blocks, counted by :mod:`neurospec.evaluate.metrics` (the same definition of a hit as every
+  other evaluator: ties count against the target, non-finite logits are counted in ``nonfinite`` and never a hit);
+  damage = loss increase. *Prefix cache*: ablating a site of layer ``L`` cannot change
   blocks ``0 .. L-1``, so the unablated output of block ``L - 1`` is kept per batch from the baseline pass and, while
   an ablation of layer ``L`` is measured, blocks ``0 .. L-1`` are swapped for stand-ins that return it. The result
   is the same (to float rounding) as the full forward pass and costs only the blocks from ``L`` on plus the head;
   memory: one ``[batch, seq, d_model]`` output per cached layer and batch. It needs the blocks in one
   ``nn.ModuleList`` (every supported family); otherwise the full pass runs.
 * :class:`ImageEvaluator` (zoo models): top-1 accuracy on the test split, overall (task ``all``) and per class
-  (``digit-C``); damage = accuracy drop.
+  (``digit-C``), hits as in :func:`~neurospec.evaluate.metrics.topk_hits`; damage = accuracy drop.
 
 Ablation: ``"zero"`` or ``"mean"`` (``offsets``: per-site means), folded into the site's linear module by
 :func:`neurospec.intervene.ablate.ablated` and undone after each measurement.
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from neurospec.errors import NeurospecError
+from neurospec.evaluate.metrics import TokenCounts, causal_batch, hidden_path, topk_hits
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.sites import Sites
@@ -124,13 +127,12 @@ class LMEvaluator(_Evaluator):
         self.blocks = block_list(self.model, self.sites) if prefix_cache else None
         self._cache: dict[int, list[Any]] = {}
         self._batch = 0
+        self.path = hidden_path(self.model)
         want = sorted({int(x) - 1 for x in layers if int(x) > 0}) if self.blocks is not None else []
         self.baseline = self._run(capture=want)
 
     def _run(self, capture: list[int] = ()) -> dict[str, dict[str, float]]:
-        loss = dict.fromkeys(self.tasks, 0.0)
-        correct = dict.fromkeys(self.tasks, 0)
-        count = dict.fromkeys(self.tasks, 0)
+        counts = {t: TokenCounts(1, None) for t in self.tasks}
         handles = []
         if capture:
             assert self.blocks is not None
@@ -145,17 +147,15 @@ class LMEvaluator(_Evaluator):
             with torch.no_grad():
                 for b, (task, ids) in enumerate(self.batches):
                     self._batch = b
-                    ids = ids.to(self.device)
-                    logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                    target = ids[:, 1:]
-                    flat = logits.reshape(-1, logits.shape[-1])
-                    loss[task] += float(nn.functional.cross_entropy(flat, target.reshape(-1), reduction="sum"))
-                    correct[task] += int((flat.argmax(-1) == target.reshape(-1)).sum())
-                    count[task] += int(target.numel())
+                    causal_batch(self.model, ids.to(self.device), counts[task], self.path)
         finally:
             for h in handles:
                 h.remove()
-        return {t: {"loss": loss[t] / count[t], "top1": correct[t] / count[t], "tokens": count[t]} for t in self.tasks}
+        out = {}
+        for t in self.tasks:
+            m = counts[t].compute("causal")
+            out[t] = {"loss": m["loss"], "top1": m["top1"], "tokens": m["tokens"], "nonfinite": m["nonfinite"]}
+        return out
 
     @contextmanager
     def _skip_prefix(self, layer: int) -> Iterator[None]:
@@ -213,8 +213,8 @@ class ImageEvaluator(_Evaluator):
 
         with torch.no_grad():
             device = next(self.model.parameters()).device
-            pred = logits(self.model, self.x.to(device)).argmax(-1).cpu()
-        hit = pred == self.y
+            lg = logits(self.model, self.x.to(device)).float()
+        hit = topk_hits(lg, self.y.to(lg.device)).cpu()
         out = {}
         for t in self.tasks:
             keep = torch.ones_like(hit) if t == ALL_DIGITS else self.y == int(t.split("-")[1])

@@ -12,7 +12,10 @@ makes two tasks' sets overlap more than chance.
 - Overlap: ``|A_i ∩ A_j| / |A_i|`` at each fraction, overall and per site, with two chance baselines
   (:mod:`neurospec.analyze.overlap`).
 - Selectivity: prune task i's neurons (``select_frac``), measure every task j: ``drop[i, j] = top1_j(unpruned) -
-  top1_j(pruned i)``. Selective pruning shows as a dominant diagonal.
+  top1_j(pruned i)``. Selective pruning shows as a dominant diagonal. ``top1`` is the accuracy-like number of
+  :func:`neurospec.evaluate.task_metrics`, named in the result as ``metric``: next-token, masked-token or class
+  top-1, or for head-less encoders the representation similarity to the unpruned model (so the drop is the cosine
+  distance the pruning causes).
 - Random init: the same overlaps for a seeded re-initialisation of the same architecture (recorded on the same
   tokens). Selectivity is not measured there (a random model has no accuracy to lose).
 """
@@ -28,7 +31,8 @@ import torch
 
 from neurospec.analyze.overlap import overlap, overlap_matrix, per_layer_counts
 from neurospec.errors import NeurospecError, TaskError
-from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for, task_metrics
+from neurospec.evaluate.tasks import task_metrics, task_references
+from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.experiments.selective import select
 from neurospec.intervene.ablate import ablated
 from neurospec.models.loading import LoadedModel, random_init_copy
@@ -168,33 +172,32 @@ def task_map(
         flat.sort(key=lambda p: -p[0])
         result["top_neurons"][t] = [{"neuron": n, "score": sc} for _, sc, n in flat[: cfg.top_n]]
 
-    # selectivity: prune each task's neurons, measure every task
+    # selectivity: prune each task's neurons, measure every task (head-less models: against their unpruned states)
     skip = {n: skip_ids_for(d.collect) for n, d in tasks.items()}
-    if loaded.head in ("causal-lm", "masked-lm", "image-classification"):
-        def measure() -> dict[str, dict]:
-            return {n: task_metrics(loaded, d.eval, skip_ids=skip[n], batch_size=cfg.batch_size,
-                                    label=getattr(d, "label", None))
-                    for n, d in tasks.items()}
+    refs = task_references(loaded, {n: d.eval for n, d in tasks.items()}, batch_size=cfg.batch_size)
 
-        base = measure()
-        drop = np.zeros((len(names), len(names)))
-        loss_up = np.zeros_like(drop)
-        pruned_metrics = {}
-        for i, t in enumerate(names):
-            ns = _select_kind(keys[t], cfg.select_frac, cfg.kind, sites)
-            with ablated(loaded.model, sites, ns, cfg.ablation):
-                m = measure()
-            pruned_metrics[t] = m
-            for j, u in enumerate(names):
-                drop[i, j] = base[u]["top1"] - m[u]["top1"]
-                loss_up[i, j] = m[u]["loss"] - base[u]["loss"]
-        result["baseline"] = base
-        result["selectivity"] = drop.tolist()
-        result["selectivity_loss"] = loss_up.tolist()
-        result["pruned_metrics"] = pruned_metrics
-    else:
-        result["selectivity"] = None
-        result["selectivity_note"] = f"head {loaded.head!r} has no next-token metric"
+    def measure() -> dict[str, dict]:
+        return {n: task_metrics(loaded, d.eval, skip_ids=skip[n], batch_size=cfg.batch_size,
+                                label=getattr(d, "label", None), reference=refs.get(n))
+                for n, d in tasks.items()}
+
+    base = measure()
+    drop = np.zeros((len(names), len(names)))
+    loss_up = np.zeros_like(drop)
+    pruned_metrics = {}
+    for i, t in enumerate(names):
+        ns = _select_kind(keys[t], cfg.select_frac, cfg.kind, sites)
+        with ablated(loaded.model, sites, ns, cfg.ablation):
+            m = measure()
+        pruned_metrics[t] = m
+        for j, u in enumerate(names):
+            drop[i, j] = base[u]["top1"] - m[u]["top1"]
+            loss_up[i, j] = m[u]["loss"] - base[u]["loss"]
+    result["metric"] = base[names[0]]["metric"]
+    result["baseline"] = base
+    result["selectivity"] = drop.tolist()
+    result["selectivity_loss"] = loss_up.tolist()
+    result["pruned_metrics"] = pruned_metrics
 
     if cfg.random_init:
         rnd = random_init_copy(loaded, seed=cfg.random_seed)
