@@ -12,9 +12,11 @@ taken from global batch 0 and broadcast from rank 0, and the accumulators are al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,44 @@ class RecordConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """An intervention active on the model while a run is recorded (e.g. the neurons pruned so far by iterative
+    pruning). It is part of the run's identity, like the model fingerprint and the config: the model's weights
+    fingerprint is taken when it is loaded, so without this two recordings under different pruned sets would look
+    like the same run. ``digest`` covers the neuron ids and, where given, the values they are set to."""
+
+    method: str
+    neurons: int
+    digest: str
+
+    @classmethod
+    def ablation(cls, neurons: Any, method: str, values: Mapping[str, torch.Tensor] | None = None) -> Intervention:
+        """``neurons`` (a :class:`~neurospec.intervene.neuronset.NeuronSet`) ablated by ``method``; ``values``:
+        per-site replacement values (e.g. retain means), of which the pruned neurons' entries are hashed."""
+        h = hashlib.sha256(method.encode() + b"\0")
+        ids = neurons.to_ids()
+        h.update("\n".join(ids).encode() + b"\0")
+        for site in neurons.site_names:
+            idx = neurons.indices(site)
+            if values is not None and site in values and len(idx):
+                h.update(site.encode())
+                h.update(values[site].detach().reshape(-1)[idx].to("cpu", torch.float64).contiguous().numpy().tobytes())
+        return cls(method, len(ids), h.hexdigest()[:16])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.method} ablation of {self.neurons} neurons (digest {self.digest})"
+
+
+def _describe_intervention(d: Mapping | None) -> str:
+    if not d:
+        return "none"
+    return f"{d.get('method')} ablation of {d.get('neurons')} neurons (digest {d.get('digest')})"
 
 
 # ----------------------------------------------------------------------------------------------- accumulators
@@ -251,16 +291,24 @@ def record(
     force: bool = False,
     progress: ProgressFn | None = None,
     checkpoint_every: int = 16,
+    intervention: Intervention | None = None,
 ) -> dict:
     """Record every task into the run directory ``out``; returns the JSON summary (``run``, ``tasks``, ``sites``).
 
     ``tasks``: task specs (``"python"``, ``"name=path"``), :class:`~neurospec.data.tasks.TaskSpec` or already built
-    :class:`~neurospec.data.tasks.TaskData`. Finished tasks of an existing run with the same model and config are
-    not recorded again; an unfinished one resumes from its last checkpoint. A run with a different model or config
-    is refused unless ``force`` (which discards it).
+    :class:`~neurospec.data.tasks.TaskData`. Finished tasks of an existing run with the same model, config and
+    intervention are not recorded again; an unfinished one resumes from its last checkpoint (a damaged checkpoint
+    is discarded with a warning and the task recorded from its start). A run with a different model, config or
+    intervention is refused unless ``force``, which discards it; ``force`` also starts over a run whose manifest is
+    damaged and records again a finished task whose statistics file is damaged.
+
+    ``intervention``: what is done to the model while recording (:class:`Intervention`), stored in the manifest.
+
+    The run directory is locked for the whole call: a second process recording into it gets a
+    :class:`~neurospec.errors.RunStoreError` at once (see :func:`neurospec.record.store.run_lock`).
     """
-    from neurospec.data.images import ImageTaskData, image_task
-    from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
+    from neurospec.data.images import image_task
+    from neurospec.data.tasks import parse_task_spec
 
     cfg = config or RecordConfig()
     rank, world = dist_context()
@@ -275,8 +323,19 @@ def record(
         raise TaskError(f"task(s) named more than once: {', '.join(dupes)}")
     if not tasks:
         raise TaskError("no task given: name at least one (see `neurospec tasks`)")
+    if rank == 0:
+        store.prepare_run_dir(out)
+        with store.run_lock(out):
+            return _record_tasks(loaded, tasks, out, cfg, sites, force, progress, checkpoint_every, intervention)
+    return _record_tasks(loaded, tasks, out, cfg, sites, force, progress, checkpoint_every, intervention)
 
-    manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=rank == 0)
+
+def _record_tasks(loaded, tasks, out, cfg, sites, force, progress, checkpoint_every, intervention) -> dict:
+    from neurospec.data.images import ImageTaskData
+    from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
+
+    rank, world = dist_context()
+    manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=rank == 0, intervention=intervention)
     summary_tasks: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     for t in tasks:
@@ -306,19 +365,26 @@ def record(
                 f"{info.get('fingerprint')} vs {data.fingerprint}); use another --out or --force"
             )
         if info is not None and info.get("status") == "done" and info.get("fingerprint") == data.fingerprint:
-            summary_tasks[data.name] = info["tokens"]
-            nonfinite[data.name] = info.get("nonfinite", 0)
-            continue
+            stats_file = out / "stats" / f"{data.name}.safetensors"
+            problem = store.check_tensors(stats_file)
+            if problem is None:
+                summary_tasks[data.name] = info["tokens"]
+                nonfinite[data.name] = info.get("nonfinite", 0)
+                continue
+            if not force:
+                raise RunStoreError(
+                    f"run file {stats_file} of the finished task {data.name!r} is damaged ({problem}); run the "
+                    "same command with --force to record that task again"
+                )
+            warnings.warn(f"recording task {data.name!r} again: its run file {stats_file} is damaged ({problem})",
+                          stacklevel=3)
         partial = out / "partial" / f"{data.name}.rank{rank}.safetensors"
-        resume = None
-        if partial.exists():
-            tensors, meta = store.load_tensors(partial)
-            if meta.get("fingerprint") == data.fingerprint and int(meta.get("world", 1)) == world:
-                resume = (accumulators_from_tensors(tensors, json.loads(meta["accumulators"])), int(meta["batches_done"]))
+        resume = _load_checkpoint(partial, data.fingerprint, world)
         if rank == 0:
             manifest["tasks"][data.name] = {
                 "spec": _spec_dict(data), "fingerprint": data.fingerprint, "status": "running",
                 "tokens": n_tokens, "blocks": int(blocks.shape[0]), "licence": getattr(data, "licence", None),
+                "environment": _environment(loaded, world),
             }
             store.atomic_write_json(out / store.MANIFEST, manifest)
 
@@ -356,6 +422,41 @@ def record(
     }
 
 
+def _load_checkpoint(partial: Path, fingerprint: str, world: int) -> tuple[dict, int] | None:
+    """The resume state saved in ``partial``, or None (no checkpoint, another task's data or world size). A damaged
+    checkpoint is deleted with a warning: the task is then recorded from its start, which gives the same result."""
+    if not partial.exists():
+        return None
+    try:
+        tensors, meta = store.load_tensors(partial)
+        if meta.get("fingerprint") != fingerprint or int(meta.get("world", 1)) != world:
+            return None
+        return accumulators_from_tensors(tensors, json.loads(meta["accumulators"])), int(meta["batches_done"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # RunStoreError is a ValueError
+        warnings.warn(f"discarding the damaged checkpoint {partial} ({e}); its task is recorded from the start",
+                      stacklevel=4)
+        partial.unlink(missing_ok=True)
+        return None
+
+
+def _environment(loaded: LoadedModel, world: int) -> dict:
+    """Where a recording ran: it does not enter the run's identity (a run may be resumed elsewhere), but explains
+    small numerical differences between runs."""
+    import platform
+
+    import transformers
+
+    devices = sorted({str(p.device) for p in loaded.model.parameters()})
+    return {
+        "world_size": world,
+        "device": ",".join(devices),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _spec_dict(data) -> dict:
     spec = getattr(data, "spec", None)
     if spec is not None and hasattr(spec, "to_dict"):
@@ -363,33 +464,46 @@ def _spec_dict(data) -> dict:
     return {"name": data.name}
 
 
-def _open_or_create(out: Path, loaded: LoadedModel, cfg: RecordConfig, sites, *, force: bool, write: bool) -> dict:
+def _open_or_create(out: Path, loaded: LoadedModel, cfg: RecordConfig, sites, *, force: bool, write: bool,
+                    intervention: Intervention | None = None) -> dict:
+    iv = intervention.to_dict() if intervention is not None else None
     fresh = {
         "schema": store.SCHEMA,
         "neurospec": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": loaded.describe(),
         "config": cfg.to_dict(),
+        "intervention": iv,
+        "environment": _environment(loaded, dist_context()[1]),
         "sites": [s.to_dict() for s in sites],
         "tasks": {},
     }
-    if write:
-        store.prepare_run_dir(out)
     if (out / store.MANIFEST).exists():
-        old = store.read_manifest(out)
-        same = old["model"]["fingerprint"] == loaded.fingerprint and old["config"] == cfg.to_dict()
-        if same:
-            return old
-        if not force:
-            what = "model" if old["model"]["fingerprint"] != loaded.fingerprint else "configuration"
-            diff = {
-                k: (old["config"].get(k), v) for k, v in cfg.to_dict().items() if old["config"].get(k) != v
-            }
-            raise RunStoreError(
-                f"run {out} was recorded with a different {what}"
-                + (f" ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())})" if diff else "")
-                + "; choose another --out, or pass --force to discard it"
-            )
+        try:
+            old = store.read_manifest(out)
+        except RunStoreError:
+            if not force:
+                raise
+            warnings.warn(f"discarding the damaged run in {out} (--force)", stacklevel=4)
+            old = None
+        if old is not None:
+            same_model = old["model"]["fingerprint"] == loaded.fingerprint
+            same_iv = old.get("intervention") == iv
+            if same_model and old["config"] == cfg.to_dict() and same_iv:
+                return old
+            if not force:
+                what = "model" if not same_model else "intervention" if not same_iv else "configuration"
+                diff = {
+                    k: (old["config"].get(k), v) for k, v in cfg.to_dict().items() if old["config"].get(k) != v
+                }
+                if not same_iv:
+                    diff["intervention"] = (_describe_intervention(old.get("intervention")),
+                                            _describe_intervention(iv))
+                raise RunStoreError(
+                    f"run {out} was recorded with a different {what}"
+                    + (f" ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())})" if diff else "")
+                    + "; choose another --out, or pass --force to discard it"
+                )
         if write:
             import shutil
 
