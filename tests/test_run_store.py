@@ -58,6 +58,28 @@ def test_damaged_manifest_is_named_and_force_starts_over(setup, damage):
     _assert_same_stats(open_run(tmp / "ref"), open_run(tmp / "run"))
 
 
+def test_run_without_its_manifest_is_refused_and_force_starts_over(setup):
+    loaded, tasks, tmp = setup
+    record(loaded, tasks, tmp / "ref", CFG)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(task, done, total):
+        if task == "beta" and done >= 2 * CFG.batch_size * CFG.seq_len:
+            raise Stop
+
+    with pytest.raises(Stop):  # leaves stats/alpha and a checkpoint of beta
+        record(loaded, tasks, tmp / "run", CFG, progress=interrupt, checkpoint_every=1)
+    (tmp / "run" / "manifest.json").unlink()
+    with pytest.raises(RunStoreError, match=r"manifest\.json is missing; pass --force"):
+        record(loaded, tasks, tmp / "run", CFG)
+    seen = []
+    record(loaded, tasks, tmp / "run", CFG, force=True, progress=lambda t, d, n: seen.append((t, d)))
+    assert ("alpha", 0) in seen and ("beta", 0) in seen, "nothing of the unknown run is reused"
+    _assert_same_stats(open_run(tmp / "ref"), open_run(tmp / "run"))
+
+
 def test_damaged_statistics_file_is_named_and_force_records_it_again(setup):
     loaded, tasks, tmp = setup
     record(loaded, tasks, tmp / "ref", CFG)

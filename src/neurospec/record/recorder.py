@@ -324,7 +324,7 @@ def record(
     if not tasks:
         raise TaskError("no task given: name at least one (see `neurospec tasks`)")
     if rank == 0:
-        store.prepare_run_dir(out)
+        store.prepare_run_dir(out, force=force)
         with store.run_lock(out):
             return _record_tasks(loaded, tasks, out, cfg, sites, force, progress, checkpoint_every, intervention)
     return _record_tasks(loaded, tasks, out, cfg, sites, force, progress, checkpoint_every, intervention)
@@ -504,11 +504,10 @@ def _open_or_create(out: Path, loaded: LoadedModel, cfg: RecordConfig, sites, *,
                     + (f" ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())})" if diff else "")
                     + "; choose another --out, or pass --force to discard it"
                 )
-        if write:
-            import shutil
+    if write:  # a fresh run: nothing recorded under another (or an unknown) identity may be reused
+        import shutil
 
-            for sub in ("stats", "partial"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-    if write:
+        for sub in ("stats", "partial"):
+            shutil.rmtree(out / sub, ignore_errors=True)
         store.atomic_write_json(out / store.MANIFEST, fresh)
     return fresh

@@ -121,15 +121,31 @@ def check_tensors(path: Path) -> str | None:
     return None
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create (or reuse) a run directory, with a clear error when it cannot be written."""
+def _run_entry(p: Path) -> bool:
+    """Whether ``p`` is something the run store itself writes into a run directory."""
+    return p.name in ("stats", "partial", LOCK) or (p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+def prepare_run_dir(path: Path, force: bool = False) -> Path:
+    """Create (or reuse) a run directory, with a clear error when it cannot be written.
+
+    A directory without a manifest is refused unless it is empty, or (with ``force``) holds nothing but what the
+    run store writes (a run whose manifest was lost)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunStoreError(f"run path {path} exists and is not a directory: choose another --out")
-    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not (path / MANIFEST).exists():
-        raise RunStoreError(
-            f"{path} is a non-empty directory that is not a neurospec run (no {MANIFEST}); choose another --out"
-        )
+    if path.is_dir() and not (path / MANIFEST).exists():
+        entries = [p for p in path.iterdir() if p.name != LOCK]
+        if entries and all(_run_entry(p) for p in entries):
+            if not force:
+                raise RunStoreError(
+                    f"{path} looks like a neurospec run whose {MANIFEST} is missing; pass --force to record it "
+                    "again from the start, or choose another --out"
+                )
+        elif entries:
+            raise RunStoreError(
+                f"{path} is a non-empty directory that is not a neurospec run (no {MANIFEST}); choose another --out"
+            )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
