@@ -279,3 +279,22 @@ def test_intervention_is_part_of_the_run_identity(setup):
     record(loaded, tasks[:1], run, CFG, intervention=Intervention.ablation(other, "zero"), force=True)
     assert stat_file.stat().st_mtime_ns != mtime
     assert open_run(run).manifest["intervention"] == Intervention.ablation(other, "zero").to_dict()
+
+
+def test_run_from_the_sampled_fingerprint_says_so(setup):
+    """A run whose manifest has a fingerprint of the old kind (no fingerprint_version) is refused with a message
+    that explains why the same model no longer matches."""
+    loaded, tasks, tmp = setup
+    record(loaded, tasks[:1], tmp / "run", CFG)
+    mf = tmp / "run" / "manifest.json"
+    m = json.loads(mf.read_text())
+    assert m["model"]["fingerprint_version"] == 2
+    del m["model"]["fingerprint_version"]
+    m["model"]["fingerprint"] = "0123456789abcdef"
+    mf.write_text(json.dumps(m))
+    with pytest.raises(RunStoreError, match="older neurospec computed it from a sample.*--force"):
+        record(loaded, tasks[:1], tmp / "run", CFG)
+    m["model"]["fingerprint_version"] = 2
+    mf.write_text(json.dumps(m))
+    with pytest.raises(RunStoreError, match="different model;"):
+        record(loaded, tasks[:1], tmp / "run", CFG)

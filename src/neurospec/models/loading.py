@@ -25,6 +25,7 @@ from torch import nn
 from neurospec.errors import UnknownModelError
 from neurospec.models.sites import Sites, find_sites
 
+FINGERPRINT_VERSION = 2  # 1: a strided sample of each tensor; 2: every byte
 HEADS = ("causal-lm", "masked-lm", "image-classification", "sequence-classification", "none")
 
 
@@ -101,6 +102,7 @@ class LoadedModel:
             "family": self.sites.family,
             "head": self.head,
             "fingerprint": self.fingerprint,
+            "fingerprint_version": FINGERPRINT_VERSION,
             "dtype": str(self.dtype).removeprefix("torch."),
             "n_layers": self.sites.n_layers,
             "hidden_size": self.sites.hidden_size,

@@ -25,7 +25,7 @@ import torch
 
 from neurospec import __version__
 from neurospec.errors import NeurospecError, RunStoreError, TaskError
-from neurospec.models.loading import LoadedModel
+from neurospec.models.loading import FINGERPRINT_VERSION, LoadedModel
 from neurospec.models.sites import SITE_KINDS, Site
 from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
@@ -493,6 +493,8 @@ def _open_or_create(out: Path, loaded: LoadedModel, cfg: RecordConfig, sites, *,
                 return old
             if not force:
                 what = "model" if not same_model else "intervention" if not same_iv else "configuration"
+                if not same_model and old["model"].get("fingerprint_version", 1) != FINGERPRINT_VERSION:
+                    what = "model fingerprint (an older neurospec computed it from a sample of the weights)"
                 diff = {
                     k: (old["config"].get(k), v) for k, v in cfg.to_dict().items() if old["config"].get(k) != v
                 }
