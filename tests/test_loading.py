@@ -45,6 +45,74 @@ def test_fingerprint_tracks_weights_and_random_init():
     assert "random re-initialisation" in r.preprocessing[-1]
 
 
+def test_fingerprint_sees_every_weight():
+    """Zeroing one column of a 512 x 2048 weight (one pruned neuron) changes the fingerprint; an equal copy does
+    not; a bf16 model (hashed through its raw bytes) is fingerprinted too and differs from the float32 one."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2048, 512), torch.nn.Linear(512, 8))
+    before = model_fingerprint(net)
+    twin = copy.deepcopy(net)
+    assert model_fingerprint(twin) == before
+    with torch.no_grad():
+        twin[0].weight[:, 5] = 0  # a column the old strided sample (every 16th value) never read
+    assert model_fingerprint(twin) != before
+    with torch.no_grad():
+        twin[0].weight[:, 5] = net[0].weight[:, 5]
+    assert model_fingerprint(twin) == before
+    with torch.no_grad():
+        twin[1].bias[3] = torch.nextafter(twin[1].bias[3], torch.tensor(1.0))  # one ulp of one value
+    assert model_fingerprint(twin) != before
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    fp_half = model_fingerprint(half)
+    assert fp_half != before and fp_half == model_fingerprint(copy.deepcopy(half))
+    with torch.no_grad():
+        half[0].weight[7, 7] = -half[0].weight[7, 7]
+    assert model_fingerprint(half) != fp_half
+
+
+def test_fingerprint_of_a_saved_pruned_model_differs(tmp_path):
+    """A model saved after pruning one MLP neuron does not pass as the original when loaded again (down_proj is
+    64 x 2048, so a strided sample of 65,536 values would read only every other column)."""
+    import transformers as T
+
+    from tiny import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.intermediate_size = 2048
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "orig")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 3] = 0
+    model.save_pretrained(tmp_path / "pruned")
+    a, b = load_model(str(tmp_path / "orig")), load_model(str(tmp_path / "pruned"))
+    assert a.fingerprint != b.fingerprint
+    assert load_model(str(tmp_path / "orig")).fingerprint == a.fingerprint
+
+
+def test_pickled_weights_need_an_explicit_opt_in(tmp_path):
+    """A directory with only pytorch_model.bin (the layout of save_pretrained(safe_serialization=False) in older
+    transformers; transformers 5 always writes safetensors, so the file is written by hand here)."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "pkl")
+    (tmp_path / "pkl" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pkl" / "pytorch_model.bin")
+    with pytest.raises(UnknownModelError, match=r"only pickled PyTorch weights \(pytorch_model.bin\).*allow_pickle"):
+        load_model(str(tmp_path / "pkl"))
+    loaded = load_model(str(tmp_path / "pkl"), allow_pickle=True)
+    assert loaded.fingerprint == model_fingerprint(model)
+    # both formats present: the safetensors file is the one read
+    model.save_pretrained(tmp_path / "both")
+    torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, tmp_path / "both" / "pytorch_model.bin")
+    assert load_model(str(tmp_path / "both")).fingerprint == model_fingerprint(model)
+    model.save_pretrained(tmp_path / "noweights")
+    (tmp_path / "noweights" / "model.safetensors").unlink()
+    with pytest.raises(UnknownModelError, match="no weights"):
+        load_model(str(tmp_path / "noweights"))
+
+
 def test_bad_specs_have_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(UnknownModelError, match="no such model"):
         load_model(str(tmp_path / "missing"))

@@ -68,9 +68,12 @@ def test_recorded_statistics_equal_the_full_tensor(setup):
         assert torch.isclose(rows, r.unsqueeze(0), rtol=1e-5, atol=1e-6).all(1).any()
     cm = run.comoments("alpha")["layers.0.attn"]
     torch.testing.assert_close(cm["cov"], torch.cov(full["layers.0.attn"].t(), correction=0), rtol=1e-3, atol=1e-5)
+    # co-moments exist for exactly the kinds asked for (attn), for every task, and nowhere else
+    attn_sites = {s.name for s in loaded.sites if s.kind == "attn"}
+    assert set(run.comoments("alpha")) == set(run.comoments("beta")) == attn_sites
+    assert set(run.accumulators("beta")["layers.0.mlp"]) == {"stats", "reservoir"}
     with pytest.raises(RunStoreError, match="--comoments"):
-        run.comoments("alpha") and open_run(tmp / "run").comoments("beta")["layers.0.mlp"]["cov"] if False else \
-            _no_comoments(tmp, loaded, tasks)
+        _no_comoments(tmp, loaded, tasks)
     manifest = json.loads((tmp / "run" / "manifest.json").read_text())
     assert manifest["model"]["fingerprint"] == loaded.fingerprint
     assert manifest["tasks"]["alpha"]["status"] == "done" and manifest["config"]["tokens"] == 640

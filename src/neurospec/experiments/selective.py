@@ -6,7 +6,9 @@ Per step ``i`` (step 0 is the unpruned model) the pruned set is the top ``frac *
 
 - ``mode="cumulative"``: one set of statistics; step ``i`` takes the top ``frac * i`` of the same scores.
 - ``mode="iterative"``: after each step the statistics are recorded again on the pruned model and the next
-  ``frac`` of the still unpruned neurons are added.
+  ``frac`` of the still unpruned neurons are added. Each of these runs (``out/stepN``) carries the pruned set and
+  the ablation in its identity, so rerunning into the same ``out`` with another score, fraction or ablation
+  records them again rather than scoring from another pruned model's statistics.
 
 Pruned neurons are replaced by a constant: 0 (``ablation="zero"``) or their mean on the retain task
 (``ablation="mean"``), folded into the output projections (no hooks; the pruned model can be saved).
@@ -40,7 +42,7 @@ from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
 from neurospec.record.layout import PRUNED_NEURONS
-from neurospec.record.recorder import ProgressFn, RecordConfig, record
+from neurospec.record.recorder import Intervention, ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
 
@@ -239,9 +241,13 @@ def selective_pruning(
                                     heads=pcfg.heads), widths)
         else:
             if step > 1:
+                # The step run is this pipeline's own: one recorded under another pruned set or ablation (an
+                # earlier call with other settings) is replaced, one under the same intervention reused.
+                iv = Intervention.ablation(pruned, pcfg.ablation, offsets)
                 with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
                     sub = out / f"step{step - 1}"
-                    record(loaded, [tasks[n] for n in names], sub, rcfg, force=force, progress=progress)
+                    record(loaded, [tasks[n] for n in names], sub, rcfg, force=True, progress=progress,
+                           intervention=iv)
                 step_run = open_run(sub)
                 scores = score_neurons(pcfg.score, step_run.stats(f_name), merged_stats(step_run, r_names),
                                        seed=pcfg.seed)

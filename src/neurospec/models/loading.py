@@ -1,5 +1,9 @@
 """Load a model from a bundled alias, a local directory, a ``.gguf`` file or a Hugging Face hub id.
 
+Weights are read from safetensors files. A model directory (or hub repository) with only pickled PyTorch weights
+(``pytorch_model.bin``) is refused unless the caller passes ``allow_pickle=True``: unpickling a file can run
+arbitrary code, and safetensors cannot.
+
 The loaded model is the unmodified Hugging Face model in evaluation mode. The only preprocessing neurospec ever does
 is recorded in :attr:`LoadedModel.preprocessing` (and from there in every run manifest): de-quantising a GGUF file
 to float32, and a dtype change when the caller asks for one.
@@ -21,6 +25,7 @@ from torch import nn
 from neurospec.errors import UnknownModelError
 from neurospec.models.sites import Sites, find_sites
 
+FINGERPRINT_VERSION = 2  # 1: a strided sample of each tensor; 2: every byte
 HEADS = ("causal-lm", "masked-lm", "image-classification", "sequence-classification", "none")
 
 
@@ -97,6 +102,7 @@ class LoadedModel:
             "family": self.sites.family,
             "head": self.head,
             "fingerprint": self.fingerprint,
+            "fingerprint_version": FINGERPRINT_VERSION,
             "dtype": str(self.dtype).removeprefix("torch."),
             "n_layers": self.sites.n_layers,
             "hidden_size": self.sites.hidden_size,
@@ -104,26 +110,52 @@ class LoadedModel:
         }
 
 
-def model_fingerprint(model: nn.Module, max_elements: int = 1 << 16) -> str:
-    """A content hash of the config and the weights.
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    """sha256 of a tensor's raw bytes, read in place (a device tensor is copied to the CPU once)."""
+    flat = t.detach().reshape(-1)  # a view when contiguous
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
+    return hashlib.sha256(memoryview(raw.cpu().numpy())).digest()
 
-    Each tensor contributes its name, shape, dtype and a strided sample of at most ``max_elements`` values (read
-    as float32), so the hash changes with any re-initialisation or fine-tuning while staying fast for big models.
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of the config and of every byte of every weight.
+
+    Each tensor contributes its name, shape, dtype and the sha256 of its raw bytes (viewed as bytes, not
+    converted), so changing any single value (pruning one neuron, one step of fine-tuning) changes the fingerprint.
+    A tensor shared by several names (tied embeddings) is read once. Large tensors are hashed on a few threads
+    (hashlib releases the GIL); SmolLM2-135M takes well under a second (docs/benchmarks.md).
     """
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"neurospec-fingerprint-2\0")
     cfg = getattr(model, "config", None)
     if cfg is not None:
         d = cfg.to_dict()
         for k in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype"):
             d.pop(k, None)
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel() > max_elements:
-            flat = flat[:: flat.numel() // max_elements]
-        h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    items = sorted(model.state_dict(keep_vars=True).items())
+    index: dict[tuple, int] = {}  # one entry per distinct tensor (tied weights appear under several names)
+    unique: list[torch.Tensor] = []
+    which: list[int] = []
+    for _, t in items:
+        key = (t.device, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(),
+               t.untyped_storage().data_ptr())
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(t)
+        which.append(index[key])
+    workers = min(4, os.cpu_count() or 1)
+    if workers > 1 and sum(t.numel() * t.element_size() for t in unique) > (64 << 20):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            digests = list(pool.map(_tensor_digest, unique))
+    else:
+        digests = [_tensor_digest(t) for t in unique]
+    for (name, t), i in zip(items, which, strict=True):
+        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        h.update(digests[i])
     return h.hexdigest()[:16]
 
 
@@ -229,9 +261,34 @@ def _load_gguf(path: Path, head: str | None, dtype, device_kw: dict) -> tuple[nn
             tmp.rename(target)
     cfg = T.AutoConfig.from_pretrained(str(target))
     cls = _auto_class(cfg, head)
-    model = cls.from_pretrained(str(target), dtype=dtype or torch.float32, **device_kw)
+    model = cls.from_pretrained(str(target), dtype=dtype or torch.float32, use_safetensors=True, **device_kw)
     tok = _load_tokenizer(str(target))
     return model, tok, steps
+
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _weights_format(path: Path, allow_pickle: bool) -> bool:
+    """``use_safetensors`` for the model directory ``path``: True where safetensors weights exist; False (pickled
+    ``.bin`` weights) only with ``allow_pickle``; otherwise a clear error."""
+    if any((path / f).exists() for f in SAFE_WEIGHTS):
+        return True
+    pickled = [f for f in PICKLED_WEIGHTS if (path / f).exists()]
+    if pickled and allow_pickle:
+        return False
+    if pickled:
+        raise UnknownModelError(
+            f"{path} has only pickled PyTorch weights ({', '.join(pickled)}), and loading a pickle can run arbitrary "
+            "code. Convert the model to safetensors (load it once where you trust it and save it with "
+            "save_pretrained(..., safe_serialization=True)), or, if you trust the file, pass allow_pickle=True "
+            "(command line: --allow-pickle)."
+        )
+    raise UnknownModelError(
+        f"{path} has a config.json but no weights neurospec can read (model.safetensors, or pytorch_model.bin with "
+        "allow_pickle=True): pass a directory written by save_pretrained"
+    )
 
 
 def _quiet_transformers() -> None:
@@ -248,12 +305,15 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     head: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a model by bundled alias (see :data:`BUNDLED`), local directory, ``.gguf`` file or hub id.
 
     ``device``: ``None``/``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (``device_map="auto"`` across GPUs).
     ``dtype``: ``None`` keeps the checkpoint's float32 (GGUF: float32 after de-quantising); ``"bfloat16"`` etc.
     ``head``: force the head class (one of :data:`HEADS`); by default it follows ``config.architectures``.
+    ``allow_pickle``: also load pickled PyTorch weights (``pytorch_model.bin``) when a model has no safetensors
+    weights; only for files you trust (unpickling can run arbitrary code).
     """
     import transformers as T
 
@@ -280,9 +340,11 @@ def load_model(
                 f"{path} is a directory without config.json: pass a Hugging Face model directory (as written by "
                 "save_pretrained), a .gguf file, a hub id or a bundled alias (`neurospec models`)"
             )
+        use_safetensors = _weights_format(path, allow_pickle)
         cfg = T.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         model = _auto_class(cfg, head).from_pretrained(
-            str(path), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **device_kw
+            str(path), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors, **device_kw
         )
         tok = _load_tokenizer(str(path))
     elif path.exists():
@@ -290,7 +352,7 @@ def load_model(
     else:
         if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
             raise UnknownModelError(f"no such model directory or file: {spec}")
-        model, tok = _load_hub(spec, head, torch_dtype, device_kw, trust_remote_code)
+        model, tok = _load_hub(spec, head, torch_dtype, device_kw, trust_remote_code, allow_pickle)
         source = f"hub:{spec}"
     if torch_dtype is not None and torch_dtype != torch.float32:
         preprocessing.append(f"cast to {str(torch_dtype).removeprefix('torch.')}")
@@ -301,21 +363,28 @@ def load_model(
                        preprocessing)
 
 
-def _load_hub(spec: str, head, torch_dtype, device_kw, trust_remote_code):
+def _load_hub(spec: str, head, torch_dtype, device_kw, trust_remote_code, allow_pickle: bool = False):
     import transformers as T
 
+    # safetensors only, unless pickles are allowed (then transformers prefers safetensors and falls back)
+    safe_kw = {} if allow_pickle else {"use_safetensors": True}
     errors = []
     for local_only in (True, False):
         try:
             cfg = T.AutoConfig.from_pretrained(spec, local_files_only=local_only, trust_remote_code=trust_remote_code)
             model = _auto_class(cfg, head).from_pretrained(
                 spec, dtype=torch_dtype or "auto", local_files_only=local_only,
-                trust_remote_code=trust_remote_code, **device_kw,
+                trust_remote_code=trust_remote_code, **safe_kw, **device_kw,
             )
             return model, _load_tokenizer(spec, local_files_only=local_only)
         except (OSError, ValueError) as e:
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     aliases = ", ".join(BUNDLED)
+    if not allow_pickle and any("safetensors" in e for e in errors):
+        raise UnknownModelError(
+            f"cannot load model {spec!r} from safetensors weights ({errors[-1]}). If it only has pickled "
+            "weights (pytorch_model.bin) and you trust them, pass allow_pickle=True (command line: --allow-pickle)."
+        ) from None
     raise UnknownModelError(
         f"cannot load model {spec!r}: it is not a bundled alias ({aliases}), not a local path, and the hub did not "
         f"serve it (not in the local Hugging Face cache and the hub is unreachable or does not have it: {errors[-1]}). "

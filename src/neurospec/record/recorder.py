@@ -15,11 +15,12 @@ Checks that can fail on one rank only are agreed on before any collective that c
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 
 from neurospec import __version__
 from neurospec.errors import NeurospecError, RunStoreError, TaskError
-from neurospec.models.loading import LoadedModel
+from neurospec.models.loading import FINGERPRINT_VERSION, LoadedModel
 from neurospec.models.sites import SITE_KINDS, Site
 from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
@@ -97,6 +98,44 @@ class RecordConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """An intervention active on the model while a run is recorded (e.g. the neurons pruned so far by iterative
+    pruning). It is part of the run's identity, like the model fingerprint and the config: the model's weights
+    fingerprint is taken when it is loaded, so without this two recordings under different pruned sets would look
+    like the same run. ``digest`` covers the neuron ids and, where given, the values they are set to."""
+
+    method: str
+    neurons: int
+    digest: str
+
+    @classmethod
+    def ablation(cls, neurons: Any, method: str, values: Mapping[str, torch.Tensor] | None = None) -> Intervention:
+        """``neurons`` (a :class:`~neurospec.intervene.neuronset.NeuronSet`) ablated by ``method``; ``values``:
+        per-site replacement values (e.g. retain means), of which the pruned neurons' entries are hashed."""
+        h = hashlib.sha256(method.encode() + b"\0")
+        ids = neurons.to_ids()
+        h.update("\n".join(ids).encode() + b"\0")
+        for site in neurons.site_names:
+            idx = neurons.indices(site)
+            if values is not None and site in values and len(idx):
+                h.update(site.encode())
+                h.update(values[site].detach().reshape(-1)[idx].to("cpu", torch.float64).contiguous().numpy().tobytes())
+        return cls(method, len(ids), h.hexdigest()[:16])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.method} ablation of {self.neurons} neurons (digest {self.digest})"
+
+
+def _describe_intervention(d: Mapping | None) -> str:
+    if not d:
+        return "none"
+    return f"{d.get('method')} ablation of {d.get('neurons')} neurons (digest {d.get('digest')})"
 
 
 # ----------------------------------------------------------------------------------------------- accumulators
@@ -297,17 +336,27 @@ def record(
     force: bool = False,
     progress: ProgressFn | None = None,
     checkpoint_every: int = 16,
+    intervention: Intervention | None = None,
 ) -> dict:
     """Record every task into the run directory ``out``; returns the JSON summary (``run``, ``tasks``, ``sites``).
 
     ``tasks``: task specs (``"python"``, ``"name=path"``), :class:`~neurospec.data.tasks.TaskSpec` or already built
-    :class:`~neurospec.data.tasks.TaskData`. Finished tasks of an existing run with the same model and config are
-    not recorded again; an unfinished one resumes from its last checkpoint. A run with a different model or config
-    is refused unless ``force`` (which discards it).
+    :class:`~neurospec.data.tasks.TaskData`. Finished tasks of an existing run with the same model, config and
+    intervention are not recorded again; an unfinished one resumes from its last checkpoint (a damaged checkpoint
+    is discarded with a warning and the task recorded from its start). A run with a different model, config or
+    intervention is refused unless ``force``, which discards it; ``force`` also starts over a run whose manifest is
+    damaged and records again a finished task whose statistics file is damaged.
+
+    ``intervention``: what is done to the model while recording (:class:`Intervention`), stored in the manifest.
+
+    The run directory is locked for the whole call: a second process recording into it gets a
+    :class:`~neurospec.errors.RunStoreError` at once (see :func:`neurospec.record.store.run_lock`).
     """
-    from neurospec.data.images import ImageTaskData, image_task
-    from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
-    from neurospec.record.distributed import broadcast_object, check_same, together
+    from contextlib import ExitStack
+
+    from neurospec.data.images import image_task
+    from neurospec.data.tasks import check_task_names, parse_task_spec
+    from neurospec.record.distributed import check_same, together
 
     cfg = config or RecordConfig()
     rank, world = dist_context()
@@ -322,12 +371,31 @@ def record(
         raise TaskError(f"task(s) named more than once: {', '.join(dupes)}")
     if not tasks:
         raise TaskError("no task given: name at least one (see `neurospec tasks`)")
+    check_task_names(names)
 
     # Under torchrun, checks that can fail on one rank only run under together(): then every rank stops alike.
     check_same("models", loaded.fingerprint, "every rank must load the same model")
     check_same("record configurations", cfg.to_dict(), "every rank must be given the same configuration", width=0)
-    with together():  # only rank 0 writes the run (a bad --out fails there)
-        manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=True) if rank == 0 else None
+    check_same("interventions", intervention.to_dict() if intervention is not None else None,
+               "every rank must record under the same intervention", width=0)
+    with ExitStack() as stack:
+        with together():  # only rank 0 writes and locks the run (a bad --out or a held lock fails there)
+            if rank == 0:
+                store.prepare_run_dir(out, force=force)
+                stack.enter_context(store.run_lock(out))
+        return _record_tasks(loaded, tasks, names, out, cfg, sites, force, progress, checkpoint_every,
+                             intervention)
+
+
+def _record_tasks(loaded, tasks, names, out, cfg, sites, force, progress, checkpoint_every, intervention) -> dict:
+    from neurospec.data.images import ImageTaskData
+    from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
+    from neurospec.record.distributed import broadcast_object, check_same, together
+
+    rank, world = dist_context()
+    with together():
+        manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=True,
+                                   intervention=intervention) if rank == 0 else None
     manifest = broadcast_object(manifest)  # every rank decides from rank 0's view of the run
     summary_tasks: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
@@ -361,27 +429,37 @@ def record(
                 f"{info.get('fingerprint')} vs {data.fingerprint}); use another --out or --force"
             )
         if info is not None and info.get("status") == "done" and info.get("fingerprint") == data.fingerprint:
-            summary_tasks[data.name] = info["tokens"]
-            nonfinite[data.name] = info.get("nonfinite", 0)
-            continue
+            stats_file = out / "stats" / f"{data.name}.safetensors"
+            with together():  # rank 0 checks the finished task's file; every rank follows its answer
+                problem = store.check_tensors(stats_file) if rank == 0 else None
+                if problem is not None and not force:
+                    raise RunStoreError(
+                        f"run file {stats_file} of the finished task {data.name!r} is damaged ({problem}); run the "
+                        "same command with --force to record that task again"
+                    )
+            problem = broadcast_object(problem)
+            if problem is None:
+                summary_tasks[data.name] = info["tokens"]
+                nonfinite[data.name] = info.get("nonfinite", 0)
+                continue
+            if rank == 0:
+                warnings.warn(f"recording task {data.name!r} again: its run file {stats_file} is damaged "
+                              f"({problem})", stacklevel=3)
         partial = out / "partial" / f"{data.name}.rank{rank}.safetensors"
-        mine = None
         with together():
-            if partial.exists():
-                tensors, meta = store.load_tensors(partial)
-                mine = {"fingerprint": meta.get("fingerprint"), "world": int(meta.get("world", 1)),
-                        "rank": int(meta.get("rank", rank)), "batches_done": int(meta["batches_done"])}
+            mine, tensors, meta = _read_checkpoint(partial, rank)
             if rank == 0:
                 manifest["tasks"][data.name] = {
                     "spec": _spec_dict(data), "fingerprint": data.fingerprint, "status": "running",
                     "tokens": n_tokens, "blocks": int(blocks.shape[0]), "licence": getattr(data, "licence", None),
+                    "environment": _environment(loaded, world),
                 }
                 store.atomic_write_json(out / store.MANIFEST, manifest)
         resume = None
         if _resume_plan(data.name, out, mine, data.fingerprint, rank, world, force):
             resume = (accumulators_from_tensors(tensors, json.loads(meta["accumulators"])), mine["batches_done"])
         elif mine is not None:
-            partial.unlink()
+            partial.unlink(missing_ok=True)
 
         def checkpoint(accs, done, _partial=partial, _fp=data.fingerprint):
             tensors, meta = pack_accumulators(accs)
@@ -421,6 +499,43 @@ def record(
     }
 
 
+def _read_checkpoint(partial: Path, rank: int) -> tuple[dict | None, dict | None, dict | None]:
+    """This rank's checkpoint of an interrupted task: ``(info, tensors, meta)`` with ``info`` = fingerprint, world,
+    rank and batches done, or ``(None, None, None)`` when there is none. A damaged checkpoint is deleted with a
+    warning: the task is then recorded from its start, which gives the same result."""
+    if not partial.exists():
+        return None, None, None
+    try:
+        tensors, meta = store.load_tensors(partial)
+        info = {"fingerprint": meta.get("fingerprint"), "world": int(meta.get("world", 1)),
+                "rank": int(meta.get("rank", rank)), "batches_done": int(meta["batches_done"])}
+        json.loads(meta["accumulators"])
+        return info, tensors, meta
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # RunStoreError is a ValueError
+        warnings.warn(f"discarding the damaged checkpoint {partial} ({e}); its task is recorded from the start",
+                      stacklevel=4)
+        partial.unlink(missing_ok=True)
+        return None, None, None
+
+
+def _environment(loaded: LoadedModel, world: int) -> dict:
+    """Where a recording ran: it does not enter the run's identity (a run may be resumed elsewhere), but explains
+    small numerical differences between runs."""
+    import platform
+
+    import transformers
+
+    devices = sorted({str(p.device) for p in loaded.model.parameters()})
+    return {
+        "world_size": world,
+        "device": ",".join(devices),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _spec_dict(data) -> dict:
     spec = getattr(data, "spec", None)
     if spec is not None and hasattr(spec, "to_dict"):
@@ -428,38 +543,52 @@ def _spec_dict(data) -> dict:
     return {"name": data.name}
 
 
-def _open_or_create(out: Path, loaded: LoadedModel, cfg: RecordConfig, sites, *, force: bool, write: bool) -> dict:
+def _open_or_create(out: Path, loaded: LoadedModel, cfg: RecordConfig, sites, *, force: bool, write: bool,
+                    intervention: Intervention | None = None) -> dict:
+    iv = intervention.to_dict() if intervention is not None else None
     fresh = {
         "schema": store.SCHEMA,
         "neurospec": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": loaded.describe(),
         "config": cfg.to_dict(),
+        "intervention": iv,
+        "environment": _environment(loaded, dist_context()[1]),
         "sites": [s.to_dict() for s in sites],
         "tasks": {},
     }
-    if write:
-        store.prepare_run_dir(out)
     if (out / store.MANIFEST).exists():
-        old = store.read_manifest(out)
-        same = old["model"]["fingerprint"] == loaded.fingerprint and old["config"] == cfg.to_dict()
-        if same:
-            return old
-        if not force:
-            what = "model" if old["model"]["fingerprint"] != loaded.fingerprint else "configuration"
-            diff = {
-                k: (old["config"].get(k), v) for k, v in cfg.to_dict().items() if old["config"].get(k) != v
-            }
-            raise RunStoreError(
-                f"run {out} was recorded with a different {what}"
-                + (f" ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())})" if diff else "")
-                + "; choose another --out, or pass --force to discard it"
-            )
-        if write:
-            import shutil
+        try:
+            old = store.read_manifest(out)
+        except RunStoreError:
+            if not force:
+                raise
+            warnings.warn(f"discarding the damaged run in {out} (--force)", stacklevel=4)
+            old = None
+        if old is not None:
+            same_model = old["model"]["fingerprint"] == loaded.fingerprint
+            same_iv = old.get("intervention") == iv
+            if same_model and old["config"] == cfg.to_dict() and same_iv:
+                return old
+            if not force:
+                what = "model" if not same_model else "intervention" if not same_iv else "configuration"
+                if not same_model and old["model"].get("fingerprint_version", 1) != FINGERPRINT_VERSION:
+                    what = "model fingerprint (an older neurospec computed it from a sample of the weights)"
+                diff = {
+                    k: (old["config"].get(k), v) for k, v in cfg.to_dict().items() if old["config"].get(k) != v
+                }
+                if not same_iv:
+                    diff["intervention"] = (_describe_intervention(old.get("intervention")),
+                                            _describe_intervention(iv))
+                raise RunStoreError(
+                    f"run {out} was recorded with a different {what}"
+                    + (f" ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())})" if diff else "")
+                    + "; choose another --out, or pass --force to discard it"
+                )
+    if write:  # a fresh run: nothing recorded under another (or an unknown) identity may be reused
+        import shutil
 
-            for sub in ("stats", "partial"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-    if write:
+        for sub in ("stats", "partial"):
+            shutil.rmtree(out / sub, ignore_errors=True)
         store.atomic_write_json(out / store.MANIFEST, fresh)
     return fresh

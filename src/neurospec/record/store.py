@@ -6,18 +6,22 @@ Layout::
       manifest.json                 # schema, library version, model, config, sites, per-task status
       stats/TASK.safetensors        # accumulator states, keys "SITE/ACC/STATE" (finished tasks)
       partial/TASK.rankR.safetensors  # checkpoints of an unfinished task (removed when it finishes)
+      .lock                         # held (flock) by the process recording into the run
 
 Only JSON and safetensors are ever read back (never pickle). Every write goes to a temporary file in the same
-directory and is moved into place with :func:`os.replace`, so an interrupted run leaves either the old or the new
-file, never half of one.
+directory (created with the process umask, like any file ``open`` creates) and is moved into place with
+:func:`os.replace`, after which the directory is fsynced, so an interrupted run or a power cut leaves either the
+old or the new file, never half of one. A damaged or truncated file is reported as a :class:`RunStoreError` that
+names the file and says what to do.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +33,36 @@ from neurospec.models.sites import Site, Sites
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; skipped where directories cannot be opened or synced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically. The file gets the mode a plain ``open(path, "wb")`` would give
+    (0o666 less the umask), not the owner-only mode of :func:`tempfile.mkstemp`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,8 +70,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -57,28 +87,65 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     atomic_write_bytes(path, save(flat, metadata=dict(metadata or {})))
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(path: Path, what_to_do: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file; a missing, truncated or otherwise unreadable one raises :class:`RunStoreError`
+    naming the file (followed by ``what_to_do``, the remedy the caller knows)."""
     from safetensors import safe_open
 
+    hint = f"; {what_to_do}" if what_to_do else ""
     if not path.exists():
-        raise RunStoreError(f"missing run file {path}")
+        raise RunStoreError(f"missing run file {path}{hint}")
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error type (and OSError) for damaged files
+        raise RunStoreError(f"run file {path} is damaged or truncated ({e}){hint}") from None
     return out, meta
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create (or reuse) a run directory, with a clear error when it cannot be written."""
+def check_tensors(path: Path) -> str | None:
+    """``None`` if ``path`` is a complete safetensors file (header and sizes only, no tensor is read), else why
+    not."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return "the file is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+    except Exception as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _run_entry(p: Path) -> bool:
+    """Whether ``p`` is something the run store itself writes into a run directory."""
+    return p.name in ("stats", "partial", LOCK) or (p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+def prepare_run_dir(path: Path, force: bool = False) -> Path:
+    """Create (or reuse) a run directory, with a clear error when it cannot be written.
+
+    A directory without a manifest is refused unless it is empty, or (with ``force``) holds nothing but what the
+    run store writes (a run whose manifest was lost)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunStoreError(f"run path {path} exists and is not a directory: choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
-        raise RunStoreError(
-            f"{path} is a non-empty directory that is not a neurospec run (no {MANIFEST}); choose another --out"
-        )
+    if path.is_dir() and not (path / MANIFEST).exists():
+        entries = [p for p in path.iterdir() if p.name != LOCK]
+        if entries and all(_run_entry(p) for p in entries):
+            if not force:
+                raise RunStoreError(
+                    f"{path} looks like a neurospec run whose {MANIFEST} is missing; pass --force to record it "
+                    "again from the start, or choose another --out"
+                )
+        elif entries:
+            raise RunStoreError(
+                f"{path} is a non-empty directory that is not a neurospec run (no {MANIFEST}); choose another --out"
+            )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -89,17 +156,64 @@ def prepare_run_dir(path: Path) -> Path:
     return path
 
 
+REDO = "record it again (the same `neurospec record` command with --force starts the run over)"
+
+
 def read_manifest(path: Path) -> dict:
+    """The manifest of run ``path``; a missing, unreadable or incomplete one raises :class:`RunStoreError`."""
     mf = Path(path) / MANIFEST
     if not mf.exists():
         raise RunStoreError(f"{path} is not a neurospec run: it has no {MANIFEST}")
     try:
-        data = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise RunStoreError(f"{mf} is not valid JSON ({e}); the run is damaged") from None
+        data = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunStoreError(f"{mf} is damaged: not valid JSON ({e}); {REDO}") from None
+    if not isinstance(data, dict):
+        raise RunStoreError(f"{mf} is damaged: it holds a JSON {type(data).__name__}, not an object; {REDO}")
     if data.get("schema") != SCHEMA:
         raise RunStoreError(f"{mf} has schema {data.get('schema')!r}; this neurospec reads schema {SCHEMA}")
+    shapes = {"model": dict, "config": dict, "sites": list, "tasks": dict}
+    bad = [k for k, t in shapes.items() if not isinstance(data.get(k), t)]
+    if not bad and not isinstance(data["model"].get("fingerprint"), str):
+        bad = ["model.fingerprint"]
+    if bad:
+        raise RunStoreError(f"{mf} is damaged: {', '.join(bad)} missing or malformed; {REDO}")
     return data
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on run directory ``path`` (``flock`` on ``path/.lock``) for the ``with`` block.
+
+    A second process that tries to record into the same run fails at once with a :class:`RunStoreError` instead
+    of waiting: a recording can take hours, and a silent wait looks like a hang. The lock is advisory and local to
+    the machine (and to file systems that support ``flock``); where ``fcntl`` does not exist it is skipped.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    lock = Path(path) / LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            raise RunStoreError(
+                f"another process{f' (pid {holder})' if holder.isdigit() else ''} is recording into {path}; "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -140,8 +254,14 @@ class Run:
         """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded)."""
         from neurospec.record.recorder import accumulators_from_tensors
 
-        tensors, meta = load_tensors(self._task_file(task))
-        return accumulators_from_tensors(tensors, json.loads(meta.get("accumulators", "{}")))
+        path = self._task_file(task)
+        redo = f"record task {task!r} again: the same `neurospec record` command with --force"
+        tensors, meta = load_tensors(path, redo)
+        try:
+            return accumulators_from_tensors(tensors, json.loads(meta.get("accumulators", "{}")))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise RunStoreError(f"run file {path} is damaged: its accumulator states do not load ({e}); {redo}") \
+                from None
 
     def stats(self, task: str, site: str | None = None) -> dict:
         """Computed per-neuron statistics: ``{site: {"mean": Tensor[width], ...}}`` or one site's dict."""
