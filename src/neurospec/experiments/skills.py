@@ -29,7 +29,7 @@ from neurospec.record.store import atomic_write_json, save_tensors
 from neurospec.skills.collect import prompt_statistics
 from neurospec.skills.perturb import METHODS, MIN_RANDOM, perturbation_study, similarity
 from neurospec.skills.predictivity import AGGREGATES, aggregate, predictivity, select_top_p, task_scores
-from neurospec.skills.prompting import Prompt, PromptedModel, hard_prompt, is_decoder, verbaliser_ids
+from neurospec.skills.prompting import PromptedModel, hard_prompt, is_decoder, verbaliser_ids
 from neurospec.skills.soft import SoftPromptConfig, train_soft_prompt
 
 PROMPT_KINDS = ("hard", "soft")
