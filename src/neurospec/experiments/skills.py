@@ -1,0 +1,189 @@
+"""The skill-neuron pipeline (METHODS.md section 4) on any model neurospec loads, from streaming statistics.
+
+For each labelled task (:mod:`neurospec.data.labelled`): build the prompt runs (a hard prompt, or ``seeds`` soft
+prompts trained on the frozen model), stream train and dev through the MLP sites of every run
+(:mod:`neurospec.skills.collect`), turn the sums into per-neuron predictivity, reduce the one-vs-rest sub-tasks (max)
+and the runs (mean or min), take the top ``p`` of every layer as the task's skill neurons, perturb them (noise,
+zero) against random same-per-layer-count sets on the test split, and compare the tasks' skill sets.
+
+Outputs in ``out``: ``result.json`` (what :func:`run_skills` returns), ``scores/<task>.safetensors`` (per site: the
+aggregated score ``[width]`` and the per-sub-task predictivity of every run ``[runs, S, width]``), and
+``prompts/<task>/seed<k>/`` for soft prompts (reused when the run is repeated).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurospec.data.labelled import LabelledTask, load_labelled
+from neurospec.errors import NeurospecError
+from neurospec.models.loading import LoadedModel
+from neurospec.models.sites import NeuronId
+from neurospec.record.store import atomic_write_json, save_tensors
+from neurospec.skills.collect import prompt_statistics
+from neurospec.skills.perturb import METHODS, MIN_RANDOM, perturbation_study, similarity
+from neurospec.skills.predictivity import AGGREGATES, aggregate, predictivity, select_top_p, task_scores
+from neurospec.skills.prompting import PromptedModel, hard_prompt, is_decoder, verbaliser_ids
+from neurospec.skills.soft import SoftPromptConfig, train_soft_prompt
+
+PROMPT_KINDS = ("hard", "soft")
+
+
+@dataclass(frozen=True)
+class SkillsConfig:
+    """Settings of :func:`run_skills`. ``template``: the hard prompt text (default ``"\\nAnswer:"`` for decoders,
+    ``"Category:"`` for encoders). ``verbaliser``: class -> word; by default the class names when each is one
+    token, else the letters A, B, C, ... ``p``: the fraction per layer whose neurons are reported; ``ps``: the
+    fractions of the perturbation study."""
+
+    prompt: str = "hard"
+    template: str | None = None
+    verbaliser: Mapping[str, str] = field(default_factory=dict)
+    seeds: int = 1
+    aggregate: str = "mean"
+    class_reduce: str = "max"
+    p: float = 0.05
+    ps: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    methods: tuple[str, ...] = METHODS
+    n_random: int = MIN_RANDOM
+    noise_std: float = 0.1
+    batch_size: int = 16
+    max_tokens: int = 64
+    task_seed: int = 0
+    soft: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_KINDS:
+            raise NeurospecError(f"prompt must be one of {PROMPT_KINDS}, got {self.prompt!r}")
+        if self.aggregate not in AGGREGATES:
+            raise NeurospecError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.seeds < 1:
+            raise NeurospecError(f"seeds must be at least 1, got {self.seeds}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise NeurospecError(f"perturbation method must be one of {METHODS}, got {m!r}")
+        if not 0 < self.p <= 0.5 or any(not 0 < q <= 1 for q in self.ps):
+            raise NeurospecError("p must lie in (0, 0.5] and every fraction of ps in (0, 1]")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["verbaliser"] = dict(self.verbaliser)
+        return {"type": "SkillsConfig", "version": 1, **d}
+
+
+def _verbaliser(loaded: LoadedModel, task: LabelledTask, words: Mapping[str, str]) -> list[int]:
+    decoder = is_decoder(loaded)
+    unknown = sorted(set(words) - set(task.classes))
+    if unknown:
+        raise NeurospecError(f"--verbaliser names class(es) {unknown} that task {task.name!r} does not have; its "
+                             f"classes are {', '.join(task.classes)}")
+    if words:
+        return verbaliser_ids(loaded.tokenizer, [words.get(c, c) for c in task.classes], decoder=decoder)
+    try:
+        return verbaliser_ids(loaded.tokenizer, list(task.classes), decoder=decoder)
+    except NeurospecError:
+        letters = string.ascii_uppercase
+        if task.n_classes > len(letters):
+            raise NeurospecError(f"task {task.name!r} has {task.n_classes} classes: give --verbaliser words") from None
+        return verbaliser_ids(loaded.tokenizer, list(letters[: task.n_classes]), decoder=decoder)
+
+
+def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: SkillsConfig, out: Path):
+    """``[(prompt or None, info)]``: the prompt runs of a task."""
+    if task.kind == "image":
+        if pm.readout == "probe":
+            pm.fit_probe(*task.split("train"), None, cfg.batch_size)
+        return [(None, {"prompt": "class token"})]
+    if cfg.prompt == "hard":
+        template = cfg.template or ("\nAnswer:" if pm.decoder else "Category:")
+        prompt = hard_prompt(loaded, template)
+        if pm.readout == "probe":
+            pm.fit_probe(*task.split("train"), prompt, cfg.batch_size)
+        return [(prompt, {"prompt": "hard", "template": template})]
+    runs = []
+    for k in range(cfg.seeds):
+        sp = train_soft_prompt(pm, task, seed=k, config=cfg.soft, out=out / "prompts" / task.name / f"seed{k}")
+        probe = None if pm.probe is None else {n: v.clone() for n, v in pm.probe.state_dict().items()}
+        runs.append((sp.prompt, {"prompt": "soft", "seed": k, "dev_accuracy": sp.dev_accuracy, "reused": sp.reused,
+                                 "probe": probe}))
+    return runs
+
+
+def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: str | Path,
+               config: SkillsConfig | None = None, *, progress: Callable[[str, int, int], None] | None = None
+               ) -> dict[str, Any]:
+    """Run the pipeline (module docstring); writes ``out/result.json`` and returns the same dictionary."""
+    cfg = config or SkillsConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    built = [t if isinstance(t, LabelledTask) else load_labelled(t, seed=cfg.task_seed) for t in tasks]
+    names = [t.name for t in built]
+    if not built:
+        raise NeurospecError("no task given: name at least one labelled task (e.g. --task python-vs-c)")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise NeurospecError(f"task(s) named more than once: {', '.join(dupes)}")
+    sites = loaded.sites.of_kind("mlp")
+    widths = {s.name: s.width for s in sites}
+    result: dict[str, Any] = {"model": loaded.describe(), "config": cfg.to_dict(), "tasks": {}, "readout": {},
+                              "accuracy": {}, "predictivity": {s.name: {} for s in sites}, "skill_neurons": {},
+                              "perturbation": {}, "notes": []}
+    skill_sets = {}
+    for n_done, task in enumerate(built):
+        if progress is not None:
+            progress(f"skills {task.name}", n_done, len(built))
+        pm = PromptedModel(loaded, task.n_classes, max_tokens=cfg.max_tokens,
+                           verbaliser=_verbaliser(loaded, task, cfg.verbaliser) if task.kind == "text" and loaded.head in ("causal-lm", "masked-lm") else None)
+        if pm.readout == "probe":
+            result["notes"].append(
+                f"{task.name}: the model has no LM head usable here ({loaded.head}); predictions come from a linear "
+                "head on the final hidden state at the read position, " +
+                ("trained with each soft prompt" if cfg.prompt == "soft" and task.kind == "text" else
+                 "fit on frozen features of the training split"))
+        runs = _runs(loaded, pm, task, cfg, out)
+        per_run: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+        accs = []
+        for prompt, info in runs:
+            if info.get("probe") is not None:
+                pm.probe.load_state_dict(info["probe"])
+            counts = prompt_statistics(pm, task, prompt, sites, batch_size=cfg.batch_size)
+            for s in sites:
+                per_run[s.name].append(predictivity(counts[s.name].compute()["accuracy"]).float())
+            accs.append({k: v for k, v in info.items() if k != "probe"} | {
+                "test_accuracy": pm.accuracy(*task.split("test"), prompt, cfg.batch_size)})
+        scores = {s: aggregate([task_scores(r, cfg.class_reduce) for r in runs_], cfg.aggregate)
+                  for s, runs_ in per_run.items()}
+        tensors = {f"{s}/score": v for s, v in scores.items()}
+        tensors.update({f"{s}/subtasks": torch.stack(r) for s, r in per_run.items()})
+        save_tensors(out / "scores" / f"{task.name}.safetensors", tensors, {"task": task.name})
+        chosen = select_top_p(scores, cfg.p, key=task.name)
+        skill_sets[task.name] = chosen
+        result["tasks"][task.name] = task.sizes()
+        result["readout"][task.name] = pm.readout
+        result["accuracy"][task.name] = accs
+        result["skill_neurons"][task.name] = [str(NeuronId(s, int(i))) for s, idx in chosen.items() for i in idx]
+        for s in sites:
+            v = scores[s.name]
+            result["predictivity"][s.name][task.name] = {
+                "mean": float(v.mean()), "max": float(v.max()), "skill_mean": float(v[chosen[s.name]].mean())
+                if chosen[s.name].numel() else None}
+        # Perturbation with the first prompt run (and its probe) on the test split.
+        prompt, info = runs[0]
+        if info.get("probe") is not None:
+            pm.probe.load_state_dict(info["probe"])
+        rows = perturbation_study(pm, *task.split("test"), prompt, scores, cfg.ps, methods=cfg.methods,
+                                  n_random=cfg.n_random, std=cfg.noise_std, key=task.name,
+                                  batch_size=cfg.batch_size)
+        result["perturbation"][task.name] = rows
+        result["tasks"][task.name]["licence"] = task.licence
+    if progress is not None:
+        progress("skills", len(built), len(built))
+    result["similarity"] = similarity(skill_sets, widths) | {"p": cfg.p}
+    atomic_write_json(out / "result.json", result)
+    return result
