@@ -45,6 +45,7 @@ from neurospec.record.layout import PRUNED_NEURONS
 from neurospec.record.recorder import Intervention, ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
+from neurospec.score.selective import tie_break_keys
 
 MODES = ("cumulative", "iterative")
 ABLATIONS = ("zero", "mean")
@@ -88,15 +89,18 @@ class PruneConfig:
 
 
 def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, scope: str,
-           exclude: NeuronSet | None = None, sites=None, heads: str | None = None) -> NeuronSet:
+           exclude: NeuronSet | None = None, sites=None, heads: str | None = None,
+           keys: Mapping[str, torch.Tensor] | None = None) -> NeuronSet:
     """Top ``frac`` of MLP and ``attn_frac`` of attention neurons by score (excluded neurons never chosen).
 
     ``heads="mean"`` or ``"median"``: attention is selected as whole heads (``attn_frac`` of all heads), a head
-    scored by the mean or median of its neurons' scores.
+    scored by the mean or median of its neurons' scores. ``keys``: the order used for single neurons instead of the
+    scores, e.g. :func:`neurospec.score.selective.tie_break_keys` (the same order, ties broken at random per task).
     """
     parts = []
     for kind, f in (("mlp", frac), ("attn", attn_frac)):
-        sc = {s: v.clone() for s, v in scores.items() if s.endswith("." + kind)}
+        by_neuron = keys if keys is not None and not (kind == "attn" and heads is not None) else scores
+        sc = {s: v.clone() for s, v in by_neuron.items() if s.endswith("." + kind)}
         if not sc or f <= 0:
             continue
         if exclude is not None:
@@ -231,14 +235,17 @@ def selective_pruning(
 
     f_stats = run.stats(f_name)
     r_stats = merged_stats(run, r_names)
-    scores = score_neurons(pcfg.score, f_stats, r_stats, seed=pcfg.seed)
+    # the rand control and the order of tied scores are seeded per model and forget task (see derive_seed)
+    seeding = {"model": loaded.fingerprint, "task": f_name}
+    scores = score_neurons(pcfg.score, f_stats, r_stats, seed=pcfg.seed, **seeding)
+    keys = tie_break_keys(scores, pcfg.seed, **seeding)
     offsets = {s: v["mean"].float() for s, v in r_stats.items()} if pcfg.ablation == "mean" else None
     rows = [{"step": 0, "fraction": 0.0, "attn_fraction": 0.0, "n_pruned": 0, **measure()}]
     pruned = NeuronSet({s: [] for s in widths}, widths)
     for step in range(1, pcfg.steps + 1):
         if pcfg.mode == "cumulative":
             pruned = _widen(select(scores, pcfg.frac * step, pcfg.attn_frac * step, pcfg.scope, sites=sites,
-                                    heads=pcfg.heads), widths)
+                                    heads=pcfg.heads, keys=keys), widths)
         else:
             if step > 1:
                 # The step run is this pipeline's own: one recorded under another pruned set or ablation (an
@@ -250,19 +257,24 @@ def selective_pruning(
                            intervention=iv)
                 step_run = open_run(sub)
                 scores = score_neurons(pcfg.score, step_run.stats(f_name), merged_stats(step_run, r_names),
-                                       seed=pcfg.seed)
+                                       seed=pcfg.seed, **seeding)
+                keys = tie_break_keys(scores, pcfg.seed, **seeding)
             new = select(scores, pcfg.frac, pcfg.attn_frac, pcfg.scope, exclude=pruned, sites=sites,
-                         heads=pcfg.heads)
+                         heads=pcfg.heads, keys=keys)
             pruned = pruned | _widen(new, widths)
         with ablated(loaded.model, sites, pruned, pcfg.ablation, offsets=offsets):
             rows.append({"step": step, "fraction": pcfg.frac * step, "attn_fraction": pcfg.attn_frac * step,
                          "n_pruned": len(pruned), **measure()})
     pruned.save(out / PRUNED_NEURONS)  # atomic, like every result file
     if save_dir is not None:
+        import copy
+
         from neurospec.intervene.ablate import fold_ablation
 
-        fold_ablation(loaded.model, sites, pruned, offsets, method=pcfg.ablation)
-        loaded.model.save_pretrained(save_dir)
+        pruned_model = copy.deepcopy(loaded.model)  # the caller's model stays as it is
+        fold_ablation(pruned_model, sites, pruned, offsets, method=pcfg.ablation)
+        pruned_model.save_pretrained(save_dir)
+        del pruned_model
         if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
             loaded.tokenizer.save_pretrained(save_dir)
     acc_f = [r["forget"]["top1"] for r in rows]
