@@ -167,3 +167,36 @@ def test_resample_options_reach_the_hook(setup, monkeypatch):
     assert r.exit_code == 2 and "add resample to --methods" in " ".join(r.output.split())
     r = invoke(*base[:-1], "--resample-align", "nearest")
     assert r.exit_code == 2 and "--resample-align must be one of random, position" in " ".join(r.output.split())
+
+
+def test_fold_with_the_kde_peak(setup):
+    """`--peak-method kde` reaches the folded constants: the saved model equals hooking the KDE peaks, and differs
+    from the histogram peak's model."""
+    from neurospec.experiments.references import reference_values
+    from neurospec.intervene.ablate import ablated
+    from neurospec.intervene.neuronset import NeuronSet
+    from neurospec.models.loading import load_model
+    from neurospec.record.store import open_run
+
+    d, tmp = setup
+    ids = [f"layers.0.mlp:{i}" for i in range(0, 96, 3)] + [f"layers.1.attn:{i}" for i in range(0, 64, 5)]
+    (tmp / "ids.txt").write_text("\n".join(ids) + "\n")
+    logits = {}
+    orig = load_model(str(d))
+    ns = NeuronSet.from_ids(ids, orig.sites)
+    x = torch.randint(2, 97, (2, 16))
+    for how in ("kde", "histogram"):
+        r = invoke("ablate", "--model", d, "--reference", tmp / "ref", "--neurons", tmp / "ids.txt", "--method",
+                   "peak", "--peak-method", how, "--peak-bandwidth", 0.3, "--save", tmp / how, "--json")
+        assert r.exit_code == 0, r.output
+        saved = load_model(str(tmp / how))
+        with torch.no_grad():
+            logits[how] = saved.model(input_ids=x).logits
+    offsets, _ = reference_values(open_run(tmp / "ref"), "prose", ["peak"], peak_method="kde", peak_bandwidth=0.3)
+    with torch.no_grad(), ablated(orig.model, orig.sites, ns, "peak", offsets=offsets["peak"], fold=False):
+        want = orig.model(input_ids=x).logits
+    torch.testing.assert_close(logits["kde"], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits["kde"], logits["histogram"], rtol=1e-5, atol=1e-5)
+    r = invoke("ablate", "--model", d, "--reference", tmp / "ref", "--neurons", tmp / "ids.txt", "--method", "peak",
+               "--peak-method", "mode", "--save", tmp / "bad")
+    assert r.exit_code == 2 and "--peak-method" in r.output

@@ -125,7 +125,12 @@ def ablate_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     peak_bins: int = typer.Option(100, "--peak-bins"),
     peak_smooth: float = typer.Option(0.0, "--peak-smooth", help="Gaussian smoothing of the histogram, in bins"),
-    # (further peak variants, e.g. a KDE mode, get their option here once reference_values takes them)
+    peak_method: str = typer.Option("histogram", "--peak-method",
+                                    help="peak: histogram (the fullest of --peak-bins bins) or kde (the maximum of a "
+                                         "Gaussian kernel density estimate)"),
+    peak_bandwidth: float = typer.Option(0.1, "--peak-bandwidth",
+                                         help="peak with --peak-method kde: kernel width in units of each neuron's "
+                                              "standard deviation"),
     resample_align: str = typer.Option("random", "--resample-align",
                                        help="resample: random (a random token row of the reference run's reservoir) "
                                             "or position (the same position of a random sequence of the evaluated "
@@ -146,6 +151,7 @@ def ablate_cmd(
     from neurospec.experiments.ablation import KINDS
     from neurospec.experiments.references import reference_values
     from neurospec.intervene.ablate import ablation_methods
+    from neurospec.record.histogram import PEAK_METHODS
     from neurospec.record.layout import ABLATION, ABLATION_FIGURE, write_result_json
     from neurospec.record.store import open_run
 
@@ -155,6 +161,11 @@ def ablate_cmd(
         check_int(option, value)
     if peak_smooth < 0:
         raise NeurospecError(f"--peak-smooth must be >= 0, got {peak_smooth}")
+    check_choice("--peak-method", peak_method, PEAK_METHODS)
+    if not peak_bandwidth > 0:
+        raise NeurospecError(f"--peak-bandwidth must be > 0, got {peak_bandwidth}")
+    peak_opts = {"peak_bins": peak_bins, "peak_smooth": peak_smooth, "peak_method": peak_method,
+                 "peak_bandwidth": peak_bandwidth}
     # "value" needs constants from the caller; the command line has none to give
     usable = [m for m in ablation_methods() if m != "value"]
     if neurons is not None:
@@ -199,8 +210,7 @@ def ablate_cmd(
         ns = NeuronSet.load(neurons, loaded.sites)
         offsets = None
         if method != "zero":
-            offs, _ = reference_values(ref, ref_task_for(None), [method], peak_bins=peak_bins, peak_smooth=peak_smooth,
-                                       sites=ns.site_names)
+            offs, _ = reference_values(ref, ref_task_for(None), [method], sites=ns.site_names, **peak_opts)
             offsets = offs[method]
         info = fold_ablation(loaded.model, loaded.sites, ns, offsets, method=method)
         loaded.model.save_pretrained(save)
@@ -220,8 +230,7 @@ def ablate_cmd(
     for name, data in tasks.items():
         aligned = resample is not None and resample["align"] == "position"
         value_methods = [m for m in method_list if not (aligned and get_ablation(m).per_input)]
-        offs, samples = reference_values(ref, ref_task_for(name), value_methods, peak_bins=peak_bins,
-                                         peak_smooth=peak_smooth)
+        offs, samples = reference_values(ref, ref_task_for(name), value_methods, **peak_opts)
         if aligned:
             from neurospec.experiments.aligned_samples import position_aligned_samples
 
