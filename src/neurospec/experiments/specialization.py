@@ -138,7 +138,7 @@ def _selectivity(accs: dict[str, dict[str, Any]], names: list[str], score: str, 
     for t in names:
         others = [u for u in names if u != t]
         retain = computed[others[0]] if len(others) == 1 else merge_moments([accs[u] for u in others])
-        sc = score_neurons(score, computed[t], retain)
+        sc = score_neurons(score, computed[t], retain, task=t)
         for s in sites:
             cols[s].append(np.abs(sc[s].double().numpy()))
     return {s: np.stack(v, axis=1) for s, v in cols.items()}
@@ -169,7 +169,7 @@ def _image_data(target: Target, cfg: SpecializationConfig, sites: list[str]) -> 
             f, r = NeuronStats(acts[s].shape[1]), NeuronStats(acts[s].shape[1])
             f.update(acts[s][inside])
             r.update(acts[s][~inside])
-            sc = score_neurons(cfg.score, {s: f.compute()}, {s: r.compute()})[s]
+            sc = score_neurons(cfg.score, {s: f.compute()}, {s: r.compute()}, task=classes[c])[s]
             sel[s].append(np.abs(sc.double().numpy()))
     corr = {s: v["corr"] for s, v in _comoments_of(acts).items()}
     evaluator = ImageEvaluator(target, tasks, method=cfg.ablation, offsets=offsets)

@@ -130,10 +130,12 @@ def from_loaded(loaded: Any, spec: str | None = None) -> Target:
                   loaded=loaded)
 
 
-def load_target(spec: str, *, device: str | None = None, dtype: str | None = None) -> Target:
+def load_target(spec: str, *, device: str | None = None, dtype: str | None = None,
+                allow_pickle: bool = False) -> Target:
     """Load a zoo directory (it has ``zoo.json``) or anything :func:`~neurospec.models.loading.load_model` reads.
 
     A local directory is recorded by its absolute path, so a cluster directory can reload its model from anywhere.
+    ``allow_pickle``: see :func:`~neurospec.models.loading.load_model`.
     """
     from neurospec.experiments import zoo
     from neurospec.models.loading import _quiet_transformers, load_model
@@ -150,7 +152,7 @@ def load_target(spec: str, *, device: str | None = None, dtype: str | None = Non
         if device not in (None, "cpu"):
             z.model.to(device)
         return from_zoo(z, spec)
-    return from_loaded(load_model(spec, device=device, dtype=dtype), spec)
+    return from_loaded(load_model(spec, device=device, dtype=dtype, allow_pickle=allow_pickle), spec)
 
 
 @contextmanager

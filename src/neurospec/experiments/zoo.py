@@ -88,12 +88,15 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on images ``x`` with classes ``y`` (evaluation mode; restores the mode)."""
+    """Top-1 accuracy of ``model`` on images ``x`` with classes ``y`` (evaluation mode; restores the mode), by the
+    one rule of :func:`neurospec.evaluate.metrics.topk_hits` (ties and non-finite rows count as wrong)."""
+    from neurospec.evaluate.metrics import topk_hits
+
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += int((logits(model, x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+        correct += int(topk_hits(logits(model, x[i:i + batch_size]).float(), y[i:i + batch_size]).sum())
     model.train(was_training)
     return correct / len(y)
 

@@ -67,15 +67,17 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
         ))
     if tm.get("selectivity") is not None:
         sel = np.array(tm["selectivity"])
-        png = F.heatmaps([sel], ["top-1 drop"], names, figdir / "selectivity", vmin=None,
+        metric = tm.get("metric", "next-token top-1")
+        png = F.heatmaps([sel], [f"{metric} drop"], names, figdir / "selectivity", vmin=None,
                          cmap="magma", fmt="{:.3f}",
-                         suptitle=f"prune row task's top {tm['config']['select_frac']:.0%} neurons, top-1 drop of column task")
+                         suptitle=f"prune row task's top {tm['config']['select_frac']:.0%} neurons, {metric} drop of "
+                                  "column task")
         base = tm["baseline"]
         rows = [[n, base[n]["top1"], base[n]["top10"], base[n]["skip_top1"], base[n]["loss"]] for n in names]
         out.append(_section(
             "Selectivity matrix",
-            "Row i: the model with task i's specific neurons pruned; column j: how much task j's next-token top-1 "
-            "accuracy drops. A dominant diagonal means pruning is selective: each task's neurons serve that task.",
+            f"Row i: the model with task i's specific neurons pruned; column j: how much task j's {metric} drops. "
+            "A dominant diagonal means pruning is selective: each task's neurons serve that task.",
             _img(png, "selectivity matrix") + _table(["task", "top1", "top10", "skip top1", "loss"], rows),
         ))
     key = f"{tm['config']['select_frac']:g}" if f"{tm['config']['select_frac']:g}" in tm["layer_counts"] else next(iter(tm["layer_counts"]))
