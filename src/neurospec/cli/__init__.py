@@ -14,7 +14,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from neurospec.cli import ablation_cmds, cluster_cmds, foundation, tasks_cmds  # noqa: F401  (commands register themselves on `app`)
+    from neurospec.cli import ablation_cmds, cluster_cmds, foundation, sparsity_cmds, tasks_cmds  # noqa: F401  (commands register themselves on `app`)
 
 
 def main() -> None:

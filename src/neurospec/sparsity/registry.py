@@ -79,5 +79,11 @@ def get_method(name: str) -> PruningMethod:
         raise SparsityError(f"unknown pruning method {name!r}; known methods: {', '.join(_METHODS)}") from None
 
 
+_BUILTIN = ("magnitude", "wanda", "sparsegpt")  # modules of neurospec.sparsity that register themselves, in order
+
+
 def _load_builtin() -> None:
-    from neurospec.sparsity import magnitude, sparsegpt, wanda  # noqa: F401  (each registers itself)
+    import importlib
+
+    for name in _BUILTIN:
+        importlib.import_module(f"neurospec.sparsity.{name}")
