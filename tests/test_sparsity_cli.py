@@ -58,9 +58,14 @@ def test_sparsify_magnitude_unstructured_human_output(model_dir):
     (["--method", "sparsegpt", "--calib-tokens", 32], "at least 96 calibration tokens"),
     (["--method", "magnitude", "--layers", "layers.0.mlp"], "not a linear module"),
     (["--method", "magnitude", "--layers", "layers.0.mlp.gate"], "no linear module 'layers.0.mlp.gate'"),
-    (["--method", "obs"], "'obs' is not one of 'magnitude', 'wanda', 'sparsegpt'"),
+    (["--method", "obs"], "'obs' is not one of"),
 ])
 def test_sparsify_errors_are_one_clear_line(model_dir, args, message):
     r = invoke("sparsify", "--model", model_dir, "--seq-len", 16, "--eval-tokens", 16, *args)
     assert r.exit_code == 2, r.output
-    assert message in " ".join(r.output.replace("│", " ").split()) and "Traceback" not in r.output
+    text = " ".join(r.output.replace("│", " ").split())
+    assert message in text and "Traceback" not in text
+    if "obs" in args:
+        from neurospec.sparsity import methods
+
+        assert all(f"'{name}'" in text for name in methods())  # the choices come from the registry

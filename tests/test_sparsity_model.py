@@ -168,3 +168,13 @@ def test_driver_errors_say_what_to_do():
         sparsify(model, "magnitude", layers=[0], rows={"layers.1.mlp.up_proj": [0]})
     with pytest.raises(NeurospecError, match=r"in \[0, 1\)"):
         sparsify(model, "magnitude", sparsity=1.0)
+
+
+def test_gpt2_conv1d_weights_are_pruned_along_their_inputs():
+    model = tiny_model("gpt2")
+    res = sparsify(model, "sparsegpt", pattern="2:4", calibration=calib(), batch_size=4)
+    lin = list_linears(res.model)
+    assert "layers.0.attn.c_attn" in lin and len(res.layers) == 8
+    for name, ref in lin.items():
+        w = weight_out_in(ref.module)  # Conv1D stores [in, out]; the groups run along the inputs
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all(), name
