@@ -202,3 +202,15 @@ def test_group_size_must_divide_the_width_and_options_are_checked():
         prune_weight("sparsegpt", W, None, make_pattern(0.5))
     with pytest.raises(NeurospecError, match="multiple of the N:M group size"):
         prune_weight("sparsegpt", torch.randn(4, 8), torch.eye(8), make_pattern(None, "2:4"), blocksize=6)
+
+
+def test_layer_functions_leave_the_given_weight_unchanged():
+    """Also for a transposed view (how GPT-2's Conv1D weight is seen as [out, in])."""
+    W, X, H = problem(seed=8)
+    stored = W.t().contiguous()  # [in, out] storage
+    for name in methods():
+        view = stored.t()
+        before = stored.clone()
+        stat = {"none": None, "norms": X.norm(dim=0), "hessian": H}[methods()[name].stats]
+        prune_weight(name, view, stat, make_pattern(0.5))
+        assert torch.equal(stored, before), name

@@ -65,36 +65,39 @@ def sparsegpt(
     if hessian.shape != (cols, cols):
         raise SparsityError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight with {cols} inputs")
     dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    W = weight.detach().to(dtype).clone()
-    U64, dead = inverse_hessian_factor(hessian.to(W.device), damp)
+    # The sweep works on the transpose [in, out], so that a column of W and the columns right of it are contiguous.
+    Wt = weight.detach().t().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    U64, dead = inverse_hessian_factor(hessian.to(Wt.device), damp)
     U = U64.to(dtype)
-    W[:, dead] = 0
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    Wt[dead] = 0
+    pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         width = i2 - i1
-        W1 = W[:, i1:i2]  # a view: updated in place
+        W1 = Wt[i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
-        err = torch.empty(rows, width, dtype=dtype, device=W.device)
+        err = torch.empty(width, rows, dtype=dtype, device=Wt.device)
         if pattern.structured:
-            mask = torch.zeros(rows, width, dtype=torch.bool, device=W.device)
+            mask = pruned_t[i1:i2]
         else:
-            mask = lowest_overall(W1.square() / d.square(), int(rows * width * pattern.sparsity))
+            mask = lowest_overall(W1.square() / d.square()[:, None], int(rows * width * pattern.sparsity))
         for i in range(width):
             if pattern.structured and i % pattern.m == 0:
                 j = i + pattern.m
-                mask[:, i:j] = lowest_per_group(W1[:, i:j].square() / d[i:j].square(), pattern.n, pattern.m)
-            w = W1[:, i]
-            e = torch.where(mask[:, i], w, 0) / d[i]
-            W1[:, i + 1 :].sub_(e[:, None] * U1[i, i + 1 :][None, :])
-            W1[:, i].masked_fill_(mask[:, i], 0)
-            err[:, i] = e
+                score = (W1[i:j].square() / d[i:j].square()[:, None]).t()
+                mask[i:j] = lowest_per_group(score, pattern.n, pattern.m).t()
+            e = torch.where(mask[i], W1[i], 0).div_(d[i])
+            W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1)
+            W1[i].masked_fill_(mask[i], 0)
+            err[i] = e
         if i2 < cols:
-            W[:, i2:].sub_(err @ U[i1:i2, i2:])
-        pruned[:, i1:i2] = mask
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1)
+        pruned_t[i1:i2] = mask
+    W = Wt.t()
+    pruned = pruned_t.t().contiguous()
     pruned |= dead[None, :]
-    return LayerResult(W.to(weight.dtype), pruned)
+    return LayerResult(W.to(weight.dtype).contiguous(), pruned)
 
 
 register_method(
