@@ -178,3 +178,15 @@ def test_gpt2_conv1d_weights_are_pruned_along_their_inputs():
     for name, ref in lin.items():
         w = weight_out_in(ref.module)  # Conv1D stores [in, out]; the groups run along the inputs
         assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all(), name
+
+
+def test_sparsegpt_reconstructs_held_out_outputs_better_than_magnitude():
+    model = tiny_model("llama")
+    ids, held_out = calib(n=16, seed=0), calib(n=4, seed=9)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        res = sparsify(model, method, calibration=ids, layers=[0], batch_size=8)
+        errors[method] = neuron_output_error(model, res.model, held_out, names=list(res.layers))
+    for name in errors["sparsegpt"]:
+        assert errors["sparsegpt"][name].mean() < errors["magnitude"][name].mean(), name
+        assert errors["sparsegpt"][name].mean() < errors["wanda"][name].mean(), name
