@@ -190,3 +190,12 @@ def test_sparsegpt_reconstructs_held_out_outputs_better_than_magnitude():
     for name in errors["sparsegpt"]:
         assert errors["sparsegpt"][name].mean() < errors["magnitude"][name].mean(), name
         assert errors["sparsegpt"][name].mean() < errors["wanda"][name].mean(), name
+
+
+def test_vit_calibrates_on_images_and_counts_patch_tokens():
+    model = tiny_model("vit")
+    px = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    res = sparsify(model, "sparsegpt", calibration=px, batch_size=4)
+    assert all(r.sparsity == pytest.approx(0.5) and r.tokens == 8 * 17 for r in res.layers.values())
+    with pytest.raises(NeurospecError, match="at least 96 calibration tokens for layers.0.mlp.fc2, but it saw 68"):
+        sparsify(model, "sparsegpt", calibration=px[:4])

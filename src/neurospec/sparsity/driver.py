@@ -264,6 +264,7 @@ def _stats_class(method: PruningMethod):
 
 
 def _calibration_tokens(calibration: torch.Tensor | None) -> int:
+    """Token ids: every position; pixel inputs: the number of images."""
     if calibration is None:
         return 0
     if calibration.is_floating_point():
@@ -324,7 +325,7 @@ def sparsify(
             raise SparsityError(f"calibration must be a LongTensor[blocks, seq], got {calibration.dtype} "
                                 f"{tuple(calibration.shape)}")
         need = max(m.min_tokens(ref.in_features) for ref in chosen.values())
-        if n_tokens < need:
+        if n_tokens < need and not calibration.is_floating_point():  # images: checked per module after calibrating
             widest = max(chosen.values(), key=lambda r: r.in_features)
             raise SparsityError(
                 f"{m.name} needs at least {need} calibration tokens, got {n_tokens}: the Hessian of {widest.name} "
@@ -367,7 +368,11 @@ def sparsify(
             if refs:
                 accs = _collect(runner, b, refs, _stats_class(m), timings)
                 for ref in refs:
-                    prune(ref, accs[ref.name].compute(), accs[ref.name].count)
+                    seen_tokens, need = accs[ref.name].count, m.min_tokens(ref.in_features)
+                    if seen_tokens < need:
+                        raise SparsityError(f"{m.name} needs at least {need} calibration tokens for {ref.name}, but "
+                                            f"it saw {seen_tokens}: give more calibration inputs")
+                    prune(ref, accs[ref.name].compute(), seen_tokens)
                 del accs
             if b < last:
                 t0 = time.perf_counter()
