@@ -29,7 +29,7 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "opt", "bert", "qwen2", "gemma"])
 def test_block_runner_reproduces_the_forward_pass(family):
     model = tiny_model(family)
     ids = calib(n=5)
@@ -199,3 +199,13 @@ def test_vit_calibrates_on_images_and_counts_patch_tokens():
     assert all(r.sparsity == pytest.approx(0.5) and r.tokens == 8 * 17 for r in res.layers.values())
     with pytest.raises(NeurospecError, match="at least 96 calibration tokens for layers.0.mlp.fc2, but it saw 68"):
         sparsify(model, "sparsegpt", calibration=px[:4])
+
+
+def test_captured_block_arguments_broadcast_to_each_batch():
+    from neurospec.sparsity.driver import _expand
+
+    cos, mask, pos = torch.randn(1, 5, 4), torch.zeros(1, 1, 5, 5), torch.arange(5)
+    pe = _expand((cos, cos), 3)
+    assert [t.shape for t in pe] == [torch.Size([3, 5, 4])] * 2 and torch.equal(pe[0][2], cos[0])
+    assert _expand(mask, 3).shape == (3, 1, 5, 5) and _expand(mask, 1) is mask
+    assert _expand(pos, 3) is pos and _expand(None, 3) is None and _expand([mask], 2)[0].shape[0] == 2
