@@ -214,3 +214,21 @@ def test_layer_functions_leave_the_given_weight_unchanged():
         stat = {"none": None, "norms": X.norm(dim=0), "hessian": H}[methods()[name].stats]
         prune_weight(name, view, stat, make_pattern(0.5))
         assert torch.equal(stored, before), name
+
+
+def test_lowest_k_selection_equals_a_stable_sort_with_ties():
+    from neurospec.sparsity.patterns import lowest_overall, lowest_per_row
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (7, 9), generator=g).float()  # many ties
+    for k in range(10):
+        want = torch.zeros_like(score, dtype=torch.bool)
+        for r in range(7):
+            order = sorted(range(9), key=lambda j: (float(score[r, j]), j))
+            want[r, order[:k]] = True
+        assert torch.equal(lowest_per_row(score, k), want), k
+    for k in (0, 1, 20, 63):
+        flat = sorted(range(63), key=lambda i: (float(score.reshape(-1)[i]), i))
+        want = torch.zeros(63, dtype=torch.bool)
+        want[flat[:k]] = True
+        assert torch.equal(lowest_overall(score, k), want.reshape(7, 9)), k
