@@ -14,7 +14,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from neurospec.cli import ablation_cmds, cluster_cmds, foundation, skills_cmds, tasks_cmds  # noqa: F401  (commands register themselves on `app`)
+    from neurospec.cli import (  # noqa: F401  (commands register themselves on `app`)
+        ablation_cmds,
+        cluster_cmds,
+        foundation,
+        skills_cmds,
+        sparsity_cmds,
+        tasks_cmds,
+    )
 
 
 def main() -> None:

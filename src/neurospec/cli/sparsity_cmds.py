@@ -1,0 +1,106 @@
+"""`neurospec sparsify`: magnitude, Wanda or SparseGPT pruning of a model, with perplexity before and after."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neurospec.cli import app
+from neurospec.cli.common import Steps, emit, err, handle_errors
+from neurospec.cli.foundation import MODEL_HELP
+
+out = Console()
+
+
+def _check_method(value: str) -> str:
+    """The choices come from the method registry, read only when the command runs (so that the command line starts
+    without importing torch)."""
+    from neurospec.sparsity import methods
+
+    names = list(methods())
+    if value not in names:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, names))}")
+    return value
+
+
+@app.command("sparsify")
+@handle_errors
+def sparsify_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option(..., "--method", callback=_check_method,
+                               help="pruning method from the registry (neurospec.sparsity.methods()): magnitude, "
+                                    "wanda, sparsegpt, ..."),
+    sparsity: float = typer.Option(None, help="fraction of weights pruned, in [0, 1) (default 0.5; N/M with "
+                                              "--pattern)"),
+    pattern: str = typer.Option("unstructured", help="unstructured, or N:M (N of every M inputs pruned): 2:4, 4:8"),
+    calib_task: str = typer.Option("prose", "--calib-task", help="task whose collection split calibrates"),
+    calib_tokens: int = typer.Option(128 * 256, "--calib-tokens", help="calibration tokens"),
+    eval_task: list[str] = typer.Option(None, "--eval-task", help="task for perplexity before and after, on its "
+                                                                 "evaluation split (repeat; default: the calib task)"),
+    eval_tokens: int = typer.Option(20_000, "--eval-tokens", help="evaluation tokens per task"),
+    layers: list[str] = typer.Option(None, "--layers", help="block indices or module names (comma-separated or "
+                                                           "repeated; e.g. 0,1 or layers.3.mlp.down_proj); "
+                                                           "default: all blocks"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    save: Path = typer.Option(None, help="write the sparse model here (a plain Hugging Face directory)"),
+    seed: int = typer.Option(0, help="seed of the task splits"),
+    device: str = typer.Option(None),
+    dtype: str = typer.Option(None),
+    json_: bool = typer.Option(False, "--json"),
+) -> None:
+    """Prune the linear layers of the transformer blocks and report the achieved sparsity and the perplexity."""
+    from neurospec.data.tasks import build_task_data
+    from neurospec.evaluate import evaluate_lm
+    from neurospec.models.loading import load_model
+    from neurospec.sparsity import make_pattern, save_sparse, sparsify
+
+    pat = make_pattern(sparsity, pattern)  # bad input fails before the model loads
+    t0 = time.perf_counter()
+    loaded = load_model(model, device=device, dtype=dtype)
+    calib = build_task_data(calib_task, loaded.tokenizer, seq_len=seq_len, collect_tokens=calib_tokens,
+                            eval_tokens=0, seed=seed)
+    evals = {}
+    for spec in eval_task or [calib_task]:
+        data = build_task_data(spec, loaded.tokenizer, seq_len=seq_len, collect_tokens=0, eval_tokens=eval_tokens,
+                               seed=seed)
+        evals[data.name] = data.eval
+    chosen = [item.strip() for text in layers or [] for item in text.split(",") if item.strip()] or None
+    dense = {name: evaluate_lm(loaded, blocks, batch_size=batch_size)["perplexity"] for name, blocks in evals.items()}
+    with Steps() as steps:
+        res = sparsify(loaded, method, pattern=pat, calibration=calib.collect, layers=chosen, batch_size=batch_size,
+                       inplace=True, progress=steps)
+    sparse = {name: evaluate_lm(loaded, blocks, batch_size=batch_size)["perplexity"] for name, blocks in evals.items()}
+    result = {
+        "model": model,
+        **res.to_dict(),
+        "perplexity": {name: {"dense": dense[name], "sparse": sparse[name]} for name in evals},
+        "calibration": {"task": calib.name, "tokens": res.calibration_tokens, "seq_len": seq_len},
+        "eval_tokens": {name: int(blocks.numel()) for name, blocks in evals.items()},
+    }
+    result.pop("layer_details")
+    if save is not None:
+        result["saved"] = str(save_sparse(loaded.model, save, loaded.tokenizer))
+    result["total_seconds"] = time.perf_counter() - t0
+    if not calib.collect_info.complete:
+        err.print(f"[yellow]note[/]: task {calib.name!r} holds only {res.calibration_tokens} calibration tokens")
+
+    def human():
+        sp = list(result["layers"].values())
+        out.print(f"{method} {pat.label} (sparsity {pat.sparsity:g}): {len(sp)} linear modules, achieved "
+                  f"{min(sp):.4f}-{max(sp):.4f}, in {res.seconds:.1f} s on {res.calibration_tokens:,} calibration "
+                  "tokens")
+        t = Table(title="perplexity")
+        for c in ("task", "dense", "sparse"):
+            t.add_column(c, justify="right")
+        for name, p in result["perplexity"].items():
+            t.add_row(name, f"{p['dense']:.3f}", f"{p['sparse']:.3f}")
+        out.print(t)
+        if save is not None:
+            out.print(f"saved to {result['saved']}")
+
+    emit(result, json_, human)
