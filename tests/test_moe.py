@@ -154,6 +154,10 @@ def test_cli_sites_on_a_saved_mixtral(tmp_path, monkeypatch):
     assert out["family"] == "mixtral"
     assert [s["name"] for s in out["sites"]][:5] == [f"layers.0.mlp.{e}" for e in range(4)] + ["layers.0.attn"]
     assert out["sites"][1]["width"] == FF
+    assert (out["sites"][1]["expert"], out["sites"][1]["param"]) == (1, "model.layers.0.mlp.experts.down_proj")
+    r = CliRunner().invoke(app, ["sites", str(tmp_path / "mix")])
+    assert r.exit_code == 0, r.output
+    assert "layers.1.mlp.3" in r.output
 
 
 # --------------------------------------------------------------------------------------------- hooks
@@ -364,3 +368,55 @@ def test_selection_over_expert_scores_picks_across_experts():
     scores["layers.0.mlp.shared"][1] = 1.0
     top = NeuronSet.top_k(scores, k=2, sites=sites)
     assert top.to_ids() == ["layers.0.mlp.shared:1", "layers.1.mlp.3:5"]
+
+
+def test_observers_keep_the_configured_experts_implementation():
+    """With observers only, the experts module's own (dispatching) forward makes the output, whatever it is."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    model = moe_model("mixtral", experts_implementation="eager")
+    ex = _experts(model, 0)
+    eager = type(ex).forward.__wrapped__
+
+    def scaled(self, hidden_states, top_k_index, top_k_weights):  # an implementation that differs from eager
+        return 1.5 * eager(self, hidden_states, top_k_index, top_k_weights)
+
+    ALL_EXPERTS_FUNCTIONS["neurospec-test"] = scaled
+    try:
+        ids = _ids(seed=4)
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            ex.config._experts_implementation = "neurospec-test"
+            ref = model(input_ids=ids).logits
+            assert not torch.allclose(ref, plain)
+            seen = []
+            h = add_expert_hook(ex, 2, lambda a: seen.append(a.shape[0]))
+            observed = model(input_ids=ids).logits
+            h.remove()
+    finally:
+        del ALL_EXPERTS_FUNCTIONS["neurospec-test"]
+    assert torch.equal(observed, ref)
+    assert seen and seen[0] > 0
+
+
+def test_an_expert_without_tokens_is_still_called_every_forward():
+    """Every forward reaches every observed expert (with 0 rows if none was routed to it), so collective calls inside
+    the accumulators (the histogram range broadcast under torchrun) stay in step across ranks."""
+    model = moe_model("olmoe")
+    sites = find_sites(model)
+    gate = model.model.layers[0].mlp.gate
+
+    def never_three(h):  # the router of layer 0, except that expert 3 is never chosen
+        logits = F.linear(h.reshape(-1, h.shape[-1]), gate.weight)
+        w, idx = torch.topk(torch.softmax(logits.float().index_fill(-1, torch.tensor([3]), -torch.inf), -1), TOP_K)
+        return logits, w.to(h.dtype), idx
+
+    gate.forward = never_three
+    rows = []
+    handles = observe_site(model, sites["layers.0.mlp.3"], lambda a: rows.append(a.shape), routing=lambda i, w: None)
+    with torch.no_grad():
+        for seed in range(3):
+            model.model(input_ids=_ids(seed=seed))
+    for h in handles:
+        h.remove()
+    assert rows == [torch.Size([0, FF])] * 3
