@@ -420,3 +420,32 @@ def test_an_expert_without_tokens_is_still_called_every_forward():
     for h in handles:
         h.remove()
     assert rows == [torch.Size([0, FF])] * 3
+
+
+def test_selective_scores_on_expert_sites(tmp_path, monkeypatch):
+    """Two recorded tasks on Qwen2-MoE: the abs score of every expert neuron (and the shared expert's) is
+    mean|x|_F / (mean|x|_R + 1e-3), the MLP epsilon, and the top neurons ablate through the expert hook."""
+    from neurospec.experiments.common import merged_stats
+    from neurospec.experiments.selective import select
+    from neurospec.score.selective import score_neurons
+
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
+    loaded = from_module(moe_model("qwen2_moe"), char_tokenizer(), name="tiny-qwen2-moe")
+    a = write_corpus(tmp_path / "a.txt", seed=1)
+    b = write_corpus(tmp_path / "b.txt", seed=2, words=("one", "two", "three"))
+    record(loaded, [f"a={a}", f"b={b}"], tmp_path / "run", CFG)
+    run = open_run(tmp_path / "run")
+    forget, retain = run.stats("a"), merged_stats(run, ["b"])
+    scores = score_neurons("abs", forget, retain)
+    for site in ("layers.1.mlp.2", "layers.0.mlp.shared"):
+        want = forget[site]["mean_abs"] / (run.stats("b")[site]["mean_abs"] + 1e-3)
+        torch.testing.assert_close(scores[site], want, rtol=1e-12, atol=0)
+    top = select(scores, frac=0.05, attn_frac=0.0, scope="global", sites=loaded.sites)  # selective pruning's pick
+    mlp = {s: v for s, v in scores.items() if parse_site_name(s)[1] == "mlp"}
+    flat = torch.cat([mlp[s.name] for s in loaded.sites.of_kind("mlp")])
+    assert len(top) == int(0.05 * flat.numel()) > 0
+    picked = torch.cat([mlp[n][top.indices(n)] for n in top.site_names])
+    assert picked.min() >= flat.sort(descending=True).values[len(top) - 1]
+    assert any(parse_site_expert(n) is not None for n in top.site_names)
+    with ablated(loaded.model, loaded.sites, top, "zero") as info:
+        assert info.n_ablated == len(top)

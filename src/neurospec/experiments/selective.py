@@ -34,6 +34,7 @@ from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
+from neurospec.models.sites import parse_site_name
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
@@ -88,7 +89,7 @@ def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, sc
     """
     parts = []
     for kind, f in (("mlp", frac), ("attn", attn_frac)):
-        sc = {s: v.clone() for s, v in scores.items() if s.endswith("." + kind)}
+        sc = {s: v.clone() for s, v in scores.items() if parse_site_name(s)[1] == kind}  # experts are MLP sites
         if not sc or f <= 0:
             continue
         if exclude is not None:
