@@ -449,3 +449,53 @@ def test_selective_scores_on_expert_sites(tmp_path, monkeypatch):
     assert any(parse_site_expert(n) is not None for n in top.site_names)
     with ablated(loaded.model, loaded.sites, top, "zero") as info:
         assert info.n_ablated == len(top)
+
+
+def test_moefication_of_a_routed_expert():
+    """MoEfication splits an expert's neurons by its rows of the fused gate_up_proj, and its routing rewrites the
+    expert's activations (checked against the MoE layer computed by hand with route_topk applied)."""
+    from neurospec.cluster.moefication import expert_features, install_routing, moefy_site, route_topk
+
+    model = moe_model("mixtral", experts_implementation="eager")
+    sites = find_sites(model)
+    site = sites["layers.0.mlp.2"]
+    up = _experts(model, 0).gate_up_proj[2][FF:].double()
+    torch.testing.assert_close(torch.as_tensor(expert_features(model, site, "up")),
+                               up / up.norm(dim=1, keepdim=True))
+    labels = moefy_site(model, site, n_experts=4)
+    assert sorted(torch.as_tensor(labels).bincount().tolist()) == [6, 6, 6, 6]
+    ids = _ids(seed=5)
+    x = _moe_inputs(model, [ids])[0]
+    idx, w = _route(model, 0, x)
+    ex = _experts(model, 0)
+    with torch.no_grad(), install_routing(model, site, labels, k=1):
+        out = ex(x, idx, w)
+    assert "forward" not in ex.__dict__
+    by_hand = _moe_by_hand(model, 0, x)
+    rows = (idx == 2).any(-1)
+    h = _expert_acts(model, 0, x, idx, 2)
+    w2 = (w * (idx == 2)).sum(-1)[rows].double()
+    by_hand[rows] += ((route_topk(h, labels, 1) - h) @ ex.down_proj[2].double().T) * w2[:, None]
+    torch.testing.assert_close(out.double(), by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_resampling_an_expert_from_one_row_equals_setting_that_row():
+    model = moe_model("qwen2_moe", experts_implementation="eager")
+    sites = find_sites(model)
+    ns = NeuronSet.from_ids(["layers.1.mlp.0:1", "layers.1.mlp.0:6", "layers.0.mlp.shared:3"], sites)
+    rows = {"layers.1.mlp.0": torch.randn(1, FF), "layers.0.mlp.shared": torch.randn(1, 20)}
+    ids = _ids(seed=6)
+    with torch.no_grad():
+        with ablated(model, sites, ns, "resample", samples=rows) as info:
+            assert info.hooked == ("model.layers.0.mlp.shared_expert.down_proj", "model.layers.1.mlp.experts.down_proj[0]")
+            resampled = model(input_ids=ids).logits
+        with ablated(model, sites, ns, "value", offsets={k: v[0] for k, v in rows.items()}):
+            valued = model(input_ids=ids).logits
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(resampled, valued, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, valued, rtol=1e-4, atol=1e-4)
+    aligned = {"layers.1.mlp.0": torch.randn(2, 10, FF), "layers.0.mlp.shared": torch.randn(2, 10, 20)}
+    with pytest.raises(NeurospecError, match="position-aligned"), ablated(model, sites, ns, "resample", samples=aligned):
+        pass
+    assert "forward" not in _experts(model, 1).__dict__
+    assert not model.model.layers[0].mlp.shared_expert.down_proj._forward_pre_hooks

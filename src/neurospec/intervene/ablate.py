@@ -380,6 +380,11 @@ def ablated(
                 _zero_expert_columns(model, p.site, p.idx)
                 folded.append(_expert_label(p.site))
                 continue
+            if m.per_input and expert and p.samples.dim() == 3:
+                raise NeurospecError(
+                    f"position-aligned resampling of {p.site.name}: a routed expert sees only the tokens routed to "
+                    "it, not whole sequences; give token rows (n, width) instead"
+                )
             if m.per_input:
                 writer = _Resampler(p.idx, p.samples, like, _seed_for(seed, p.site.name), per_neuron)
             elif not fold or expert:
