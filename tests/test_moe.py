@@ -499,3 +499,40 @@ def test_resampling_an_expert_from_one_row_equals_setting_that_row():
         pass
     assert "forward" not in _experts(model, 1).__dict__
     assert not model.model.layers[0].mlp.shared_expert.down_proj._forward_pre_hooks
+
+
+def test_recording_an_expert_that_no_token_reaches(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
+    model = moe_model("olmoe")
+    gate = model.model.layers[1].mlp.gate
+
+    def never_zero(h):  # the router of layer 1, except that expert 0 is never chosen
+        logits = F.linear(h.reshape(-1, h.shape[-1]), gate.weight)
+        w, idx = torch.topk(torch.softmax(logits.float().index_fill(-1, torch.tensor([0]), -torch.inf), -1), TOP_K)
+        return logits, w.to(h.dtype), idx
+
+    gate.forward = never_zero
+    loaded = from_module(model, char_tokenizer(), name="tiny-olmoe")
+    record(loaded, [f"a={write_corpus(tmp_path / 'a.txt', seed=1)}"], tmp_path / "run", CFG)
+    run = open_run(tmp_path / "run")
+    s = run.stats("a", "layers.1.mlp.0")
+    assert s["count"].eq(0).all() and s["mean"].isnan().all()
+    usage = routing_usage(run.accumulators("a"))[1]
+    assert usage["fraction"][0] == 0 and usage["mean_weight"][0].isnan()
+    torch.testing.assert_close(usage["fraction"].sum(), torch.tensor(2.0, dtype=torch.float64))
+    assert run.stats("a", "layers.1.mlp.1")["count"][0] > 0
+
+
+def test_shuffled_baseline_permutes_each_experts_slices():
+    from neurospec.cluster.baselines import shuffle_weights
+
+    model = moe_model("qwen2_moe")
+    out = shuffle_weights(model, seed=1)
+    for e in range(N_EXPERTS):
+        for name in ("gate_up_proj", "down_proj"):
+            a, b = getattr(_experts(model, 1), name)[e], getattr(_experts(out, 1), name)[e]
+            assert not torch.equal(a, b)
+            assert torch.equal(a.reshape(-1).sort().values, b.reshape(-1).sort().values)
+    sh, sh_out = model.model.layers[0].mlp.shared_expert, out.model.layers[0].mlp.shared_expert
+    assert not torch.equal(sh.down_proj.weight, sh_out.down_proj.weight)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, out.model.layers[0].self_attn.o_proj.weight)
