@@ -536,3 +536,13 @@ def test_shuffled_baseline_permutes_each_experts_slices():
     sh, sh_out = model.model.layers[0].mlp.shared_expert, out.model.layers[0].mlp.shared_expert
     assert not torch.equal(sh.down_proj.weight, sh_out.down_proj.weight)
     assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, out.model.layers[0].self_attn.o_proj.weight)
+
+
+def test_position_aligned_samples_refuse_routed_experts():
+    from neurospec.experiments.aligned_samples import position_aligned_samples
+
+    model = moe_model("mixtral")
+    with pytest.raises(NeurospecError, match="routed expert site layers.0.mlp.1"):
+        position_aligned_samples(model, _ids(), site_names=["layers.0.attn", "layers.0.mlp.1"])
+    got = position_aligned_samples(model, _ids(), site_names=["layers.0.attn"])
+    assert got["layers.0.attn"].shape == (3, 10, 32)
