@@ -103,7 +103,9 @@ def sites_cmd(
     loaded = load_model_cli(model, allow_pickle=allow_pickle)
     rows = [
         {"name": s.name, "kind": s.kind, "layer": s.layer, "width": s.width, "module": s.module,
-         "n_heads": s.n_heads, "d_head": s.d_head}
+         "n_heads": s.n_heads, "d_head": s.d_head,
+         # a routed expert of a mixture-of-experts layer: read by the slice [expert] of a fused parameter
+         **({"expert": s.expert, "param": s.param} if s.expert is not None else {})}
         for s in loaded.sites
     ]
 
@@ -113,7 +115,8 @@ def sites_cmd(
             t.add_column(c)
         for r in rows:
             heads = f"{r['n_heads']} x {r['d_head']}" if r["n_heads"] else ""
-            t.add_row(r["name"], r["kind"], str(r["layer"]), str(r["width"]), heads, r["module"])
+            reader = f"{r['param']}[{r['expert']}]" if "expert" in r else r["module"]
+            t.add_row(r["name"], r["kind"], str(r["layer"]), str(r["width"]), heads, reader)
         out.print(t)
 
     emit({"model": model, "family": loaded.sites.family, "sites": rows}, json_, human)

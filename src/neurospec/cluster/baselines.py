@@ -105,6 +105,7 @@ def shuffle_weights(model: Any, *, seed: int = 0) -> nn.Module:
     from neurospec.cluster.moefication import model_and_sites
 
     gen = torch.Generator().manual_seed(int(seed))
+    slices: list[torch.Tensor] = []  # routed experts: their slices of the fused gate_up_proj and down_proj
     if isinstance(model, nn.Module) and getattr(model, "config", None) is None:
         out = copy.deepcopy(model)
         targets = [m for m in out.modules() if isinstance(m, nn.Linear)]
@@ -113,10 +114,13 @@ def shuffle_weights(model: Any, *, seed: int = 0) -> nn.Module:
         out = copy.deepcopy(module)
         paths: list[str] = []
         for s in sites.of_kind("mlp"):
-            paths += [*s.inputs, s.module]
+            if s.expert is not None:
+                experts = out.get_submodule(s.module)
+                slices += [experts.gate_up_proj[s.expert], experts.down_proj[s.expert]]
+            else:
+                paths += [*s.inputs, s.module]
         targets = [out.get_submodule(p) for p in paths]
     with torch.no_grad():
-        for m in targets:
-            w = m.weight
+        for w in [m.weight for m in targets] + slices:
             w.copy_(w.reshape(-1)[torch.randperm(w.numel(), generator=gen)].reshape(w.shape))
     return out

@@ -19,6 +19,10 @@ Routing (:func:`route_topk`, :func:`install_routing`): a token's score for an ex
 neuron activations; the top-k experts are kept and every other neuron is set to zero. Measuring loss or top-1 against
 k with :func:`install_routing` shows how much a model depends on its non-selected experts (with SiLU/GELU MLPs, much
 more than with ReLU ones).
+
+A routed expert of a mixture-of-experts model (site ``layers.L.mlp.E``) is split like any MLP: its input rows are its
+slices of the fused ``gate_up_proj``, and :func:`install_routing` rewrites its activations through an expert hook
+(:mod:`neurospec.models.experts`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from neurospec.errors import ArchitectureError, NeuronSetError
+from neurospec.models.experts import add_expert_hook
 from neurospec.models.linear import weight_out_in
 from neurospec.models.sites import Site, Sites, find_sites, get_module
 
@@ -65,6 +70,9 @@ def mlp_input_projections(model: nn.Module, site: Site) -> dict[str, torch.Tenso
     Keys: ``{"gate", "up"}`` for a gated MLP (the projection whose module name contains ``gate`` is the gate), and
     ``{"up"}`` for a non-gated MLP.
     """
+    if site.expert is not None:  # a routed expert: its rows of the fused [experts, 2*width, d] gate_up_proj
+        gate_up = get_module(model, site.module).gate_up_proj[site.expert].detach()
+        return {"gate": gate_up[: site.width], "up": gate_up[site.width :]}
     if not site.inputs:
         raise ArchitectureError(
             f"site {site.name} lists no MLP input projections (fused gate/up projections are not supported); "
@@ -305,7 +313,11 @@ def install_routing(
     def hook(_mod: nn.Module, args: tuple) -> tuple:
         return (route_topk(args[0], lab, k, n_experts=e, score=score), *args[1:])
 
-    handle = target.register_forward_pre_hook(hook)
+    if s.expert is not None:  # a routed expert: rewrite its activations inside the fused experts' loop
+        handle = add_expert_hook(target, s.expert, lambda x: route_topk(x, lab, k, n_experts=e, score=score),
+                                 edit=True)
+    else:
+        handle = target.register_forward_pre_hook(hook)
     try:
         yield
     finally:

@@ -37,6 +37,12 @@ def position_aligned_samples(
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] == 0:
         raise NeurospecError(f"reference blocks must be a non-empty [n_seq, seq] tensor, got {tuple(blocks.shape)}")
     chosen: list[Site] = [sites[n] for n in site_names] if site_names is not None else list(sites.sites)
+    routed = [s.name for s in chosen if s.expert is not None]
+    if routed:
+        raise NeurospecError(
+            f"position-aligned samples need whole sequences, but the routed expert site {routed[0]} sees only the "
+            "tokens routed to it; resample experts from token rows (a run's reservoir) instead"
+        )
     parts: dict[str, list[torch.Tensor]] = {s.name: [] for s in chosen}
 
     def make_hook(site: Site):

@@ -41,6 +41,7 @@ from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
+from neurospec.models.sites import parse_site_name
 from neurospec.record.layout import PRUNED_NEURONS
 from neurospec.record.recorder import Intervention, ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
@@ -100,7 +101,7 @@ def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, sc
     parts = []
     for kind, f in (("mlp", frac), ("attn", attn_frac)):
         by_neuron = keys if keys is not None and not (kind == "attn" and heads is not None) else scores
-        sc = {s: v.clone() for s, v in by_neuron.items() if s.endswith("." + kind)}
+        sc = {s: v.clone() for s, v in by_neuron.items() if parse_site_name(s)[1] == kind}  # experts are MLP sites
         if not sc or f <= 0:
             continue
         if exclude is not None:

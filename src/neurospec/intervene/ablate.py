@@ -26,6 +26,11 @@ ablated neurons of a token keep the joint pattern of one real input (their corre
 ``per_neuron=True`` each ablated neuron of each token draws its own row. With 3-D samples the draw is
 position-aligned: the token at position ``p`` takes position ``p`` of a random reference sequence. Draws come from a
 generator on the module's device seeded from ``(seed, site name)``.
+
+Routed experts of a mixture-of-experts layer (sites ``layers.L.mlp.E``) are read by the slice ``down_proj[E]`` of a
+fused parameter that has no bias: zero ablation folds into that slice (columns zeroed in a copy of the fused
+parameter); constants and resampling go through an expert hook (:mod:`neurospec.models.experts`) that rewrites the
+expert's activations before its down projection, for the tokens routed to it only.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch import nn
 
 from neurospec.errors import NeurospecError
 from neurospec.intervene.neuronset import NeuronSet
+from neurospec.models.experts import add_expert_hook, expert_down_weight
 from neurospec.models.linear import is_linear, linear_dims, weight_out_in
 from neurospec.models.sites import Site, Sites, get_module
 
@@ -126,7 +132,8 @@ class AblationInfo:
 @dataclass(frozen=True)
 class _SitePlan:
     site: Site
-    module: nn.Module
+    module: nn.Module  # the reading linear module, or the fused experts module of a routed expert
+    weight: torch.Tensor  # [out, width] view of the weight that reads the site (a routed expert's down_proj slice)
     idx: torch.Tensor  # LongTensor[k] on the CPU
     values: torch.Tensor | None  # float64[k] constants, None for zero and resample
     samples: torch.Tensor | None  # [n, k] or [n_seq, seq, k] reference values (resample)
@@ -179,7 +186,9 @@ def _plan(
                     f"(n_seq, seq, {site.width}) position-aligned rows, with n >= 1"
                 )
             cols = s.index_select(-1, idx.to(s.device))
-        plans.append(_SitePlan(site, get_module(model, site.module), idx, values, cols))
+        module = get_module(model, site.module)
+        weight = expert_down_weight(model, site) if site.expert is not None else weight_out_in(module)
+        plans.append(_SitePlan(site, module, weight, idx, values, cols))
     return m, plans
 
 
@@ -198,11 +207,11 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _contribution(module: nn.Module, idx: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | None:
-    """``W[:, idx] @ values`` (float64 where the device has it), or None when it is exactly zero."""
+def _contribution(w: torch.Tensor, idx: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | None:
+    """``W[:, idx] @ values`` for an ``[out, in]`` weight (float64 where the device has it), or None when it is
+    exactly zero."""
     if values is None:
         return None
-    w = weight_out_in(module)
     acc = torch.float32 if w.device.type == "mps" else torch.float64
     c = w.detach().index_select(1, idx.to(w.device)).to(acc) @ values.to(w.device, acc)
     return c if bool(c.any()) else None
@@ -294,7 +303,7 @@ def _swap_folded(p: _SitePlan, undo: list[Callable[[], None]]) -> bool:
     Returns whether a bias was created."""
     module = p.module
     orig_w, orig_b = module.weight, module.bias
-    contrib = _contribution(module, p.idx, p.values)
+    contrib = _contribution(p.weight, p.idx, p.values)
     module.weight = nn.Parameter(orig_w.detach().clone(), requires_grad=orig_w.requires_grad)
     undo.append(lambda: setattr(module, "weight", orig_w))
     if contrib is not None:
@@ -302,6 +311,34 @@ def _swap_folded(p: _SitePlan, undo: list[Callable[[], None]]) -> bool:
             module.bias = nn.Parameter(orig_b.detach().clone(), requires_grad=orig_b.requires_grad)
         undo.append(lambda: setattr(module, "bias", orig_b))
     return _fold_in_place(module, p.idx, contrib)
+
+
+def _expert_param(model: nn.Module, site: Site) -> tuple[nn.Module, str]:
+    owner, _, name = site.param.rpartition(".")
+    return get_module(model, owner), name
+
+
+def _zero_expert_columns(model: nn.Module, site: Site, idx: torch.Tensor) -> None:
+    owner, name = _expert_param(model, site)
+    param = getattr(owner, name)
+    with torch.no_grad():
+        param[site.expert][:, idx.to(param.device)] = 0
+
+
+def _swap_expert_param(model: nn.Module, site: Site, undo: list[Callable[[], None]], swapped: set[str]) -> None:
+    """Put a copy of a routed expert's fused down projection in place (once per parameter; the experts of one layer
+    share it), registering how to put the original back."""
+    if site.param in swapped:
+        return
+    owner, name = _expert_param(model, site)
+    orig = getattr(owner, name)
+    setattr(owner, name, nn.Parameter(orig.detach().clone(), requires_grad=orig.requires_grad))
+    undo.append(lambda: setattr(owner, name, orig))
+    swapped.add(site.param)
+
+
+def _expert_label(site: Site) -> str:
+    return f"{site.param}[{site.expert}]"
 
 
 @contextmanager
@@ -320,7 +357,9 @@ def ablated(
     """Temporarily ablate ``neuron_set`` inside a ``with`` block.
 
     Constant methods are folded into the weights (``fold=True``) or applied by pre-hooks that overwrite the input
-    columns (``fold=False``: the reference the folding is tested against); ``resample`` always uses hooks.
+    columns (``fold=False``: the reference the folding is tested against); ``resample`` always uses hooks. A routed
+    expert of a mixture-of-experts layer folds zero ablation into its slice of the fused down projection; its other
+    methods always use an expert hook (the fused projection has no bias to fold constants into).
     Folding keeps the original parameter objects and puts them back on exit, so every parameter is bit-identical
     afterwards, biases created for the fold are removed and hooks are taken off, also when the block raises.
     Memory: one copy of each changed weight (and, for resample, the ablated columns of ``samples`` on the device).
@@ -331,21 +370,36 @@ def ablated(
         raise NeurospecError(f"per_neuron applies to resampling only, not to {method!r}")
     undo: list[Callable[[], None]] = []
     folded, hooked, created = [], [], []
+    swapped: set[str] = set()
     try:
         for p in plans:
-            like = p.module.weight
+            like = p.weight
+            expert = p.site.expert is not None
+            if expert and fold and not m.per_input and p.values is None:
+                _swap_expert_param(model, p.site, undo, swapped)
+                _zero_expert_columns(model, p.site, p.idx)
+                folded.append(_expert_label(p.site))
+                continue
+            if m.per_input and expert and p.samples.dim() == 3:
+                raise NeurospecError(
+                    f"position-aligned resampling of {p.site.name}: a routed expert sees only the tokens routed to "
+                    "it, not whole sequences; give token rows (n, width) instead"
+                )
             if m.per_input:
                 writer = _Resampler(p.idx, p.samples, like, _seed_for(seed, p.site.name), per_neuron)
-            elif not fold:
+            elif not fold or expert:
                 writer = _ConstantWriter(p.idx, p.values if p.values is not None else torch.zeros(p.idx.numel()), like)
             else:
                 if _swap_folded(p, undo):
                     created.append(p.site.module)
                 folded.append(p.site.module)
                 continue
-            handle = p.module.register_forward_pre_hook(_input_hook(writer), with_kwargs=True)
+            if expert:
+                handle = add_expert_hook(p.module, p.site.expert, writer, edit=True)
+            else:
+                handle = p.module.register_forward_pre_hook(_input_hook(writer), with_kwargs=True)
             undo.append(handle.remove)
-            hooked.append(p.site.module)
+            hooked.append(_expert_label(p.site) if expert else p.site.module)
         yield AblationInfo(
             method, len(neuron_set), neuron_set.count_by_site(), tuple(folded), tuple(hooked), tuple(created)
         )
@@ -438,7 +492,14 @@ def fold_ablation(
             f"ablated(model, sites, neurons, {method!r}, samples=...) instead"
         )
     m, plans = _plan(model, sites, neuron_set, method, offsets, None)
-    contribs = [_contribution(p.module, p.idx, p.values) for p in plans]
+    contribs = [_contribution(p.weight, p.idx, p.values) for p in plans]
+    fused = [p.site.name for p, c in zip(plans, contribs, strict=True) if c is not None and p.site.expert is not None]
+    if fused:
+        raise NeurospecError(
+            f"cannot fold {m.name!r} offsets into the routed expert site {fused[0]}: its fused down projection has no "
+            "bias (and the offsets reach only the tokens routed to it). Use method 'zero', or ablate it temporarily "
+            "with ablated(...), which applies the offsets by an expert hook"
+        )
     need = [p.site.module for p, c in zip(plans, contribs, strict=True) if c is not None and p.module.bias is None]
     flags: dict[str, bool] = {}
     extra: list[str] = []
@@ -458,12 +519,16 @@ def fold_ablation(
                 mod.bias = nn.Parameter(torch.zeros(linear_dims(mod)[1], dtype=w.dtype, device=w.device),
                                         requires_grad=w.requires_grad)
         for p, c in zip(plans, contribs, strict=True):
-            _fold_in_place(p.module, p.idx, c)
+            if p.site.expert is not None:
+                _zero_expert_columns(model, p.site, p.idx)
+            else:
+                _fold_in_place(p.module, p.idx, c)
     if flags:
         cfg = getattr(model.config, "text_config", None) or model.config
         for flag, value in flags.items():
             setattr(cfg, flag, value)
     return AblationInfo(
-        m.name, len(neuron_set), neuron_set.count_by_site(), folded=tuple(p.site.module for p in plans),
+        m.name, len(neuron_set), neuron_set.count_by_site(),
+        folded=tuple(_expert_label(p.site) if p.site.expert is not None else p.site.module for p in plans),
         created_biases=tuple(created), config_changes=flags,
     )

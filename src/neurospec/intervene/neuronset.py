@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from neurospec.errors import NeuronSetError
-from neurospec.models.sites import SITE_KINDS, NeuronId, Site, Sites, parse_site_name
+from neurospec.models.sites import SITE_KINDS, NeuronId, Site, Sites, parse_site_name, site_order_key
 
 SCOPES = ("global", "per_site")
 HEAD_REDUCTIONS = ("mean", "median")
@@ -34,9 +34,8 @@ _VERSION = 1
 _EPS = 1e-9
 
 
-def _site_key(name: str) -> tuple[int, int]:
-    layer, kind = parse_site_name(name)
-    return layer, SITE_KINDS.index(kind)
+def _site_key(name: str) -> tuple[int, int, int]:
+    return site_order_key(name)
 
 
 def _count(frac: float, width: int) -> int:

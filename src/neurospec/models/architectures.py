@@ -5,6 +5,11 @@ that reads the attention neurons, and the MLP input projections. The block list 
 Families are looked up by ``config.model_type``; a structural fallback handles unregistered models whose blocks look
 like a transformer's, and anything else gets an :class:`~neurospec.errors.ArchitectureError` that says how to
 register it with :func:`register_family`.
+
+Mixture-of-experts families also name the fused experts module (``experts``) and, where they have one, the shared
+expert's down projection (``shared_expert``); each routed expert becomes its own MLP site (see
+:mod:`neurospec.models.experts`). A layer without the experts module (Qwen2-MoE's dense layers) falls back to
+``mlp_reader``.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from neurospec.errors import ArchitectureError
+from neurospec.models.experts import check_fused_experts, is_fused_experts
 from neurospec.models.linear import is_linear, linear_dims
-from neurospec.models.sites import Site, Sites, site_name
+from neurospec.models.sites import SHARED, Site, Sites, site_name
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,9 @@ class Family:
     mlp_reader: str  # module whose input is the MLP neurons, e.g. "mlp.down_proj"
     attn_reader: str  # module whose input is the concatenated head outputs, e.g. "self_attn.o_proj"
     mlp_inputs: tuple[str, ...]  # MLP input projections, e.g. ("mlp.gate_proj", "mlp.up_proj")
+    experts: str | None = None  # fused routed experts of a mixture-of-experts layer, e.g. "mlp.experts"
+    shared_expert: str | None = None  # the shared expert's down projection, e.g. "mlp.shared_expert.down_proj"
+    shared_inputs: tuple[str, ...] = ()  # the shared expert's input projections
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -83,6 +92,16 @@ register_family(
 
 register_family(Family("vit", ("vit", "deit"), "layers", "mlp.fc2", "attention.o_proj", ("mlp.fc1",)))
 
+# Mixture-of-experts families: fused routed experts; `mlp_reader` serves layers that have a dense MLP instead.
+register_family(Family("mixtral", ("mixtral",), "layers", "mlp.down_proj", "self_attn.o_proj",
+                       ("mlp.gate_proj", "mlp.up_proj"), experts="mlp.experts"))
+register_family(Family("olmoe", ("olmoe",), "layers", "mlp.down_proj", "self_attn.o_proj",
+                       ("mlp.gate_proj", "mlp.up_proj"), experts="mlp.experts"))
+register_family(Family("qwen2_moe", ("qwen2_moe",), "layers", "mlp.down_proj", "self_attn.o_proj",
+                       ("mlp.gate_proj", "mlp.up_proj"), experts="mlp.experts",
+                       shared_expert="mlp.shared_expert.down_proj",
+                       shared_inputs=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")))
+
 
 def _config(model: nn.Module):
     cfg = getattr(model, "config", None)
@@ -118,11 +137,40 @@ def _hidden_size(cfg) -> int | None:
     return None
 
 
+def _optional(block: nn.Module, rel: str | None) -> nn.Module | None:
+    if rel is None:
+        return None
+    try:
+        return block.get_submodule(rel)
+    except AttributeError:
+        return None
+
+
+def _expert_sites(family: Family, prefix: str, i: int, block: nn.Module, experts: nn.Module) -> list[Site]:
+    """One MLP site per routed expert of block ``i``, then the shared expert's site if the family has one."""
+    path = f"{prefix}.{i}.{family.experts}"
+    n, width, _ = check_fused_experts(experts, path)
+    sites = [Site(site_name(i, "mlp", e), "mlp", i, width, path, expert=e, param=f"{path}.down_proj")
+             for e in range(n)]
+    shared = _optional(block, family.shared_expert)
+    if shared is not None:
+        if not is_linear(shared):
+            raise ArchitectureError(f"{prefix}.{i}.{family.shared_expert} is a {type(shared).__name__}, not linear")
+        inputs = tuple(f"{prefix}.{i}.{r}" for r in family.shared_inputs if _optional(block, r) is not None)
+        sites.append(Site(site_name(i, "mlp", SHARED), "mlp", i, linear_dims(shared)[0],
+                          f"{prefix}.{i}.{family.shared_expert}", inputs=inputs, shared_expert=True))
+    return sites
+
+
 def _build(model: nn.Module, family: Family, prefix: str, blocks: nn.ModuleList, cfg) -> Sites:
     n_heads = _n_heads(cfg)
     sites: list[Site] = []
     for i, block in enumerate(blocks):
         for kind, rel in (("mlp", family.mlp_reader), ("attn", family.attn_reader)):
+            experts = _optional(block, family.experts) if kind == "mlp" else None
+            if experts is not None:
+                sites.extend(_expert_sites(family, prefix, i, block, experts))
+                continue
             try:
                 mod = block.get_submodule(rel)
             except AttributeError:
@@ -194,6 +242,16 @@ def resolve_sites(model: nn.Module) -> Sites:
     ]
     if candidates:
         prefix, blocks = max(candidates, key=lambda nm: len(nm[1]))
+        fused = [n for n, m in blocks[0].named_modules() if is_fused_experts(m)]
+        if fused:
+            raise ArchitectureError(
+                f"model type {model_type!r} ({type(model).__name__}) is a mixture-of-experts model whose experts are "
+                f"fused into 3-D weights ({prefix}.0.{fused[0]}); no linear module reads an expert's neurons, so the "
+                "structural fallback cannot find them. If its experts hold `gate_up_proj` [E, 2*width, hidden] and "
+                "`down_proj` [E, hidden, width] like Mixtral's, register the family: neurospec.models.register_family("
+                f"Family(name, ({model_type!r},), blocks='layers', mlp_reader='mlp.down_proj', "
+                f"attn_reader='self_attn.o_proj', mlp_inputs=(), experts={fused[0]!r}))"
+            )
         guess = _structural_family(blocks, _hidden_size(cfg))
         if guess is not None:
             return _build(model, guess, prefix, blocks, cfg)

@@ -1,7 +1,8 @@
 """Neuron sites: the input vector of one linear module per layer and kind.
 
 A *site* is named like ``layers.3.mlp`` or ``layers.3.attn``; a *neuron* is one coordinate of a site and has the id
-``layers.3.mlp:1234``. Names are the same in the API, the CLI, run files and plots.
+``layers.3.mlp:1234``. Names are the same in the API, the CLI, run files and plots. In a mixture-of-experts layer
+each routed expert is its own MLP site, ``layers.3.mlp.5`` (expert 5), and a shared expert is ``layers.3.mlp.shared``.
 
 Glossary of dimensions used in docstrings: ``batch`` sequences, ``seq`` positions, ``tokens`` = batch*seq flattened,
 ``width`` neurons of one site, ``heads`` x ``d_head`` = width for attention sites.
@@ -18,7 +19,8 @@ from torch import nn
 from neurospec.errors import ArchitectureError, NeuronSetError
 
 SITE_KINDS = ("mlp", "attn")
-_SITE_RE = re.compile(r"^layers\.(\d+)\.(mlp|attn)$")
+_SITE_RE = re.compile(r"^layers\.(\d+)\.(?:(attn)|(mlp)(?:\.(\d+|shared))?)$")
+SHARED = "shared"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class Site:
     ``module`` is the dotted path (from the model root) of the linear module whose *input* is this site's vector.
     For attention sites, ``n_heads * d_head == width`` and head ``h`` is neurons ``[h*d_head, (h+1)*d_head)``.
     For MLP sites, ``inputs`` are the dotted paths of the MLP input projections (gate and up for gated MLPs).
+
+    Mixture-of-experts: a routed expert's site has ``expert`` = its index; its experts are fused, so ``module`` is
+    the experts module (which takes no linear input of its own) and ``param`` the dotted path of the fused down
+    projection ``[n_experts, out, width]`` whose slice ``[expert]`` reads this site. A shared expert is a plain MLP
+    site with ``shared_expert=True``.
     """
 
     name: str
@@ -38,12 +45,22 @@ class Site:
     n_heads: int | None = None
     d_head: int | None = None
     inputs: tuple[str, ...] = ()
+    expert: int | None = None
+    shared_expert: bool = False
+    param: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
             raise ValueError(f"site kind must be one of {SITE_KINDS}, got {self.kind!r}")
-        if self.name != site_name(self.layer, self.kind):
-            raise ValueError(f"site name {self.name!r} does not match layer {self.layer} and kind {self.kind}")
+        if (self.expert is not None or self.shared_expert) and self.kind != "mlp":
+            raise ValueError(f"only MLP sites can be experts, not {self.kind!r} sites")
+        if self.expert is not None and self.shared_expert:
+            raise ValueError("a site is a routed expert or the shared expert, not both")
+        if (self.param is None) != (self.expert is None):
+            raise ValueError("a routed expert's site needs `param` (its fused down projection), and only it")
+        part = SHARED if self.shared_expert else self.expert
+        if self.name != site_name(self.layer, self.kind, part):
+            raise ValueError(f"site name {self.name!r} does not match layer {self.layer}, kind {self.kind}, {part}")
 
     def head_of(self, index: int) -> int:
         """The attention head that neuron ``index`` belongs to."""
@@ -61,6 +78,9 @@ class Site:
             "n_heads": self.n_heads,
             "d_head": self.d_head,
             "inputs": list(self.inputs),
+            # expert fields only where set, so the sites of dense models serialise as before
+            **({"expert": self.expert, "param": self.param} if self.expert is not None else {}),
+            **({"shared_expert": True} if self.shared_expert else {}),
         }
 
     @classmethod
@@ -74,19 +94,48 @@ class Site:
             n_heads=d.get("n_heads"),
             d_head=d.get("d_head"),
             inputs=tuple(d.get("inputs", ())),
+            expert=None if d.get("expert") is None else int(d["expert"]),
+            shared_expert=bool(d.get("shared_expert", False)),
+            param=d.get("param"),
         )
 
 
-def site_name(layer: int, kind: str) -> str:
-    return f"layers.{layer}.{kind}"
+def site_name(layer: int, kind: str, expert: int | str | None = None) -> str:
+    """``site_name(3, "mlp")`` -> ``"layers.3.mlp"``; ``site_name(3, "mlp", 5)`` -> ``"layers.3.mlp.5"`` (expert 5
+    of a mixture-of-experts layer); ``site_name(3, "mlp", "shared")`` -> ``"layers.3.mlp.shared"``."""
+    return f"layers.{layer}.{kind}" if expert is None else f"layers.{layer}.{kind}.{expert}"
+
+
+def _match(name: str) -> re.Match:
+    m = _SITE_RE.match(name)
+    if m is None:
+        raise NeuronSetError(
+            f"not a site name: {name!r} (expected like 'layers.3.mlp', 'layers.3.attn', or 'layers.3.mlp.5' and "
+            "'layers.3.mlp.shared' for the experts of a mixture-of-experts layer)"
+        )
+    return m
 
 
 def parse_site_name(name: str) -> tuple[int, str]:
-    """``"layers.3.mlp"`` -> ``(3, "mlp")``."""
-    m = _SITE_RE.match(name)
-    if m is None:
-        raise NeuronSetError(f"not a site name: {name!r} (expected like 'layers.3.mlp' or 'layers.3.attn')")
-    return int(m.group(1)), m.group(2)
+    """``"layers.3.mlp"`` -> ``(3, "mlp")``; an expert's site ``"layers.3.mlp.5"`` -> ``(3, "mlp")`` too."""
+    m = _match(name)
+    return int(m.group(1)), m.group(2) or m.group(3)
+
+
+def parse_site_expert(name: str) -> int | str | None:
+    """The expert part of a site name: ``"layers.3.mlp.5"`` -> ``5``, ``"layers.3.mlp.shared"`` -> ``"shared"``,
+    ``"layers.3.mlp"`` -> ``None``."""
+    part = _match(name).group(4)
+    return None if part is None else part if part == SHARED else int(part)
+
+
+def site_order_key(name: str) -> tuple[int, int, int]:
+    """Sort key that puts sites in model order: by layer; in a layer the MLP (routed experts by index, then the
+    shared expert), then attention."""
+    layer, kind = parse_site_name(name)
+    part = parse_site_expert(name)
+    sub = -1 if part is None else (1 << 30) if part == SHARED else int(part)
+    return layer, SITE_KINDS.index(kind), sub
 
 
 @dataclass(frozen=True, order=True)
@@ -110,7 +159,8 @@ class NeuronId:
 
 @dataclass(frozen=True)
 class Sites:
-    """All sites of a model, in layer order (for each layer: mlp, then attn)."""
+    """All sites of a model, in layer order (for each layer: mlp, then attn; a mixture-of-experts layer lists its
+    routed experts in index order, then its shared expert, then attn)."""
 
     family: str
     sites: tuple[Site, ...]

@@ -29,14 +29,16 @@ import torch
 
 from neurospec import __version__
 from neurospec.errors import NeurospecError, RunStoreError, TaskError
+from neurospec.models.experts import observe_site
 from neurospec.models.loading import FINGERPRINT_VERSION, LoadedModel
 from neurospec.models.sites import SITE_KINDS, Site
 from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
 from neurospec.record.coactivation import ReluCoMoments
+from neurospec.record.routing import ExpertRouting
 
 ACCUMULATORS = {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments,
-                "relu_comoments": ReluCoMoments}
+                "relu_comoments": ReluCoMoments, "routing": ExpertRouting}
 CONFIG_VERSION = 1
 
 
@@ -152,11 +154,15 @@ def make_accumulators(site: Site, cfg: RecordConfig, range_sync=None, rank: int 
     }
     if cfg.reservoir:
         seed = cfg.seed * 1_000_003 + rank * 10_007 + site.layer * 2 + (site.kind == "attn")
+        if site.expert is not None:  # the routed experts of a layer draw different keys
+            seed += 7_919 * (1 + site.expert)
         accs["reservoir"] = Reservoir(site.width, cfg.reservoir, seed=seed)
     if site.kind in cfg.comoments:
         accs["comoments"] = CoMoments(site.width)
     if site.kind in cfg.relu_comoments:
         accs["relu_comoments"] = ReluCoMoments(site.width)
+    if site.expert is not None:  # a routed expert: its router statistics (record/routing.py)
+        accs["routing"] = ExpertRouting(site.expert)
     return accs
 
 
@@ -291,16 +297,18 @@ def record_task(
 
     def make_hook(site: Site, group: dict[str, Any]):
         width = site.width
+        feed = [acc for name, acc in group.items() if name != "routing"]
 
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, width)
-            for acc in group.values():
+        def hook(x):
+            x = x.detach().reshape(-1, width)
+            for acc in feed:
                 acc.update(x)
 
         return hook
 
-    for s in sites:
-        handles.append(model.get_submodule(s.module).register_forward_pre_hook(make_hook(s, accs[s.name])))
+    for s in sites:  # a pre-hook on the reading module, or an expert hook for a routed expert (models/experts.py)
+        routing = accs[s.name].get("routing")
+        handles.extend(observe_site(model, s, make_hook(s, accs[s.name]), routing.update if routing else None))
     per_item = 1 if blocks.is_floating_point() else blocks.shape[1]  # progress counts tokens, or images
     tokens_total = len(mine) * cfg.batch_size * per_item
     if progress is not None:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from neurospec.errors import NeurospecError
+from neurospec.models.sites import parse_site_name
 
 Stats = Mapping[str, torch.Tensor]
 ScoreFn = Callable[[Stats, Stats, float, torch.Generator], torch.Tensor]
@@ -142,7 +143,7 @@ def score_neurons(
         raise NeurospecError(f"forget and retain statistics cover different sites: {missing[:4]}")
     out = {}
     for site in forget:
-        kind = site.rsplit(".", 1)[-1]
+        kind = parse_site_name(site)[1]  # an expert's site "layers.3.mlp.5" is an MLP site
         g = torch.Generator().manual_seed(derive_seed(seed, model=model, task=task, site=site))
         s = SCORERS[method](forget[site], retain[site], eps_by_kind[kind], g)
         out[site] = torch.nan_to_num(s, nan=0.0, posinf=torch.finfo(torch.float64).max)
