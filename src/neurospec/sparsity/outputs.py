@@ -1,0 +1,301 @@
+"""Output-side recording of linear layers: every output row (neuron) of chosen linear modules, streamed over tokens.
+
+A neuron is one output row ``o`` of a linear module, its output ``y_o = w_o . x (+ b_o)`` over calibration tokens,
+read by a forward hook on the module's output (``nn.Linear`` and GPT-2's ``Conv1D``). Per module, one pass feeds:
+
+- :class:`~neurospec.record.accumulators.NeuronStats` (``width = out``): float64 moments, exact extremes and the
+  histogram on nested power-of-two grids that merges exactly (the W1 score reads its CDF);
+- :class:`CentralMoments`: count, mean and the 2nd-4th central moment sums (skewness, kurtosis, bimodality), each
+  batch's moments about its own mean merged with the pairwise update rules, so merging equals one pass;
+- :class:`MappingDifficulty`: over ``pairs`` random token pairs per batch (seeded), the ratio of each neuron's output
+  distance to the input distance (see the class).
+
+Memory is flat in tokens: ``out * (bins + 2)`` counts and a few ``[out]`` float64 vectors per module.
+Which modules (:func:`choose_linears`): by default the MLP input projections of every block (Llama
+``mlp.gate_proj``/``mlp.up_proj``, GPT-2 ``mlp.c_fc``, BERT ``intermediate.dense``); ``scope="all"``: every linear
+module of the blocks; or the blocks / module names given, named as the sparsity driver names them
+(``layers.3.mlp.up_proj``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from neurospec.errors import NeurospecError
+from neurospec.models.linear import is_linear, linear_dims
+from neurospec.models.loading import LoadedModel
+from neurospec.models.sites import find_sites
+from neurospec.record.accumulators import NeuronStats, quantiles
+from neurospec.sparsity.driver import LinearRef, list_linears, select_linears
+
+SCOPES = ("mlp_in", "all")
+
+
+# ------------------------------------------------------------------------------------------------ choosing modules
+def mlp_input_names(model: nn.Module) -> list[str]:
+    """Names (``layers.L.<path>``) of the MLP input projections of every block, in block order."""
+    by_path = {ref.path: name for name, ref in list_linears(model).items()}
+    names = []
+    for site in find_sites(model):
+        if site.kind != "mlp":
+            continue
+        names += [by_path[p] for p in site.inputs if p in by_path]
+    return names
+
+
+def choose_linears(model: nn.Module, layers: Sequence[int | str] | None = None, *,
+                   scope: str = "mlp_in") -> dict[str, LinearRef]:
+    """The linear modules to record. ``layers``: block indices (``3``, ``"layers.3"``: that block's modules of the
+    scope) or module names (``"layers.3.mlp.up_proj"``: exactly that module, any linear); ``None``: every block.
+    ``scope``: ``"mlp_in"`` (the MLP input projections) or ``"all"`` (every linear module)."""
+    if scope not in SCOPES:
+        raise NeurospecError(f"scope must be one of {SCOPES}, got {scope!r}")
+    every = list_linears(model)
+    in_scope = set(every) if scope == "all" else set(mlp_input_names(model))
+    if scope == "mlp_in" and not in_scope:
+        raise NeurospecError(f"no MLP input projection was found in {type(model).__name__}: name the linear modules "
+                             "to record, or record every linear module (scope='all', --all-linear)")
+    if layers is None:
+        return {n: r for n, r in every.items() if n in in_scope}
+    chosen: set[str] = set()
+    for item in layers:
+        text = str(item).strip()
+        picked = select_linears(model, [text])  # clear errors for unknown blocks, names and non-linear modules
+        is_block = text.isdigit() or (text.startswith("layers.") and text[7:].isdigit())
+        chosen |= {n for n in picked if n in in_scope} if is_block else set(picked)
+    if not chosen:
+        raise NeurospecError(f"the layers {list(layers)} hold no module of scope {scope!r}")
+    return {n: r for n, r in every.items() if n in chosen}
+
+
+# ------------------------------------------------------------------------------------------------ accumulators
+def _rows(y: Tensor, width: int, what: str) -> Tensor:
+    y = y.detach()
+    if y.shape[-1] != width:
+        raise NeurospecError(f"{what}: expected {width} neurons in the last dimension, got shape {tuple(y.shape)}")
+    y = y.reshape(-1, width)
+    return y if y.dtype in (torch.float32, torch.float64) else y.float()
+
+
+class CentralMoments:
+    """Per-neuron count, mean and central moment sums ``M_k = sum (y - mean)^k`` for ``k = 2, 3, 4`` (float64).
+
+    Each batch's moments are taken about the batch's own mean (in float32, float64 for float64 input, on the
+    batch's device) and combined with the running state by the pairwise update rules for ``M_2 .. M_4`` (Chan et
+    al.; Pebay), in float64 on the CPU, so ``merge`` of two accumulators equals one pass over all their tokens up to
+    rounding. Non-finite outputs are not allowed (a clear error).
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.n = 0
+        z = torch.zeros(width, dtype=torch.float64)
+        self.mean, self.m2, self.m3, self.m4 = z, z.clone(), z.clone(), z.clone()
+
+    def update(self, y: Tensor) -> None:
+        y = _rows(y, self.width, "CentralMoments")
+        if y.shape[0] == 0:
+            return
+        mean = y.mean(0)
+        d = y - mean
+        d2 = d * d
+        part = torch.stack([mean, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)]).to("cpu", torch.float64)
+        if not bool(torch.isfinite(part).all()):
+            raise NeurospecError("CentralMoments: the outputs hold NaN or inf; check the model and its dtype")
+        self._combine(y.shape[0], part[0], part[1], part[2], part[3])
+
+    def merge(self, other: CentralMoments) -> CentralMoments:
+        if other.width != self.width:
+            raise NeurospecError(f"cannot merge CentralMoments of width {other.width} into width {self.width}")
+        if other.n:
+            self._combine(other.n, other.mean, other.m2, other.m3, other.m4)
+        return self
+
+    def _combine(self, nb: int, mb: Tensor, m2b: Tensor, m3b: Tensor, m4b: Tensor) -> None:
+        na, n = self.n, self.n + nb
+        delta = mb - self.mean
+        d_n = delta / n
+        m2a, m3a, m4a = self.m2, self.m3, self.m4
+        m4 = (m4a + m4b + delta * d_n**3 * na * nb * (na * na - na * nb + nb * nb)
+              + 6 * d_n * d_n * (na * na * m2b + nb * nb * m2a) + 4 * d_n * (na * m3b - nb * m3a))
+        m3 = m3a + m3b + delta * d_n * d_n * na * nb * (na - nb) + 3 * d_n * (na * m2b - nb * m2a)
+        m2 = m2a + m2b + delta * d_n * na * nb
+        self.mean, self.m2, self.m3, self.m4, self.n = self.mean + d_n * nb, m2, m3, m4, n
+
+    def compute(self) -> dict[str, Tensor]:
+        """``mean, var`` (population), ``skewness`` ``g1 = m3 / m2^1.5``, ``kurtosis`` (excess, ``m4 / m2^2 - 3``)
+        and ``bimodality``: Sarle's coefficient ``(G1^2 + 1) / (G2 + 3 (n-1)^2 / ((n-2)(n-3)))`` with the
+        sample-corrected skewness ``G1`` and excess kurtosis ``G2`` (those of ``scipy.stats.skew/kurtosis(...,
+        bias=False)``); above 5/9 (a uniform's value) hints at two modes. Constant neurons give NaN shape values."""
+        n = self.n
+        if n < 4:
+            raise NeurospecError(f"the shape statistics need at least 4 tokens, got {n}: record more tokens")
+        var = self.m2 / n
+        m3, m4 = self.m3 / n, self.m4 / n
+        ok = var > 0
+        safe = torch.where(ok, var, 1.0)
+        g1 = torch.where(ok, m3 / safe**1.5, math.nan)
+        g2 = torch.where(ok, m4 / safe**2 - 3.0, math.nan)
+        big_g1 = g1 * math.sqrt(n * (n - 1)) / (n - 2)
+        big_g2 = ((n + 1) * g2 + 6.0) * (n - 1) / ((n - 2) * (n - 3))
+        bc = (big_g1**2 + 1.0) / (big_g2 + 3.0 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
+        return {"mean": self.mean.clone(), "var": var, "skewness": g1, "kurtosis": g2, "bimodality": bc}
+
+
+def draw_pairs(n_tokens: int, n_pairs: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n_pairs`` pairs ``(a, b)`` of distinct token indices in ``[0, n_tokens)``, drawn uniformly with
+    ``generator`` (a fixed order of draws: ``a`` first, then the offset ``b - a`` modulo ``n_tokens``)."""
+    a = torch.randint(0, n_tokens, (n_pairs,), generator=generator)
+    off = torch.randint(1, n_tokens, (n_pairs,), generator=generator)
+    return a, (a + off) % n_tokens
+
+
+class MappingDifficulty:
+    """How far apart a neuron puts tokens relative to how far apart their inputs are, over random token pairs.
+
+    For each batch, ``pairs`` pairs ``(a, b)`` of distinct tokens are drawn (:func:`draw_pairs`, one generator
+    seeded with ``seed`` per accumulator, so batch ``k`` always gets the same pairs). Per pair ``p`` and neuron
+    ``o``: the output distance ``dy_po = |y_ao - y_bo|`` and the input distance ``dx_p = ||x_a - x_b||``. The score
+    averages over all pairs with ``dx_p > 0``::
+
+        D_o = mean_p [ (dy_po / median_p dy_po) / (dx_p / max_p dx_p) ]
+            = (max_p dx_p / median_p dy_po) * mean_p (dy_po / dx_p)
+
+    so it streams: a running sum of ``dy / dx`` per neuron, the running maximum of ``dx``, and the median of ``dy``
+    from a :class:`~neurospec.record.accumulators.NeuronStats` histogram of the pair distances (exact to within one
+    of its bins). A neuron whose median output distance is 0 gets NaN.
+    """
+
+    def __init__(self, width: int, *, pairs: int = 64, seed: int = 0) -> None:
+        if pairs < 1:
+            raise NeurospecError(f"pairs per batch must be >= 1, got {pairs}")
+        self.width, self.pairs = width, pairs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ratio_sum = torch.zeros(width, dtype=torch.float64)
+        self.n = 0
+        self.max_dx = 0.0
+        self.dy = NeuronStats(width)
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        y = _rows(y, self.width, "MappingDifficulty")
+        x = x.detach().reshape(y.shape[0], -1)
+        if y.shape[0] < 2:
+            return
+        a, b = draw_pairs(y.shape[0], self.pairs, self.generator)
+        a, b = a.to(y.device), b.to(y.device)
+        dx = (x[a].to(y.dtype) - x[b].to(y.dtype)).norm(dim=1)
+        keep = dx > 0
+        dy = (y[a] - y[b]).abs()[keep]
+        dx = dx[keep]
+        if dx.numel() == 0:
+            return
+        self.ratio_sum += (dy / dx[:, None]).sum(0).to("cpu", torch.float64)
+        self.n += int(dx.numel())
+        self.max_dx = max(self.max_dx, float(dx.max()))
+        self.dy.update(dy)
+
+    def merge(self, other: MappingDifficulty) -> MappingDifficulty:
+        self.ratio_sum += other.ratio_sum
+        self.n += other.n
+        self.max_dx = max(self.max_dx, other.max_dx)
+        self.dy.merge(other.dy)
+        return self
+
+    def compute(self) -> Tensor:
+        """``FloatTensor[width]`` (float64): ``D_o``; NaN without pairs or for a zero median distance."""
+        if self.n == 0:
+            return torch.full((self.width,), math.nan, dtype=torch.float64)
+        median = quantiles(self.dy, 0.5)[0]
+        mean_ratio = self.ratio_sum / self.n
+        return torch.where(median > 0, self.max_dx * mean_ratio / median.clamp(min=1e-300), math.nan)
+
+
+@dataclass
+class ModuleOutputs:
+    """The accumulators of one linear module's outputs."""
+
+    name: str
+    stats: NeuronStats
+    moments: CentralMoments
+    difficulty: MappingDifficulty
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        w = self.stats.width
+        flat = _rows(y, w, self.name)
+        self.stats.update(flat)
+        self.moments.update(flat)
+        self.difficulty.update(x, flat)
+
+    def merge(self, other: ModuleOutputs) -> ModuleOutputs:
+        self.stats.merge(other.stats)
+        self.moments.merge(other.moments)
+        self.difficulty.merge(other.difficulty)
+        return self
+
+
+def new_outputs(name: str, width: int, *, pairs: int = 64, seed: int = 0, hist_bins: int = 256) -> ModuleOutputs:
+    return ModuleOutputs(name, NeuronStats(width, hist_bins=hist_bins), CentralMoments(width),
+                         MappingDifficulty(width, pairs=pairs, seed=seed))
+
+
+# ------------------------------------------------------------------------------------------------ one pass
+@torch.no_grad()
+def record_outputs(
+    model: nn.Module | LoadedModel,
+    blocks: Tensor,
+    *,
+    modules: Mapping[str, LinearRef] | None = None,
+    layers: Sequence[int | str] | None = None,
+    scope: str = "mlp_in",
+    batch_size: int = 8,
+    pairs: int = 64,
+    seed: int = 0,
+    hist_bins: int = 256,
+) -> dict[str, ModuleOutputs]:
+    """One forward pass over ``blocks`` (``LongTensor[n, seq]`` token ids, or pixel values) with a forward hook on
+    each chosen linear module (``modules``, or :func:`choose_linears` of ``layers`` and ``scope``) feeding its
+    :class:`ModuleOutputs`. The model is not changed (hooks are removed, no weight is touched)."""
+    net = model.model if isinstance(model, LoadedModel) else model
+    if modules is None:
+        modules = choose_linears(net, layers, scope=scope)
+    if not modules:
+        raise NeurospecError("no linear module was chosen to record")
+    for name, ref in modules.items():
+        if not is_linear(ref.module):
+            raise NeurospecError(f"{name} is a {type(ref.module).__name__}, not a linear module (nn.Linear or "
+                                 "Conv1D): only linear modules have output rows to score")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise NeurospecError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if blocks.dim() < 2 or blocks.shape[0] == 0:
+        raise NeurospecError(f"blocks must be [n, seq] token ids (or pixel values) with n >= 1, got "
+                             f"{tuple(blocks.shape)}")
+    accs = {name: new_outputs(name, linear_dims(ref.module)[1], pairs=pairs, seed=seed, hist_bins=hist_bins)
+            for name, ref in modules.items()}
+
+    def hook_for(name: str):
+        def hook(mod, args, output):
+            accs[name].update(args[0], output)
+        return hook
+
+    handles = [ref.module.register_forward_hook(hook_for(name)) for name, ref in modules.items()]
+    key = "pixel_values" if blocks.is_floating_point() else "input_ids"
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(0, blocks.shape[0], batch_size):
+            net(**{key: blocks[i : i + batch_size].to(device)})
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    missing = [n for n, a in accs.items() if a.moments.n == 0]
+    if missing:
+        raise NeurospecError(f"modules {missing[:3]} were never called by the model's forward pass; they cannot be "
+                             "scored")
+    return accs

@@ -1,0 +1,186 @@
+"""Output-side recording and the W1 entanglement score: against brute-force references and scipy."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats as ss
+
+from neurospec.errors import NeurospecError
+from neurospec.models.linear import weight_out_in
+from neurospec.record.accumulators import NeuronStats
+from neurospec.sparsity.outputs import (
+    CentralMoments,
+    MappingDifficulty,
+    choose_linears,
+    draw_pairs,
+    record_outputs,
+)
+from neurospec.sparsity.wasserstein import score_outputs, w1_exact, w1_from_stats
+
+from tiny import tiny_model
+
+
+def _planted(n=6000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gauss = 2.0 * torch.randn(n, generator=g) + 1.0
+    bimodal = torch.where(torch.rand(n, generator=g) < 0.5, -3.0, 3.0) + 0.3 * torch.randn(n, generator=g)
+    skewed = torch.randn(n, generator=g).exp()
+    return torch.stack([gauss, bimodal, skewed], 1)
+
+
+def test_w1_of_histogram_matches_exact_integral_and_scipy_on_planted_neurons():
+    x = _planted()
+    st = NeuronStats(3)
+    for part in x.split(1000):
+        st.update(part)
+    w = w1_from_stats(st)
+    exact = w1_exact(x)
+    h = st.histogram()
+    resolution = ((h.hi - h.lo) / h.bins / x.double().std(0, unbiased=False))
+    assert torch.all((w - exact).abs() <= resolution), (w, exact, resolution)
+    assert float(w[0]) < 0.05 and float(w[1]) > 0.4  # Gaussian near 0, bimodal far from N(0,1)
+    # the brute-force integral itself against scipy's W1 to a large N(0,1) sample
+    z = (x - x.mean(0)) / x.std(0, unbiased=False)
+    ref = torch.randn(400_000, generator=torch.Generator().manual_seed(1)).numpy()
+    sp = torch.tensor([ss.wasserstein_distance(z[:, i].numpy(), ref) for i in range(3)], dtype=torch.float64)
+    assert torch.allclose(exact, sp, atol=0.01)
+
+
+def test_w1_without_normalisation_measures_raw_outputs():
+    x = torch.randn(4000, 1, generator=torch.Generator().manual_seed(0)).double()
+    st = NeuronStats(1)
+    st.update(x + 5.0)
+    assert float(w1_from_stats(st, normalise="none")[0]) == pytest.approx(5.0, abs=0.05)
+    assert float(w1_exact(x + 5.0, normalise="none")[0]) == pytest.approx(5.0, abs=0.05)
+
+
+def test_central_moments_stream_and_merge_like_one_pass_and_match_scipy():
+    x = _planted().double()
+    one = CentralMoments(3)
+    one.update(x)
+    parts = [CentralMoments(3) for _ in range(3)]
+    for acc, chunk in zip(parts, x.split([100, 2500, 3400]), strict=True):
+        for piece in chunk.split(333):
+            acc.update(piece)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    a, b = one.compute(), merged.compute()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12), k
+    xn = x.numpy()
+    assert torch.allclose(a["kurtosis"], torch.tensor(ss.kurtosis(xn, axis=0)), rtol=1e-6)
+    assert torch.allclose(a["skewness"], torch.tensor(ss.skew(xn, axis=0)), rtol=1e-6)
+    n = x.shape[0]
+    g1, g2 = ss.skew(xn, axis=0, bias=False), ss.kurtosis(xn, axis=0, bias=False)
+    bc = (g1**2 + 1) / (g2 + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
+    assert torch.allclose(a["bimodality"], torch.tensor(bc), rtol=1e-6)
+    assert float(a["bimodality"][1]) > 5 / 9 > float(a["bimodality"][0])
+
+
+def test_mapping_difficulty_matches_a_brute_force_loop_over_the_same_pairs():
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(5, 4)
+    batches = [torch.randn(40, 5, generator=g) for _ in range(3)]
+    acc = MappingDifficulty(4, pairs=50, seed=7)
+    for xb in batches:
+        acc.update(xb, lin(xb).detach())
+    got = acc.compute()
+    gen = torch.Generator().manual_seed(7)
+    dys, dxs = [], []
+    for xb in batches:
+        y = lin(xb).detach().double()
+        a, b = draw_pairs(xb.shape[0], 50, gen)
+        for i, j in zip(a.tolist(), b.tolist(), strict=True):
+            dxs.append(float((xb[i].double() - xb[j].double()).norm()))
+            dys.append((y[i] - y[j]).abs())
+    dy, dx = torch.stack(dys), torch.tensor(dxs, dtype=torch.float64)
+    med = dy.median(0).values
+    want = torch.zeros(4, dtype=torch.float64)
+    for p in range(len(dxs)):
+        want += (dy[p] / med) / (dx[p] / dx.max())
+    want /= len(dxs)
+    assert torch.allclose(got, want, rtol=0.03)  # the median comes from a histogram (one bin of resolution)
+
+
+def _blocks(n=6, seq=16, seed=0):
+    return torch.randint(2, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_recorded_outputs_equal_the_full_output_tensor(family):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = _blocks()
+    outs = record_outputs(model, blocks, batch_size=2)
+    mods = choose_linears(model)
+    assert list(outs) == list(mods)
+    name, ref = next(iter(mods.items()))
+    full = []
+    h = ref.module.register_forward_hook(lambda m, a, o: full.append(o.detach().reshape(-1, o.shape[-1])))
+    with torch.no_grad():
+        model(input_ids=blocks)
+    h.remove()
+    y = full[0].double()
+    w = weight_out_in(ref.module)
+    assert y.shape[1] == w.shape[0]  # rows = neurons
+    mom = outs[name].moments.compute()
+    assert torch.allclose(mom["mean"], y.mean(0), atol=1e-6)
+    assert torch.allclose(mom["var"], y.var(0, unbiased=False), rtol=1e-5)
+    assert torch.allclose(mom["kurtosis"], torch.tensor(ss.kurtosis(y.numpy(), axis=0)), rtol=1e-4, atol=1e-5)
+    st = NeuronStats(y.shape[1])
+    st.update(y.float())
+    assert torch.equal(outs[name].stats.histogram().counts, st.histogram().counts)
+    sc = score_outputs(outs)[name]
+    assert torch.allclose(sc.w1, w1_from_stats(st), atol=1e-9)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_merge_of_two_recordings_equals_one_pass():
+    model = tiny_model("llama")
+    blocks = _blocks(8)
+    one = record_outputs(model, blocks, batch_size=4, layers=["layers.1.mlp.up_proj"])
+    a = record_outputs(model, blocks[:4], batch_size=4, layers=["layers.1.mlp.up_proj"])
+    b = record_outputs(model, blocks[4:], batch_size=4, layers=["layers.1.mlp.up_proj"])
+    name = "layers.1.mlp.up_proj"
+    a[name].stats.merge(b[name].stats)
+    a[name].moments.merge(b[name].moments)
+    assert torch.equal(a[name].stats.histogram().counts, one[name].stats.histogram().counts)
+    assert torch.allclose(w1_from_stats(a[name].stats), w1_from_stats(one[name].stats), atol=1e-9)
+    for k, v in one[name].moments.compute().items():
+        assert torch.allclose(a[name].moments.compute()[k], v, rtol=1e-7, atol=1e-10), k
+
+
+def test_module_choice_default_all_and_named():
+    assert list(choose_linears(tiny_model("bert"))) == ["layers.0.intermediate.dense", "layers.1.intermediate.dense"]
+    llama = tiny_model("llama")
+    assert list(choose_linears(llama, [1])) == ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"]
+    assert len(choose_linears(llama, [1], scope="all")) == 7
+    assert list(choose_linears(llama, ["layers.0.self_attn.q_proj"])) == ["layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("layers, message", [
+    (["layers.0.mlp.act_fn"], "not a linear module"),
+    (["layers.0.mlp.nope"], "no linear module"),
+    (["7"], "block 7 does not exist"),
+])
+def test_bad_layers_are_clear_errors(layers, message):
+    with pytest.raises(NeurospecError, match=message):
+        record_outputs(tiny_model("llama"), _blocks(2), layers=layers)
+
+
+def test_too_few_tokens_is_a_clear_error():
+    from neurospec.experiments.wasserstein import wasserstein_scores
+
+    with pytest.raises(NeurospecError, match="at least 16 tokens"):
+        wasserstein_scores(tiny_model("llama"), _blocks(1, 8))
+    outs = record_outputs(tiny_model("llama"), _blocks(1, 3), layers=[0])
+    with pytest.raises(NeurospecError, match="at least 4"):
+        score_outputs(outs)
+
+
+def test_constant_neuron_gets_nan_not_an_error():
+    st = NeuronStats(2)
+    x = torch.stack([torch.ones(100), torch.randn(100)], 1)
+    st.update(x)
+    w = w1_from_stats(st)
+    assert math.isnan(float(w[0])) and math.isfinite(float(w[1]))
