@@ -21,6 +21,7 @@ def _register() -> None:
         skills_cmds,
         sparsity_cmds,
         tasks_cmds,
+        wasserstein_cmds,
     )
 
 

@@ -1,0 +1,195 @@
+"""Wasserstein neurons: score every output neuron of chosen linear layers, then test whether sparsifying the
+top-W1 neurons hurts more than sparsifying as many neurons chosen otherwise.
+
+Steps (each a function, the CLI ``neurospec wasserstein`` runs them in order):
+
+1. :func:`wasserstein_scores`: one forward pass over the calibration tokens recording every output neuron of the
+   chosen linear modules (:mod:`neurospec.sparsity.outputs`), scored by W1, mean, variance, kurtosis, bimodality
+   and mapping difficulty (:mod:`neurospec.sparsity.wasserstein`).
+2. :func:`make_selections`: per module the same count ``top_count(out, fraction)`` of neurons (rows) chosen by
+   ``wasserstein`` (highest W1), ``mean`` (highest ``|mean|``), ``variance`` (highest), ``weight_norm`` (highest
+   L2 norm of the weight row) and ``random`` (``draws`` seeded uniform draws without replacement).
+3. :func:`row_experiment`: for each selection and pattern (50% unstructured and 2:4 by default), SparseGPT prunes
+   only the selected rows of the chosen modules (the sparsify driver's ``rows``), and the loss on held-out blocks is
+   compared with the dense loss. A selection's p-value against the random draws is ``(r + 1) / (n + 1)`` with ``r``
+   the number of the ``n`` draws whose loss increase is at least the selection's (one-sided: "hurts more").
+4. :func:`error_correlation`: every row of the chosen modules pruned (SparseGPT), the per-neuron relative output
+   error on held-out blocks (:func:`~neurospec.sparsity.error.neuron_output_error`) and its Spearman correlation
+   with W1, per module and pooled.
+5. :func:`method_ordering`: dense perplexity beside magnitude, Wanda and SparseGPT over every linear module of the
+   blocks at each pattern (the published ordering: SparseGPT and Wanda far below magnitude).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neurospec.errors import NeurospecError
+from neurospec.evaluate.metrics import evaluate_lm
+from neurospec.models.linear import weight_out_in
+from neurospec.models.loading import LoadedModel
+from neurospec.sparsity.driver import LinearRef, sparsify
+from neurospec.sparsity.error import neuron_output_error
+from neurospec.sparsity.outputs import choose_linears, record_outputs
+from neurospec.sparsity.patterns import SparsityPattern, make_pattern
+from neurospec.sparsity.wasserstein import ModuleScores, score_outputs, spearman, top_count, top_neurons
+
+SELECTIONS = ("wasserstein", "mean", "variance", "weight_norm")
+DEFAULT_PATTERNS = ("50%", "2:4")
+
+
+def parse_pattern(text: str | SparsityPattern) -> SparsityPattern:
+    """``"2:4"`` (N:M), ``"50%"`` or ``"0.5"`` (unstructured) as a :class:`SparsityPattern`."""
+    if isinstance(text, SparsityPattern):
+        return text
+    t = str(text).strip()
+    if ":" in t:
+        return make_pattern(None, t)
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise NeurospecError(f"pattern {text!r} is not N:M (2:4) or a sparsity (50% or 0.5)") from None
+    return make_pattern(value, None)
+
+
+def pattern_key(p: SparsityPattern) -> str:
+    """``"2:4"`` or ``"50%"``: the key of a pattern in the results."""
+    return p.label if p.structured else f"{100 * p.sparsity:g}%"
+
+
+def _net(model):
+    return model.model if isinstance(model, LoadedModel) else model
+
+
+def wasserstein_scores(model, blocks: torch.Tensor, *, layers: Sequence[int | str] | None = None,
+                       scope: str = "mlp_in", batch_size: int = 8, pairs: int = 64, seed: int = 0,
+                       normalise: str = "zscore", hist_bins: int = 256, min_tokens: int = 16
+                       ) -> dict[str, ModuleScores]:
+    """Per chosen module (``layers.L.<path>``), the per-neuron scores over the tokens of ``blocks``."""
+    n_tokens = int(blocks.numel()) if not blocks.is_floating_point() else int(blocks.shape[0])
+    if n_tokens < min_tokens:
+        raise NeurospecError(f"scoring output distributions needs at least {min_tokens} tokens, got {n_tokens}: "
+                             "give more tokens (--tokens)")
+    outs = record_outputs(model, blocks, layers=layers, scope=scope, batch_size=batch_size, pairs=pairs,
+                          seed=seed, hist_bins=hist_bins)
+    return score_outputs(outs, normalise=normalise, min_tokens=min_tokens)
+
+
+@dataclass
+class Selections:
+    """``fixed``: ``{selection: {module: LongTensor rows}}``; ``random``: one such mapping per draw."""
+
+    fixed: dict[str, dict[str, torch.Tensor]]
+    random: list[dict[str, torch.Tensor]]
+    counts: dict[str, int]
+
+
+def make_selections(model, scores: Mapping[str, ModuleScores], *, fraction: float = 0.03, draws: int = 10,
+                    seed: int = 0) -> Selections:
+    """The rows each selection prunes in each scored module (module docstring); every selection takes
+    ``top_count(out, fraction)`` rows of each module."""
+    net = _net(model)
+    refs = choose_linears(net, list(scores), scope="all")
+    g = torch.Generator().manual_seed(seed)
+    fixed: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SELECTIONS}
+    counts = {}
+    for name, sc in scores.items():
+        width = sc.w1.numel()
+        k = top_count(width, fraction)
+        counts[name] = k
+        norms = weight_out_in(refs[name].module).detach().double().norm(dim=1).cpu()
+        for sel, values in (("wasserstein", sc.w1), ("mean", sc.mean.abs()), ("variance", sc.var),
+                            ("weight_norm", norms)):
+            fixed[sel][name] = top_neurons(values, fraction)
+    random = [{name: torch.randperm(scores[name].w1.numel(), generator=g)[: counts[name]] for name in scores}
+              for _ in range(draws)]
+    return Selections(fixed, random, counts)
+
+
+def random_pvalue(value: float, draws: Sequence[float]) -> float:
+    """``(r + 1) / (n + 1)``: ``r`` of the ``n`` random draws have a loss increase at least ``value``."""
+    if not draws:
+        return math.nan
+    r = sum(1 for d in draws if d >= value)
+    return (r + 1) / (len(draws) + 1)
+
+
+def _loss(model, blocks: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    res = evaluate_lm(model, blocks, batch_size=batch_size)
+    return float(res["loss"]), float(res["perplexity"])
+
+
+def _pruned_loss(loaded, refs: Mapping[str, LinearRef], rows: Mapping[str, torch.Tensor], pattern: SparsityPattern,
+                 calibration: torch.Tensor, eval_blocks: torch.Tensor, batch_size: int, method: str) -> float:
+    res = sparsify(_net(loaded), method, pattern=pattern, calibration=calibration, layers=list(refs), rows=rows,
+                   batch_size=batch_size)
+    return _loss(_with_model(loaded, res.model), eval_blocks, batch_size)[0]
+
+
+def row_experiment(model, scores: Mapping[str, ModuleScores], calibration: torch.Tensor, eval_blocks: torch.Tensor, *,
+                   patterns: Sequence[str | SparsityPattern] = DEFAULT_PATTERNS, fraction: float = 0.03,
+                   draws: int = 10, seed: int = 0, batch_size: int = 8, method: str = "sparsegpt") -> dict:
+    """Loss increase of pruning each selection's rows, per pattern, with p-values against the random draws.
+
+    Returns ``{"dense_loss", "counts": {module: k}, "patterns": {key: {selection: {"delta_loss", "pvalue"}, "random":
+    {"delta_loss" (mean), "draws": [...]}}}}``; ``pvalue`` is None for the random selection itself."""
+    if draws < 1:
+        raise NeurospecError(f"the random baseline needs at least 1 draw (10 or more advised), got {draws}")
+    refs = choose_linears(_net(model), list(scores), scope="all")
+    sel = make_selections(model, scores, fraction=fraction, draws=draws, seed=seed)
+    dense, _ = _loss(model, eval_blocks, batch_size)
+    out: dict = {"dense_loss": dense, "counts": sel.counts, "fraction": fraction, "draws": draws, "patterns": {}}
+    for p in patterns:
+        pat = parse_pattern(p)
+        rnd = [_pruned_loss(model, refs, rows, pat, calibration, eval_blocks, batch_size, method) - dense
+               for rows in sel.random]
+        res = {}
+        for name, rows in sel.fixed.items():
+            delta = _pruned_loss(model, refs, rows, pat, calibration, eval_blocks, batch_size, method) - dense
+            res[name] = {"delta_loss": delta, "pvalue": random_pvalue(delta, rnd)}
+        res["random"] = {"delta_loss": sum(rnd) / len(rnd), "pvalue": None, "draws": rnd}
+        out["patterns"][pattern_key(pat)] = res
+    return out
+
+
+def error_correlation(model, scores: Mapping[str, ModuleScores], calibration: torch.Tensor,
+                      eval_blocks: torch.Tensor, *, pattern: str | SparsityPattern = "50%", batch_size: int = 8,
+                      method: str = "sparsegpt") -> dict:
+    """Per-neuron relative output error after pruning every row of the scored modules, and its Spearman correlation
+    with W1: ``{"pattern", "spearman": {module: rho}, "pooled": rho, "error": {module: FloatTensor[out]}}``."""
+    net = _net(model)
+    pat = parse_pattern(pattern)
+    res = sparsify(net, method, pattern=pat, calibration=calibration, layers=list(scores), batch_size=batch_size)
+    err = neuron_output_error(net, res.model, eval_blocks, names=list(scores), batch_size=batch_size)
+    per = {name: spearman(scores[name].w1, err[name]) for name in scores}
+    pooled = spearman(torch.cat([scores[n].w1 for n in scores]), torch.cat([err[n].cpu() for n in scores]))
+    return {"pattern": pattern_key(pat), "spearman": per, "pooled": pooled, "error": err}
+
+
+def method_ordering(model, calibration: torch.Tensor, eval_blocks: torch.Tensor, *,
+                    patterns: Sequence[str | SparsityPattern] = DEFAULT_PATTERNS,
+                    methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"), batch_size: int = 8) -> dict:
+    """Perplexity of the dense model and of each method over every linear module of the blocks, per pattern:
+    ``{"dense": ppl, "patterns": {key: {method: ppl}}}``."""
+    _, dense = _loss(model, eval_blocks, batch_size)
+    out: dict = {"dense": dense, "patterns": {}}
+    for p in patterns:
+        pat = parse_pattern(p)
+        row = {}
+        for m in methods:
+            res = sparsify(_net(model), m, pattern=pat, calibration=calibration, batch_size=batch_size)
+            row[m] = _loss(_with_model(model, res.model), eval_blocks, batch_size)[1]
+        out["patterns"][pattern_key(pat)] = row
+    return out
+
+
+def _with_model(loaded, net):
+    """``loaded`` with its network replaced by ``net`` (the tokenizer kept for masked-LM evaluation)."""
+    if isinstance(loaded, LoadedModel):
+        return dataclasses.replace(loaded, model=net)
+    return net

@@ -1,0 +1,118 @@
+"""The Wasserstein-neuron experiment: selections, the random p-value, rows pruned, and the CLI's JSON contract."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from neurospec.cli import _register, app
+from neurospec.experiments.wasserstein import (
+    SELECTIONS,
+    make_selections,
+    random_pvalue,
+    row_experiment,
+    wasserstein_scores,
+)
+from neurospec.models.linear import weight_out_in
+from neurospec.sparsity.wasserstein import top_count
+
+from tiny import tiny_model
+
+_register()
+
+
+def _blocks(n, seq=16, seed=0):
+    return torch.randint(2, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_random_pvalue_counts_draws_at_least_as_bad():
+    draws = [0.1, 0.5, 0.2, 0.5, 0.9]
+    assert random_pvalue(0.5, draws) == pytest.approx((3 + 1) / (5 + 1))
+    assert random_pvalue(1.0, draws) == pytest.approx(1 / 6)
+    assert random_pvalue(0.0, draws) == pytest.approx(1.0)
+
+
+def test_selections_have_the_per_layer_counts_and_pick_by_their_statistic():
+    model = tiny_model("llama")
+    scores = wasserstein_scores(model, _blocks(4))
+    sel = make_selections(model, scores, fraction=0.05, draws=4, seed=1)
+    assert set(sel.fixed) == set(SELECTIONS) and len(sel.random) == 4
+    for name, sc in scores.items():
+        k = top_count(sc.w1.numel(), 0.05)
+        assert k == 5 and sel.counts[name] == k  # round(0.05 * 96)
+        for rows in [*(s[name] for s in sel.fixed.values()), *(r[name] for r in sel.random)]:
+            assert rows.numel() == k and rows.unique().numel() == k
+        w1 = sc.w1
+        assert w1[sel.fixed["wasserstein"][name]].min() >= w1.sort(descending=True).values[k - 1]
+        var = sc.var
+        assert var[sel.fixed["variance"][name]].min() >= var.sort(descending=True).values[k - 1]
+        norms = weight_out_in(model.get_submodule(name.replace("layers.", "model.layers."))).norm(dim=1)
+        assert set(sel.fixed["weight_norm"][name].tolist()) == set(norms.topk(k).indices.tolist())
+    assert not all(torch.equal(sel.random[0][n], sel.random[1][n]) for n in scores)  # draws differ
+
+
+def test_row_experiment_prunes_only_the_selected_rows(monkeypatch):
+    import neurospec.experiments.wasserstein as W
+
+    model = tiny_model("llama")
+    calib, ev = _blocks(8), _blocks(2, seed=1)
+    scores = wasserstein_scores(model, calib, layers=[1])
+    seen = []
+    real = W.sparsify
+
+    def spy(*args, **kw):
+        res = real(*args, **kw)
+        seen.append((kw["rows"], res.model))
+        return res
+
+    monkeypatch.setattr(W, "sparsify", spy)
+    out = row_experiment(model, scores, calib, ev, patterns=["2:4"], fraction=0.03, draws=2)
+    assert set(out["patterns"]["2:4"]) == {*SELECTIONS, "random"}
+    assert len(seen) == 2 + len(SELECTIONS)
+    for rows, sparse in seen:
+        for name, idx in rows.items():
+            path = name.replace("layers.", "model.layers.")
+            d, s = weight_out_in(model.get_submodule(path)), weight_out_in(sparse.get_submodule(path))
+            changed = (d != s).any(1).nonzero().reshape(-1)
+            assert set(changed.tolist()) <= set(idx.tolist()) and idx.numel() == 3
+            assert ((s[idx] == 0).reshape(idx.numel(), -1, 4).sum(-1) >= 2).all()
+    r = out["patterns"]["2:4"]
+    assert r["random"]["draws"] and r["wasserstein"]["pvalue"] == random_pvalue(r["wasserstein"]["delta_loss"],
+                                                                                  r["random"]["draws"])
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_json_contract_and_figures(model_dir, tmp_path):
+    r = invoke("wasserstein", "--model", model_dir, "--task", "prose", "--tokens", 128, "--seq-len", 16,
+               "--batch-size", 4, "--layers", "1", "--experiment", "--patterns", "2:4", "--draws", 2,
+               "--eval-tokens", 32, "--out", tmp_path / "w", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert set(res["scores"]) == {"layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"}
+    for s in res["scores"].values():
+        assert {"mean", "max", "top"} <= set(s) and len(s["top"]) == 3 and s["max"] >= s["mean"]
+    assert set(res["experiment"]) == {*SELECTIONS, "random"}
+    for v in res["experiment"].values():
+        assert set(v) == {"delta_loss", "pvalue"}
+    assert res["experiment"]["random"]["pvalue"] is None
+    assert 0 < res["experiment"]["wasserstein"]["pvalue"] <= 1
+    assert {"magnitude", "wanda", "sparsegpt"} == set(res["methods"]["patterns"]["2:4"])
+    assert (tmp_path / "w" / "w1_distribution.png").exists() and (tmp_path / "w" / "error_vs_w1.png").exists()
+    assert json.loads((tmp_path / "w" / "results.json").read_text())["scores"] == res["scores"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "layers.0.mlp.act_fn"], "not a linear module"),
+    (["--layers", "layers.0.mlp.nothing"], "no linear module"),
+    (["--tokens", 8, "--seq-len", 8], "at least 16 tokens"),
+    (["--top", 0], "--top"),
+    (["--patterns", "3:2"], "N:M"),
+])
+def test_cli_bad_input_is_one_clear_line(model_dir, args, message):
+    r = invoke("wasserstein", "--model", model_dir, "--task", "prose", "--seq-len", 16, "--tokens", 64, *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
