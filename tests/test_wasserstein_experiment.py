@@ -70,6 +70,10 @@ def test_row_experiment_prunes_only_the_selected_rows(monkeypatch):
     out = row_experiment(model, scores, calib, ev, patterns=["2:4"], fraction=0.03, draws=2)
     assert set(out["patterns"]["2:4"]) == {*SELECTIONS, "random"}
     assert len(seen) == 2 + len(SELECTIONS)
+    sel = make_selections(model, scores, fraction=0.03, draws=2, seed=0)  # the same seed: the same draws
+    expected = [*sel.random, *sel.fixed.values()]
+    assert [{n: r.tolist() for n, r in rows.items()} for rows, _ in seen] == \
+        [{n: r.tolist() for n, r in rows.items()} for rows in expected]
     for rows, sparse in seen:
         for name, idx in rows.items():
             path = name.replace("layers.", "model.layers.")
