@@ -55,7 +55,7 @@ def _abs_linear_integral(d0: Tensor, d1: Tensor, h: Tensor) -> Tensor:
     return torch.where(same, 0.5 * (d0.abs() + d1.abs()) * h, 0.5 * (d0 * d0 + d1 * d1) / denom * h)
 
 
-def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int = 2048,
+def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int = 1024,
                   chunk: int = 1024) -> Tensor:
     """``FloatTensor[width]`` (float64): W1 of each neuron's normalised output histogram to N(0, 1) (module doc)."""
     if normalise not in NORMALISE:
