@@ -88,6 +88,17 @@ def attention_modules(loaded: LoadedModel, model: nn.Module | None = None) -> li
     return out
 
 
+def check_tunable(loaded: LoadedModel, method: str) -> None:
+    """Raise, before any work, if ``method`` has nothing to train in this model."""
+    if method not in TUNING_METHODS:
+        raise NeurospecError(f"tuning method must be one of {TUNING_METHODS}, got {method!r}")
+    if method == "bias" and all(loaded.model.get_submodule(p).bias is None for p in attention_modules(loaded)):
+        raise NeurospecError(_NO_BIAS)
+
+
+_NO_BIAS = "this model's attention has no bias to tune: use the lora method (--beyond lora)"
+
+
 def _merge_lora(model: nn.Module) -> None:
     from peft.tuners.lora import LoraLayer
 
@@ -125,7 +136,7 @@ def tune_model(pm: PromptedModel, task: LabelledTask, prompt: Prompt | None, *, 
                     bias.requires_grad_(True)
         trained = [n for n, p in model.named_parameters() if p.requires_grad]
         if not trained:
-            raise NeurospecError("this model's attention has no bias to tune: use the lora method (--beyond lora)")
+            raise NeurospecError(_NO_BIAS)
         view = dataclasses.replace(loaded, model=model)
         tpm = PromptedModel(view, pm.n_classes, readout=pm.readout,
                             verbaliser=None if pm.verbaliser is None else pm.verbaliser.tolist(),
