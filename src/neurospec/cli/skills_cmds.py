@@ -60,23 +60,41 @@ def skills_cmd(
     seed: int = typer.Option(0, help="seed of the task splits"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
+    prune: bool = typer.Option(False, "--prune", help="skill-based pruning: keep the top neurons of each layer, "
+                               "set the others to their training means; accuracy per kept fraction vs random sets"),
+    prune_keeps: str = typer.Option("0.01,0.02,0.05,0.1,0.2,0.5", "--prune-keeps",
+                                    help="kept fractions of the --prune sweep"),
+    save_pruned: Path = typer.Option(None, "--save-pruned", help="write the model pruned to the top --p of each "
+                                     "layer (one task) as a plain Hugging Face model directory"),
+    agreement: bool = typer.Option(False, "--agreement", help="overlap of the skill neurons with the task's "
+                                   "selective-pruning neurons (same count per layer) against chance"),
+    agreement_score: str = typer.Option("abs", "--agreement-score", help="selective-pruning score of --agreement"),
+    beyond: str = typer.Option(None, "--beyond", help="lora or bias: learn the task with the neurons frozen, "
+                               "then perturb the same skill neurons in that model"),
+    beyond_epochs: int = typer.Option(4, "--beyond-epochs", help="training epochs of --beyond"),
     json_: bool = typer.Option(False, "--json"),
 ) -> None:
     """Skill neurons: neurons whose activation at the prompt positions predicts each task's label."""
     from neurospec.experiments.skills import SkillsConfig, run_skills
     from neurospec.models.loading import load_model
     from neurospec.skills.soft import SoftPromptConfig
+    from neurospec.skills.tuning import TuningConfig
 
     cfg = SkillsConfig(prompt=prompt, template=template, verbaliser=_pairs(list(verbaliser)), seeds=seeds,
                        aggregate=aggregate, p=p, ps=_floats(ps, "--ps"),
                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_random=n_random,
                        noise_std=noise_std, batch_size=batch_size, max_tokens=max_tokens, task_seed=seed,
-                       soft=SoftPromptConfig(length=prompt_length, epochs=epochs, batch_size=batch_size))
+                       soft=SoftPromptConfig(length=prompt_length, epochs=epochs, batch_size=batch_size),
+                       prune_keeps=_floats(prune_keeps, "--prune-keeps") if prune else (),
+                       save_pruned=None if save_pruned is None else str(save_pruned), agreement=agreement,
+                       agreement_score=agreement_score, beyond=beyond,
+                       tuning=TuningConfig(epochs=beyond_epochs, batch_size=batch_size))
     loaded = load_model(model, device=device, dtype=dtype)
     with Steps() as steps:
         res = run_skills(loaded, list(task), out_dir, cfg, progress=steps)
     payload = {k: res[k] for k in ("tasks", "readout", "accuracy", "predictivity", "skill_neurons", "perturbation",
                                    "similarity", "notes")}
+    payload.update({k: res[k] for k in ("pruning", "pruned_model", "agreement", "beyond") if k in res})
     payload["run"] = str(out_dir)
 
     def human():
@@ -98,6 +116,39 @@ def skills_cmd(
         for name, row in zip(sim["tasks"], sim["overlap"], strict=True):
             s.add_row(name, *(f"{v:.3f}" for v in row))
         out.print(s)
+        _extra_tables(res)
         out.print(f"written to {out_dir / 'result.json'}")
 
     emit(payload, json_, human)
+
+
+def _extra_tables(res: dict) -> None:
+    """Tables of the optional studies (--prune, --agreement, --beyond), when present."""
+    if res.get("pruning"):
+        t = Table(title="skill-based pruning: test accuracy keeping the top fraction per layer")
+        for c in ("task", "keep", "neurons kept", "skill", "random mean", "p-value"):
+            t.add_column(c, justify="right")
+        for r in res["pruning"]:
+            t.add_row(r["task"], f"{r['keep']:g}", str(r["n_kept"]), f"{r['skill_acc']:.3f}",
+                      f"{r['random_acc_mean']:.3f}", f"{r['pvalue']:.3f}")
+        out.print(t)
+    if res.get("pruned_model"):
+        pm = res["pruned_model"]
+        out.print(f"pruned model ({pm['n_kept']} neurons kept, test accuracy {pm['test_accuracy']:.3f}) "
+                  f"written to {pm['path']}")
+    if res.get("agreement"):
+        t = Table(title="skill neurons among selective-pruning neurons")
+        for c in ("task", "overlap", "chance", "p-value"):
+            t.add_column(c, justify="right")
+        for name, a in res["agreement"].items():
+            t.add_row(name, f"{a['overlap']:.3f}", f"{a['chance']:.3f}", f"{a['pvalue']:.3g}")
+        out.print(t)
+    if res.get("beyond"):
+        t = Table(title="skill neurons perturbed in a model tuned without prompts")
+        for c in ("task", "tuning", "p", "method", "skill", "random mean", "p-value"):
+            t.add_column(c, justify="right")
+        for name, rows in res["beyond"].items():
+            for r in rows:
+                t.add_row(name, r["tuning"], f"{r['p']:g}", r["method"], f"{r['skill_acc']:.3f}",
+                          f"{r['random_acc_mean']:.3f}", f"{r['pvalue']:.3f}")
+        out.print(t)

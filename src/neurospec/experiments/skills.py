@@ -13,6 +13,7 @@ aggregated score ``[width]`` and the per-sub-task predictivity of every run ``[r
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,11 +27,15 @@ from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import NeuronId
 from neurospec.record.store import atomic_write_json, save_tensors
+from neurospec.score.selective import SCORERS
+from neurospec.skills.agreement import class_statistics, overlap_test, selective_scores
 from neurospec.skills.collect import prompt_statistics
 from neurospec.skills.perturb import METHODS, MIN_RANDOM, perturbation_study, similarity
 from neurospec.skills.predictivity import AGGREGATES, aggregate, predictivity, select_top_p, task_scores
 from neurospec.skills.prompting import PromptedModel, hard_prompt, is_decoder, verbaliser_ids
+from neurospec.skills.pruning import prune_model, pruning_study, save_pruned, token_means
 from neurospec.skills.soft import SoftPromptConfig, train_soft_prompt
+from neurospec.skills.tuning import TUNING_METHODS, TuningConfig, check_tunable, tune_model
 
 PROMPT_KINDS = ("hard", "soft")
 
@@ -57,8 +62,22 @@ class SkillsConfig:
     max_tokens: int = 64
     task_seed: int = 0
     soft: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+    # Extra studies (off by default): kept fractions of skill-based pruning, a directory for the model pruned to
+    # the top ``p`` (one task only), agreement with selective-pruning neurons, tuning beyond prompts.
+    prune_keeps: tuple[float, ...] = ()
+    save_pruned: str | None = None
+    agreement: bool = False
+    agreement_score: str = "abs"
+    beyond: str | None = None
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def __post_init__(self) -> None:
+        if self.beyond is not None and self.beyond not in TUNING_METHODS:
+            raise NeurospecError(f"--beyond must be one of {TUNING_METHODS}, got {self.beyond!r}")
+        if self.agreement_score not in SCORERS:
+            raise NeurospecError(f"agreement score must be one of {', '.join(SCORERS)}, got {self.agreement_score!r}")
+        if any(not 0 <= q <= 1 for q in self.prune_keeps):
+            raise NeurospecError(f"kept fractions of pruning must lie in [0, 1], got {list(self.prune_keeps)}")
         if self.prompt not in PROMPT_KINDS:
             raise NeurospecError(f"prompt must be one of {PROMPT_KINDS}, got {self.prompt!r}")
         if self.aggregate not in AGGREGATES:
@@ -129,6 +148,10 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise NeurospecError(f"task(s) named more than once: {', '.join(dupes)}")
+    if cfg.save_pruned is not None and len(built) != 1:
+        raise NeurospecError(f"--save-pruned writes the model pruned for one task; {len(built)} tasks were given")
+    if cfg.beyond is not None:
+        check_tunable(loaded, cfg.beyond)
     sites = loaded.sites.of_kind("mlp")
     widths = {s.name: s.width for s in sites}
     result: dict[str, Any] = {"model": loaded.describe(), "config": cfg.to_dict(), "tasks": {}, "readout": {},
@@ -182,8 +205,47 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
                                   batch_size=cfg.batch_size)
         result["perturbation"][task.name] = rows
         result["tasks"][task.name]["licence"] = task.licence
+        _extra_studies(result, loaded, pm, task, prompt, scores, chosen, widths, cfg)
     if progress is not None:
         progress("skills", len(built), len(built))
     result["similarity"] = similarity(skill_sets, widths) | {"p": cfg.p}
     atomic_write_json(out / "result.json", result)
     return result
+
+
+def _extra_studies(result: dict, loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, prompt, scores, chosen,
+                   widths: Mapping[str, int], cfg: SkillsConfig) -> None:
+    """Pruning, agreement and beyond-prompt studies of one task (each only when ``cfg`` asks for it), with the
+    first prompt run; results under ``pruning`` (rows with their task), ``agreement`` and ``beyond`` (by task)."""
+    sites = loaded.sites.of_kind("mlp")
+    if cfg.prune_keeps or cfg.save_pruned is not None:
+        means = token_means(pm, task.split("train")[0], prompt, sites, batch_size=cfg.batch_size)
+        if cfg.prune_keeps:
+            rows = pruning_study(pm, *task.split("test"), prompt, scores, means, cfg.prune_keeps,
+                                 n_random=cfg.n_random, key=task.name, batch_size=cfg.batch_size)
+            result.setdefault("pruning", []).extend({"task": task.name, **r} for r in rows)
+        if cfg.save_pruned is not None:
+            pruned = prune_model(loaded, chosen, means)
+            path = save_pruned(pruned, cfg.save_pruned)
+            ppm = PromptedModel(pruned, task.n_classes, readout=pm.readout, max_tokens=pm.max_tokens,
+                                verbaliser=None if pm.verbaliser is None else pm.verbaliser.tolist())
+            ppm.probe = pm.probe
+            result["pruned_model"] = {"task": task.name, "path": str(path), "keep": cfg.p,
+                                      "n_kept": sum(int(v.numel()) for v in chosen.values()),
+                                      "test_accuracy": ppm.accuracy(*task.split("test"), prompt, cfg.batch_size)}
+    if cfg.agreement:
+        stats = class_statistics(pm, task, prompt, sites, batch_size=cfg.batch_size)
+        selective = select_top_p(selective_scores(stats, cfg.agreement_score, task=task.name), cfg.p, key=task.name)
+        result.setdefault("agreement", {})[task.name] = overlap_test(chosen, selective, widths) | {
+            "score": cfg.agreement_score, "p": cfg.p}
+    if cfg.beyond is not None:
+        hard = None
+        if task.kind == "text":
+            hard = hard_prompt(loaded, cfg.template or ("\nAnswer:" if pm.decoder else "Category:"))
+        tuned = tune_model(pm, task, hard, config=dataclasses.replace(cfg.tuning, method=cfg.beyond,
+                                                                      batch_size=cfg.batch_size))
+        rows = perturbation_study(tuned.pm, *task.split("test"), hard, scores, cfg.ps, methods=cfg.methods,
+                                  n_random=cfg.n_random, std=cfg.noise_std, key=task.name,
+                                  batch_size=cfg.batch_size)
+        result.setdefault("beyond", {})[task.name] = [
+            {**r, "tuning": cfg.beyond, "tuned_dev_accuracy": tuned.dev_accuracy} for r in rows]

@@ -145,7 +145,7 @@ def build_report(run_dir: str | Path) -> Path:
     prune = {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "prune").glob("*/result.json"))}
     if not prune and (run_dir / "result.json").exists():
         r = json.loads((run_dir / "result.json").read_text())
-        prune = {r["forget"]: r}
+        prune = {r["forget"]: r} if "forget" in r else {}
     if prune:
         sections += _prune_sections(prune, figdir)
     ab = _load(run_dir / "ablation" / "ablation.json") or _load(run_dir / "ablation.json")
@@ -154,10 +154,13 @@ def build_report(run_dir: str | Path) -> Path:
     from neurospec.report.cluster_figures import cluster_sections
 
     sections += cluster_sections(run_dir, figdir)
+    from neurospec.report.skills_figures import skills_sections
+
+    sections += skills_sections(run_dir, figdir)
     if not sections:
         raise RunStoreError(
             f"{run_dir} holds no results to report (looked for taskmap.json, prune/*/result.json, ablation.json, "
-            "clusters.json); "
+            "clusters.json, a skills result.json); "
             "run `neurospec run`, `taskmap`, `prune` or `ablate` into it first"
         )
     main = _load(run_dir / "main.json") or {}

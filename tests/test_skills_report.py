@@ -1,0 +1,31 @@
+"""The report draws the skill-neuron section from a tiny skills run."""
+
+import json
+
+from neurospec.data.labelled import make_labelled
+from neurospec.experiments.skills import SkillsConfig, run_skills
+from neurospec.models.loading import from_module
+from neurospec.report.html import build_report
+from neurospec.skills.tuning import TuningConfig
+
+from tiny import char_tokenizer, tiny_model
+
+
+def _task(name, a, b, n=10):
+    texts = [f"{a} {i} {'x' * (i % 3)}" for i in range(n)] + [f"{b} {i} {'y' * (i % 3)}" for i in range(n)]
+    return make_labelled(name, texts, [a] * n + [b] * n, seed=0)
+
+
+def test_report_draws_skills_figures_from_a_tiny_run(tmp_path):
+    loaded = from_module(tiny_model("llama"), char_tokenizer())
+    cfg = SkillsConfig(p=0.1, ps=(0.1, 0.2), methods=("zero",), batch_size=8, prune_keeps=(0.1, 0.5),
+                       agreement=True, beyond="lora", tuning=TuningConfig(epochs=1))
+    run_skills(loaded, [_task("fruit", "apple", "zebra"), _task("space", "moon", "rock")], tmp_path, cfg)
+    html = build_report(tmp_path).read_text()
+    figs = tmp_path / "figures"
+    for name in ("skills_predictivity", "skills_perturbation", "skills_similarity", "skills_pruning",
+                 "skills_beyond"):
+        assert (figs / f"{name}.png").stat().st_size > 1000 and (figs / f"{name}.svg").is_file()
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert "Skill neurons: pruning" in html and "Skill neurons and selective pruning" in html
+    assert html.count("<img") == 5 and f"{res['agreement']['fruit']['chance']:.4g}" in html
