@@ -49,14 +49,14 @@ def test_cuda_and_auto_without_a_gpu_are_one_line_errors():
 
 
 def test_load_model_refuses_float16_on_the_cpu(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_config("llama").save_pretrained(tmp_path / "m")  # refused before any weight is read
     with pytest.raises(NeurospecError, match="float16 is not supported on the CPU"):
         load_model(str(tmp_path / "m"), dtype="float16")
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the message of a machine without a GPU")
 def test_load_model_auto_without_a_gpu_says_to_use_the_cpu(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_model("llama").save_pretrained(tmp_path / "m")  # the size is read from the config before loading
     with pytest.raises(NeurospecError, match="no CUDA GPU is visible"):
         load_model(str(tmp_path / "m"), device="auto")
 
@@ -196,3 +196,20 @@ def test_half_precision_overflow_is_counted_as_nonfinite(dtype):
     keep = torch.isfinite(full)
     want = torch.where(keep, full.double(), 0.0).sum(0)
     torch.testing.assert_close(state["sum"], want, rtol=1e-6, atol=1e-6)
+
+
+def test_gpu_bench_runs_its_cpu_smoke_setting(capsys):
+    """benchmarks/gpu_bench.py: every figure but the GPU's comes out of the same code on a tiny CPU model."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--cpu-smoke", "--json", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out) == out and out["gpu"] is None
+    (run,) = out["runs"]
+    assert run["record_ratio"] > 1 and run["fold_ratio"] > 0 and run["eval_tokens_per_s"] > 0
+    assert run["peak_bytes_record"] is None  # GPU memory only on a GPU
