@@ -151,10 +151,15 @@ def check_dtype(dtype: str | None) -> None:
 
 
 def check_device(device: str | None) -> None:
-    """``None``, ``auto``, or a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
-    if device is None or device == "auto":
+    """``None``, ``auto`` (needs a GPU), or a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    if device is None:
         return
     import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available():
+            _fail("--device auto spreads a model over GPUs, and no CUDA GPU is visible: use --device cpu")
+        return
 
     try:
         dev = torch.device(device)
@@ -177,8 +182,13 @@ def check_device(device: str | None) -> None:
 
 
 def check_model_options(device: str | None, dtype: str | None) -> None:
+    """A known dtype, a device this machine has, and a dtype that device runs (float16 is refused on the CPU; see
+    :mod:`neurospec.models.placement`)."""
+    from neurospec.models.placement import check_dtype_for_device
+
     check_dtype(dtype)
     check_device(device)
+    check_dtype_for_device(dtype, device)
 
 
 def check_scorer(name: str | None, option: str = "--score") -> None:

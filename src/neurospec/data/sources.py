@@ -20,13 +20,15 @@ A *source string* names one of:
   dataset: a slice such as ``split=train[:20000]`` (percent-encoded in a source string) keeps it small.
 
 Options follow a ``?`` as ``key=value`` pairs joined by ``&`` (values may be percent-encoded):
-``column`` (text column), ``split``, ``config`` (hub configuration) and ``data_files`` (hub builders). Examples::
+``column`` (text column), ``split``, ``config`` (hub configuration), ``data_files`` (hub builders) and
+``streaming=true`` (``hf:`` only: read the dataset lazily, see ``neurospec.data.streaming``). Examples::
 
     notes.txt
     corpus/essays
     reviews.jsonl?column=body
     hf:wikitext?config=wikitext-2-raw-v1&split=test
     hf:json?data_files=data/train.jsonl
+    hf:json?data_files=huge.jsonl&split=train&streaming=true
 
 An option that a source does not use is an error, never ignored. Blank documents (empty or only whitespace, a
 null cell, a JSON row without the column) are kept as documents here and skipped when tokenising; a table where no
@@ -48,7 +50,7 @@ from urllib.parse import parse_qsl
 
 from neurospec.errors import TaskError
 
-OPTION_KEYS = ("column", "split", "config", "data_files")
+OPTION_KEYS = ("column", "split", "config", "data_files", "streaming")
 DEFAULT_COLUMN = "text"
 HUB_PREFIX = "hf:"
 TABLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -303,7 +305,7 @@ _ALLOWED_OPTIONS = {
     "text-dir": (),
     "table": ("column",),
     "saved-dataset": ("column", "split"),
-    "hub": ("column", "split", "config", "data_files"),
+    "hub": ("column", "split", "config", "data_files", "streaming"),
 }
 
 
@@ -314,13 +316,17 @@ def open_source(
     split: str | None = None,
     config: str | None = None,
     data_files: str | None = None,
+    streaming: str | None = None,
 ) -> DocumentSource:
     """Open the documents that ``source`` names (see the module docstring for the forms it takes).
+
+    ``streaming="true"`` (``hf:`` sources only) opens a :class:`~neurospec.data.streaming.StreamingSource`, read
+    lazily in stream order (see :mod:`neurospec.data.streaming`).
 
     Raises TaskError when the source does not exist or cannot be read, lacks the text column, holds no document,
     or is given an option it does not use.
     """
-    options = {"column": column, "split": split, "config": config, "data_files": data_files}
+    options = {"column": column, "split": split, "config": config, "data_files": data_files, "streaming": streaming}
     kind = source_kind(source)
     unused = [k for k, v in options.items() if v is not None and k not in _ALLOWED_OPTIONS[kind]]
     if unused:
@@ -333,6 +339,14 @@ def open_source(
         from neurospec.data.corpora import get_corpus
 
         opened = get_corpus(source).open()
+    elif kind == "hub" and streaming is not None:
+        from neurospec.data.streaming import open_streaming, parse_streaming  # (it imports this module)
+
+        if parse_streaming(streaming, repr(source)):
+            return open_streaming(source[len(HUB_PREFIX) :], column=column, split=split, config=config,
+                                  data_files=data_files)
+        opened = _open_hub(source[len(HUB_PREFIX) :], column=column, split=split, config=config,
+                           data_files=data_files)
     elif kind == "hub":
         opened = _open_hub(
             source[len(HUB_PREFIX) :], column=column, split=split, config=config, data_files=data_files

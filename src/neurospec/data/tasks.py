@@ -27,7 +27,8 @@ How ``build_task_data`` makes the blocks, for each split (``collect`` and ``eval
    evaluation split). An exact duplicate of a
    document already used (in either split) is skipped, so no text appears twice.
 2. Documents are visited in a seeded shuffle (sorting by a stable hash of ``(seed, doc_id)``); blank ones are
-   skipped. Only documents of a split that still needs tokens are read and tokenised, so a large corpus is never
+   skipped. A streamed source (``hf:...&streaming=true``) is visited in stream order instead, with the same split
+   of each document (``neurospec.data.streaming``). Only documents of a split that still needs tokens are read and tokenised, so a large corpus is never
    tokenised whole.
 3. Each document is tokenised without special tokens; documents are joined with one separator token between
    neighbours: the tokenizer's eos token, else its sep token, else nothing.
@@ -57,6 +58,7 @@ import torch
 
 from neurospec.data.corpora import resolve_corpus_name
 from neurospec.data.sources import HUB_PREFIX, OPTION_KEYS, DocumentSource, open_source, split_options
+from neurospec.data.streaming import StreamingSource
 from neurospec.errors import TaskError
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class TaskSpec:
     split: str | None = None
     config: str | None = None
     data_files: str | None = None
+    streaming: str | None = None  # "true": an hf: source read lazily (neurospec.data.streaming)
     evaluation: TaskSpec | None = None  # a separate source of the evaluation split (same name, no evaluation)
 
     def __post_init__(self) -> None:
@@ -133,6 +136,8 @@ class TaskSpec:
         """JSON-ready; ``evaluation`` appears only when set (so a plain spec's dict, and its fingerprints, are
         those of earlier versions)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "evaluation"}
+        if self.streaming is None:  # absent when unset, so earlier specs keep their dicts and fingerprints
+            del data["streaming"]
         if self.evaluation is not None:
             data["evaluation"] = self.evaluation.to_dict()
         return {"type": "task_spec", "version": SPEC_VERSION, **data}
@@ -393,18 +398,22 @@ def _fill_streams(
     Documents are read and tokenised in batches (bounded by characters) for speed; the batch is then consumed in
     order, so the result is the same as one document at a time.
     """
-    pending = iter(shuffled_ids(source.ids(), seed))
+    if isinstance(source, StreamingSource):  # stream order: no ids up front (neurospec.data.streaming)
+        pending = source.in_order()
+    else:
+        pending = ((doc_id, None) for doc_id in shuffled_ids(source.ids(), seed))
     used: set[bytes] = set()
     while not all(stream.full for stream in streams.values()):
         remaining = sum(s.wanted - s.length for s in streams.values() if not s.full)
         budget = min(max(4 * remaining, 4_000), 2_000_000)
         batch: list[tuple[str, str, str]] = []
         chars = 0
-        for doc_id in pending:
+        for doc_id, text in pending:
             split = assign_split(doc_id, eval_fraction=eval_fraction, seed=seed)
             if streams[split].full:
                 continue
-            text = source.read(doc_id)
+            if text is None:
+                text = source.read(doc_id)
             if not text.strip():
                 continue
             batch.append((doc_id, split, text))

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel, _head_of
+from neurospec.models.placement import input_device
 
 _CHUNK = 1024
 
@@ -83,10 +84,8 @@ def unwrap_model(model: Any) -> tuple[nn.Module, Any]:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
+    """Where the inputs go, also for a model spread over devices (:func:`neurospec.models.placement.input_device`)."""
+    return input_device(model)
 
 
 def has_lm_head(model: nn.Module) -> bool:

@@ -48,6 +48,7 @@ from neurospec.errors import NeurospecError
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.experts import add_expert_hook, expert_down_weight
 from neurospec.models.linear import is_linear, linear_dims, weight_out_in
+from neurospec.models.placement import execution_device, is_offloaded
 from neurospec.models.sites import Site, Sites, get_module
 
 NEEDS = (None, "offsets", "samples")
@@ -240,6 +241,8 @@ class _ConstantWriter:
         self.values = values.to(like.device, like.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.idx.device != x.device:  # an activation that arrives before accelerate moves it (device maps)
+            self.idx, self.values = self.idx.to(x.device), self.values.to(x.device)
         y = x.clone()
         y.index_copy_(-1, self.idx, self.values.to(x.dtype).expand(*x.shape[:-1], -1))
         return y
@@ -265,7 +268,9 @@ class _Resampler:
         k = self.idx.numel()
         tokens = x.numel() // x.shape[-1]
         shape = (tokens, k) if self.per_neuron else (tokens,)
-        rows = torch.randint(self.n, shape, generator=self.gen, device=x.device)
+        if self.idx.device != x.device:  # an activation that arrives before accelerate moves it (device maps)
+            self.idx, self.table = self.idx.to(x.device), self.table.to(x.device)
+        rows = torch.randint(self.n, shape, generator=self.gen, device=self.gen.device).to(x.device)
         if self.aligned:
             seq = x.shape[-2] if x.dim() >= 2 else 1
             if seq > self.ref_seq:
@@ -364,6 +369,8 @@ def ablated(
     afterwards, biases created for the fold are removed and hooks are taken off, also when the block raises.
     Memory: one copy of each changed weight (and, for resample, the ablated columns of ``samples`` on the device).
     ``seed`` seeds the resample draws; ``per_neuron`` draws a row per neuron instead of per token (resample only).
+    Models spread over devices (:mod:`neurospec.models.placement`): each site's values live on the device its module
+    runs on, and a site whose weights are offloaded (loaded afresh by every forward) is ablated by a hook.
     """
     m, plans = _plan(model, sites, neuron_set, method, offsets, samples)
     if per_neuron and not m.per_input:
@@ -373,8 +380,10 @@ def ablated(
     swapped: set[str] = set()
     try:
         for p in plans:
-            like = p.weight
+            # the weight's dtype on the device the module runs on (an offloaded weight sits on the meta device)
+            like = torch.empty(0, dtype=p.weight.dtype, device=execution_device(model, p.site.module))
             expert = p.site.expert is not None
+            offloaded = is_offloaded(model, p.site.module)
             if expert and fold and not m.per_input and p.values is None:
                 _swap_expert_param(model, p.site, undo, swapped)
                 _zero_expert_columns(model, p.site, p.idx)
@@ -387,7 +396,7 @@ def ablated(
                 )
             if m.per_input:
                 writer = _Resampler(p.idx, p.samples, like, _seed_for(seed, p.site.name), per_neuron)
-            elif not fold or expert:
+            elif not fold or expert or offloaded:  # an offloaded weight is loaded afresh by each forward: hook
                 writer = _ConstantWriter(p.idx, p.values if p.values is not None else torch.zeros(p.idx.numel()), like)
             else:
                 if _swap_folded(p, undo):
@@ -492,6 +501,13 @@ def fold_ablation(
             f"ablated(model, sites, neurons, {method!r}, samples=...) instead"
         )
     m, plans = _plan(model, sites, neuron_set, method, offsets, None)
+    away = [p.site.module for p in plans if is_offloaded(model, p.site.module)]
+    if away:
+        raise NeurospecError(
+            f"cannot fold an ablation into {away[0]}: its weights are offloaded (a device map placed them in CPU "
+            "memory or on disk, and each forward loads them afresh). Ablate temporarily with ablated(...), which "
+            "uses a hook there, or load the model without offloading"
+        )
     contribs = [_contribution(p.weight, p.idx, p.values) for p in plans]
     fused = [p.site.name for p, c in zip(plans, contribs, strict=True) if c is not None and p.site.expert is not None]
     if fused:

@@ -23,6 +23,13 @@ import torch
 from torch import nn
 
 from neurospec.errors import UnknownModelError
+from neurospec.models.placement import (
+    auto_device_map,
+    check_dtype_for_device,
+    config_model_bytes,
+    input_device,
+    offloaded_value,
+)
 from neurospec.models.sites import Sites, find_sites
 
 FINGERPRINT_VERSION = 2  # 1: a strided sample of each tensor; 2: every byte
@@ -87,7 +94,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device the input embedding runs on (models spread over devices: see
+        :mod:`neurospec.models.placement`)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,12 +128,24 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
     return hashlib.sha256(memoryview(raw.cpu().numpy())).digest()
 
 
+def _materialised(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a weight offloaded by a device map (kept on the meta device) its value from the offload."""
+    if t.device.type != "meta":
+        return t
+    value = offloaded_value(model, name)
+    if value is None:
+        raise UnknownModelError(f"the weight {name} is on the meta device and no offload holds its value: the model "
+                                "was not fully loaded")
+    return value
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A content hash of the config and of every byte of every weight.
 
     Each tensor contributes its name, shape, dtype and the sha256 of its raw bytes (viewed as bytes, not
     converted), so changing any single value (pruning one neuron, one step of fine-tuning) changes the fingerprint.
-    A tensor shared by several names (tied embeddings) is read once. Large tensors are hashed on a few threads
+    A tensor shared by several names (tied embeddings) is read once; a weight offloaded by a device map is read
+    from its offload. Large tensors are hashed on a few threads
     (hashlib releases the GIL); SmolLM2-135M takes well under a second (docs/benchmarks.md).
     """
     h = hashlib.sha256(b"neurospec-fingerprint-2\0")
@@ -134,7 +155,7 @@ def model_fingerprint(model: nn.Module) -> str:
         for k in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype"):
             d.pop(k, None)
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    items = sorted(model.state_dict(keep_vars=True).items())
+    items = [(name, _materialised(model, name, t)) for name, t in sorted(model.state_dict(keep_vars=True).items())]
     index: dict[tuple, int] = {}  # one entry per distinct tensor (tied weights appear under several names)
     unique: list[torch.Tensor] = []
     which: list[int] = []
@@ -234,7 +255,19 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_gguf(path: Path, head: str | None, dtype, device_kw: dict) -> tuple[nn.Module, Any, list[str]]:
+def _placement_kw(device: str | None, dtype: torch.dtype | None):
+    """``from_pretrained`` keywords for ``device`` given the model's class and config: for ``"auto"``, the device
+    map of :func:`neurospec.models.placement.auto_device_map` (the whole model on one GPU when it fits there)."""
+
+    def kw(cls, cfg) -> dict:
+        if device != "auto":
+            return {}
+        return {"device_map": auto_device_map(config_model_bytes(cls, cfg, dtype))}
+
+    return kw
+
+
+def _load_gguf(path: Path, head: str | None, dtype, device_kw) -> tuple[nn.Module, Any, list[str]]:
     """De-quantise a GGUF file once and cache a safetensors copy; later loads read the copy."""
     import transformers as T
 
@@ -261,7 +294,8 @@ def _load_gguf(path: Path, head: str | None, dtype, device_kw: dict) -> tuple[nn
             tmp.rename(target)
     cfg = T.AutoConfig.from_pretrained(str(target))
     cls = _auto_class(cfg, head)
-    model = cls.from_pretrained(str(target), dtype=dtype or torch.float32, use_safetensors=True, **device_kw)
+    model = cls.from_pretrained(str(target), dtype=dtype or torch.float32, use_safetensors=True,
+                                **device_kw(cls, cfg))
     tok = _load_tokenizer(str(target))
     return model, tok, steps
 
@@ -309,8 +343,11 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by bundled alias (see :data:`BUNDLED`), local directory, ``.gguf`` file or hub id.
 
-    ``device``: ``None``/``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (``device_map="auto"`` across GPUs).
+    ``device``: ``None``/``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``: accelerate's ``device_map="auto"``
+    across GPUs (then CPU memory, then disk) for a model larger than one GPU, the whole model on one GPU when it fits
+    there; needs a GPU (see :mod:`neurospec.models.placement`).
     ``dtype``: ``None`` keeps the checkpoint's float32 (GGUF: float32 after de-quantising); ``"bfloat16"`` etc.
+    ``float16`` is refused on the CPU (:func:`~neurospec.models.placement.check_dtype_for_device`).
     ``head``: force the head class (one of :data:`HEADS`); by default it follows ``config.architectures``.
     ``allow_pickle``: also load pickled PyTorch weights (``pytorch_model.bin``) when a model has no safetensors
     weights; only for files you trust (unpickling can run arbitrary code).
@@ -321,7 +358,8 @@ def load_model(
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and not isinstance(torch_dtype, torch.dtype):
         raise UnknownModelError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    device_kw: dict = {"device_map": "auto"} if device == "auto" else {}
+    check_dtype_for_device(torch_dtype, device)
+    device_kw = _placement_kw(device, torch_dtype)
     preprocessing: list[str] = []
     name = spec
     if spec in BUNDLED:
@@ -342,9 +380,10 @@ def load_model(
             )
         use_safetensors = _weights_format(path, allow_pickle)
         cfg = T.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        model = _auto_class(cfg, head).from_pretrained(
+        cls = _auto_class(cfg, head)
+        model = cls.from_pretrained(
             str(path), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code,
-            use_safetensors=use_safetensors, **device_kw
+            use_safetensors=use_safetensors, **device_kw(cls, cfg)
         )
         tok = _load_tokenizer(str(path))
     elif path.exists():
@@ -372,9 +411,10 @@ def _load_hub(spec: str, head, torch_dtype, device_kw, trust_remote_code, allow_
     for local_only in (True, False):
         try:
             cfg = T.AutoConfig.from_pretrained(spec, local_files_only=local_only, trust_remote_code=trust_remote_code)
-            model = _auto_class(cfg, head).from_pretrained(
+            cls = _auto_class(cfg, head)
+            model = cls.from_pretrained(
                 spec, dtype=torch_dtype or "auto", local_files_only=local_only,
-                trust_remote_code=trust_remote_code, **safe_kw, **device_kw,
+                trust_remote_code=trust_remote_code, **safe_kw, **device_kw(cls, cfg),
             )
             return model, _load_tokenizer(spec, local_files_only=local_only)
         except (OSError, ValueError) as e:
