@@ -275,6 +275,14 @@ def command_config(exclude=()) -> dict:
     return cfg
 
 
+def set_config(**values: Any) -> None:
+    """Record resolved option values (a default filled in, a deprecated flag mapped to its new name) in the running
+    command's configuration, so that its --out claim does not depend on how the user spelled them."""
+    params = _options.get()
+    if params is not None:
+        params.update(values)
+
+
 def claim_out(out_dir: Path, command: str, force: bool, exclude=()) -> Path:
     """Claim ``--out`` for this command and configuration (:func:`neurospec.record.layout.claim_out_dir`)."""
     from neurospec.record.layout import claim_out_dir
@@ -297,10 +305,6 @@ def pickle_kwargs(fn: Callable, allow_pickle: bool) -> dict:
     except (TypeError, ValueError):
         return {}
     return {"allow_pickle": allow_pickle} if "allow_pickle" in params else {}
-
-
-ALLOW_PICKLE_HELP = ("also load pickled PyTorch weights (.bin) when a model directory has no safetensors; unpickling "
-                     "can run code, so only for models you trust")
 
 
 class _Bar:

@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
 from neurospec.cli.common import Steps, emit, handle_errors
-from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
 
@@ -36,13 +36,13 @@ def _pairs(items: list[str]) -> dict[str, str]:
     return pairs
 
 
-@app.command("skills")
+@command("skills")
 @handle_errors
 def skills_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     task: list[str] = typer.Option(..., "--task", "-t", help="labelled task: language-id, python-vs-c, topic-ai, "
                                    "digits, or NAME=FILE(.csv/.jsonl/.parquet/dataset dir)?text=COL&label=COL"),
-    out_dir: Path = typer.Option(..., "--out", "-o"),
+    out_dir: Path = opt.out(),
     prompt: str = typer.Option("hard", help="hard (a fixed text prompt, no training) or soft (prompt tuning)"),
     template: str = typer.Option(None, help="the hard prompt's text"),
     verbaliser: list[str] = typer.Option([], help="CLASS=WORD: the one-token word read for a class (repeat)"),
@@ -55,12 +55,12 @@ def skills_cmd(
     noise_std: float = typer.Option(0.1, "--noise-std"),
     epochs: int = typer.Option(4, help="soft prompt training epochs"),
     prompt_length: int = typer.Option(16, "--prompt-length", help="soft prompt vectors"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = opt.batch_size(16),
     max_tokens: int = typer.Option(64, "--max-tokens", help="tokens kept of each text"),
-    seed: int = typer.Option(0, help="seed of the task splits"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    json_: bool = typer.Option(False, "--json"),
+    seed: int = opt.seed("seed of the task splits"),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Skill neurons: neurons whose activation at the prompt positions predicts each task's label."""
     from neurospec.experiments.skills import SkillsConfig, run_skills
