@@ -204,7 +204,7 @@ def test_out_refuses_another_commands_or_configurations_results(no_load, tmp_pat
     taskmap = ["taskmap", *M, "--task", "prose", "--task", "python", "--out", out]
     assert "model loading reached" in invoke(*taskmap).output
     claim = json.loads((out / "command.json").read_text())
-    assert claim["command"] == "taskmap" and claim["config"]["tokens"] == 20_000
+    assert claim["command"] == "taskmap" and claim["config"]["tokens"] == options.TOKENS
     # only the claim is there (the command stopped before writing anything): anything may take the directory
     assert "model loading reached" in invoke(*taskmap, "--tokens", 512).output
     (out / "taskmap.json").write_text("{}")

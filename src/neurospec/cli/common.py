@@ -183,9 +183,10 @@ def check_model_options(device: str | None, dtype: str | None) -> None:
 
 def check_scorer(name: str | None, option: str = "--score") -> None:
     """A scorer of the registry (:data:`neurospec.score.selective.SCORERS`)."""
-    from neurospec.score.selective import SCORERS
+    from neurospec.score.selective import check_score
 
-    check_choice(option, name, list(SCORERS))
+    if name is not None:
+        check_score(name, option)
 
 
 def check_ablation_methods(names, option: str, allowed=None) -> None:

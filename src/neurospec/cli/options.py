@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import typer
 
-TOKENS = 20_000
-EVAL_TOKENS = 4_096
+TOKENS = 4_096
+EVAL_TOKENS = 1_024
 SEQ_LEN = 256
 BATCH_SIZE = 8
 
@@ -154,11 +154,10 @@ def _sparsity_methods() -> str:
 
 
 def study_ablations() -> list[str]:
-    """The ablation methods the command line can run in a study: all registered but ``value`` (its constants come
-    from a caller, and the command line has none to give)."""
-    from neurospec.intervene.ablate import ablation_methods
+    """The ablation methods the command line can run in a study: those whose values come from a reference run."""
+    from neurospec.intervene.ablate import study_methods
 
-    return [m for m in ablation_methods() if m != "value"]
+    return list(study_methods())
 
 
 def fold_ablations() -> list[str]:

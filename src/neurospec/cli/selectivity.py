@@ -66,14 +66,14 @@ def prune_cmd(
     """Selective pruning: remove the neurons most specific to the forget task, step by step."""
     import json
 
+    check_scorer(score)  # before the pipeline's imports: a bad option fails fast
+    check_model_options(device, dtype)
+    check_tasks([forget, *retain], option="--forget/--retain")
+    check_save_dir(save, model=model, force=force, out_dir=out_dir)
     from neurospec.experiments.selective import PruneConfig, selective_pruning
     from neurospec.record.layout import PRUNE_RESULT, write_result_json
     from neurospec.record.recorder import RecordConfig
 
-    check_scorer(score)
-    check_model_options(device, dtype)
-    check_tasks([forget, *retain], option="--forget/--retain")
-    check_save_dir(save, model=model, force=force, out_dir=out_dir)
     pcfg = PruneConfig(score=score, frac=frac, attn_frac=attn_frac, steps=steps, mode=mode, scope=scope,
                        ablation=ablation, heads=heads, batch_size=batch_size)
     rcfg = RecordConfig(tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size, reservoir=0)

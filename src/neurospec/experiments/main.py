@@ -2,7 +2,8 @@
 
 1. Task map (records every task on the model and on a random-init copy; overlaps; selectivity matrix).
 2. Selective pruning of each task against the others (reusing the task map's recordings).
-3. The ablation-method comparison (zero, mean, peak, resample) on random attention neurons.
+3. The ablation-method comparison (every method of :func:`neurospec.intervene.ablate.study_methods`) on random
+   attention neurons.
 4. The HTML report.
 
 The default budget is sized to finish in under 10 minutes on 2 CPU cores with the bundled SmolLM2-135M; every
@@ -21,6 +22,12 @@ from neurospec.models.loading import LoadedModel
 from neurospec.record import layout
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
+
+
+def _study_methods() -> tuple[str, ...]:
+    from neurospec.intervene.ablate import study_methods
+
+    return study_methods()
 
 DEFAULT_TASKS = ("python", "c", "prose", "dialog", "dialog-spanish", "dialog-italian")
 
@@ -41,7 +48,7 @@ class RunConfig:
     ablation_kind: str = "attn"
     ablation_frac: float = 0.1
     ablation_steps: int = 3
-    ablation_methods: tuple[str, ...] = ("zero", "mean", "peak", "resample")
+    ablation_methods: tuple[str, ...] = field(default_factory=lambda: _study_methods())
     ablation_seeds: tuple[int, ...] = (0, 1)
     seed: int = 0
     extra: dict = field(default_factory=dict)

@@ -62,7 +62,9 @@ class SpecializationConfig:
 
     def __post_init__(self) -> None:
         from neurospec.experiments.site_eval import ABLATIONS
+        from neurospec.score.selective import check_score
 
+        check_score(self.score)
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))

@@ -64,6 +64,13 @@ def register_scorer(name: str, formula: str | None = None) -> Callable[[ScoreFn]
     return deco
 
 
+def check_score(name: str, what: str = "score") -> None:
+    """A :class:`~neurospec.errors.NeurospecError` naming the registered scorers unless ``name`` is one of them
+    (the configs check their score with it before any work starts)."""
+    if name not in SCORERS:
+        raise NeurospecError(f"unknown {what} {name!r}; choose one of {', '.join(SCORERS)}")
+
+
 def _ratio(key: str) -> ScoreFn:
     def fn(f: Stats, r: Stats, eps: float, _g: torch.Generator) -> torch.Tensor:
         return f[key].double() / (r[key].double() + eps)
@@ -144,8 +151,7 @@ def score_neurons(
     model fingerprint) and ``task`` (the forget task's name) seed the ``rand`` control (see :func:`derive_seed`):
     pass the task's name whenever several tasks are scored, or the control picks the same neurons for each.
     """
-    if method not in SCORERS:
-        raise NeurospecError(f"unknown score {method!r}; choose one of {', '.join(SCORERS)}")
+    check_score(method)
     eps_by_kind = {**DEFAULT_EPS, **(eps or {})}
     missing = sorted(set(forget) ^ set(retain))
     if missing:
