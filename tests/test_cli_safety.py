@@ -209,7 +209,7 @@ def test_out_refuses_another_commands_or_configurations_results(no_load, tmp_pat
     assert "model loading reached" in invoke(*taskmap, "--tokens", 512).output
     (out / "taskmap.json").write_text("{}")
     one_line_error(invoke(*taskmap), "holds results of `neurospec taskmap` with another configuration (tokens 512 "
-                                     "there, 20000 now); use --force")
+                                     f"there, {options.TOKENS} now); use --force")
     one_line_error(invoke("prune", *M, "--forget", "prose", "--retain", "python", "--out", out),
                    "holds results of `neurospec taskmap`")
     one_line_error(invoke("run", *M, "--out", out), "holds results of `neurospec taskmap`")
