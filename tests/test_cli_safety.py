@@ -222,7 +222,7 @@ def test_out_refuses_another_commands_or_configurations_results(no_load, tmp_pat
     assert (out / "taskmap.json").exists()
     assert "model loading reached" in invoke(*taskmap, "--force").output
     assert not (out / "taskmap.json").exists()
-    assert json.loads((out / "command.json").read_text())["config"]["tokens"] == 20_000
+    assert json.loads((out / "command.json").read_text())["config"]["tokens"] == options.TOKENS
 
 
 def test_out_refuses_unclaimed_files_but_takes_a_recorder_run(no_load, tmp_path):
