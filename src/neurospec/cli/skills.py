@@ -65,6 +65,7 @@ def skills_cmd(
     """Skill neurons: neurons whose activation at the prompt positions predicts each task's label."""
     from neurospec.experiments.skills import SkillsConfig, run_skills
     from neurospec.models.loading import load_model
+    from neurospec.record.layout import SKILLS_RESULT
     from neurospec.skills.soft import SoftPromptConfig
 
     cfg = SkillsConfig(prompt=prompt, template=template, verbaliser=_pairs(list(verbaliser)), seeds=seeds,
@@ -98,6 +99,6 @@ def skills_cmd(
         for name, row in zip(sim["tasks"], sim["overlap"], strict=True):
             s.add_row(name, *(f"{v:.3f}" for v in row))
         out.print(s)
-        out.print(f"written to {out_dir / 'result.json'}")
+        out.print(f"written to {out_dir / SKILLS_RESULT}")
 
     emit(payload, json_, human)

@@ -42,6 +42,7 @@ from neurospec.cluster import METHODS, Clusterer, get_clusterer, register_cluste
 from neurospec.cluster.result import Clustering, load_clustering
 from neurospec.errors import NeurospecError, RunStoreError
 from neurospec.experiments.targets import Target
+from neurospec.record import layout
 
 StepFn = Callable[[str, int, int], None]
 CONFIG_VERSION = 1
@@ -423,7 +424,7 @@ def _spectral_correlation(target: Target, sites, cfg: ClusterConfig):
 # ------------------------------------------------------------------------------------------------- alignment
 
 
-ALIGNMENT_FILE = "alignment.json"
+ALIGNMENT_FILE = layout.ALIGNMENT
 
 
 def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 1000, frac: float | None = None,
@@ -495,7 +496,7 @@ def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 100
 # --------------------------------------------------------------------------------------------------- routing
 
 
-ROUTING_FILE = "routing.json"
+ROUTING_FILE = layout.ROUTING
 
 
 def routing(cluster_dir: str | Path, tasks: Sequence[str], ks: Sequence[int], *, target: Target | None = None,

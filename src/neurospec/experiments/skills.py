@@ -25,6 +25,7 @@ from neurospec.data.labelled import LabelledTask, load_labelled
 from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import NeuronId
+from neurospec.record import layout
 from neurospec.record.store import atomic_write_json, save_tensors
 from neurospec.skills.collect import prompt_statistics
 from neurospec.skills.perturb import METHODS, MIN_RANDOM, perturbation_study, similarity
@@ -185,5 +186,5 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
     if progress is not None:
         progress("skills", len(built), len(built))
     result["similarity"] = similarity(skill_sets, widths) | {"p": cfg.p}
-    atomic_write_json(out / "result.json", result)
+    atomic_write_json(out / layout.SKILLS_RESULT, result)
     return result

@@ -33,8 +33,9 @@ from neurospec.cluster.result import Clustering, load_clustering
 from neurospec.errors import NeurospecError, RunStoreError
 from neurospec.experiments.common import merge_moments
 from neurospec.experiments.targets import Target
+from neurospec.record import layout
 
-SPECIALIZATION_FILE = "specialization.json"
+SPECIALIZATION_FILE = layout.SPECIALIZATION
 CONFIG_VERSION = 1
 
 
