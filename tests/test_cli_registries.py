@@ -33,6 +33,7 @@ def listed(text: str) -> list[str]:
 def registries():
     from neurospec.cluster import METHODS
     from neurospec.intervene.ablate import ablation_methods, get_ablation, study_methods
+    from neurospec.models.architectures import families
     from neurospec.score.selective import SCORERS
     from neurospec.sparsity import methods
 
@@ -43,6 +44,7 @@ def registries():
         "fold": [m for m in study_methods() if not get_ablation(m).per_input],
         "clusterers": list(METHODS),
         "sparsity": list(methods()),
+        "families": list(families()),
     }
 
 
@@ -87,7 +89,8 @@ def test_readme_tables_are_the_registries():
     lambda: __import__("neurospec.experiments.selective", fromlist=["x"]).PruneConfig(score="nope"),
     lambda: __import__("neurospec.experiments.taskmap", fromlist=["x"]).TaskMapConfig(score="nope"),
     lambda: __import__("neurospec.experiments.specialization", fromlist=["x"]).SpecializationConfig(score="nope"),
-], ids=["PruneConfig", "TaskMapConfig", "SpecializationConfig"])
+    lambda: __import__("neurospec.experiments.main", fromlist=["x"]).RunConfig(score="nope"),
+], ids=["PruneConfig", "TaskMapConfig", "SpecializationConfig", "RunConfig"])
 def test_configs_refuse_an_unknown_score(build):
     from neurospec.score.selective import SCORERS
 
@@ -122,3 +125,17 @@ def test_every_method_and_graph_has_a_clusterer_and_dispatch_goes_through_it(mon
     assert calls == [("spectral", "correlation", ["layers.0.mlp"])] and res.method == "spectral"
     with pytest.raises(ValueError, match="not a registered method and graph"):
         cl.register_clusterer(cl.Clusterer("spectral", "params", fake))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"ablation_methods": ("zero", "nope")}, "unknown ablation method 'nope'"),
+    ({"ablation_methods": ("value",)}, "takes constants from the caller"),
+    ({"ablation_kind": "heads"}, "ablation_kind must be one of"),
+    ({"eval_tokens": 0}, "eval_tokens must be a positive integer"),
+    ({"prune_frac": 0}, "prune_frac must be in"),
+])
+def test_run_config_checks_its_options_before_any_work(kwargs, match):
+    from neurospec.experiments.main import RunConfig
+
+    with pytest.raises(NeurospecError, match=match):
+        RunConfig(**kwargs)

@@ -1,5 +1,5 @@
 """The README's method tables, rendered from the registries (scorers, ablation methods, clusterers, sparsity
-methods). ``python -m neurospec.cli.docs README.md`` rewrites the tables between their ``<!-- registry:NAME -->``
+methods, architecture families). ``python -m neurospec.cli.docs README.md`` rewrites the tables between their ``<!-- registry:NAME -->``
 markers; a test checks that the README holds exactly what this renders."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def tables() -> dict[str, str]:
     """``{registry name: markdown table}``."""
     from neurospec.cluster import METHODS
     from neurospec.intervene.ablate import ablation_methods
+    from neurospec.models.architectures import families
     from neurospec.score.selective import SCORERS
     from neurospec.sparsity import methods
 
@@ -35,6 +36,8 @@ def tables() -> dict[str, str]:
                              for m in METHODS.values())),
         "sparsity": _rows(("sparsity method", "what it does"),
                           ((m.name, m.description) for m in methods().values())),
+        "families": _rows(("architecture family", "Hugging Face model types"),
+                          ((f.name, ", ".join(f.model_types)) for f in families().values())),
     }
 
 

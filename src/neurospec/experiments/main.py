@@ -53,6 +53,30 @@ class RunConfig:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Every option is checked here, before a model is loaded or a token recorded."""
+        from neurospec.experiments.ablation import KINDS
+        from neurospec.intervene.ablate import get_ablation
+        from neurospec.score.selective import check_score
+
+        for name in ("tokens", "eval_tokens", "seq_len", "batch_size", "prune_steps", "ablation_steps"):
+            if int(getattr(self, name)) < 1:
+                raise NeurospecError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        check_score(self.score)
+        for name in ("select_frac", "prune_frac", "ablation_frac"):
+            if not 0 < getattr(self, name) <= 1:
+                raise NeurospecError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.ablation_kind not in KINDS:
+            raise NeurospecError(f"ablation_kind must be one of {', '.join(KINDS)}, got {self.ablation_kind!r}")
+        if not self.ablation_methods:
+            raise NeurospecError("ablation_methods is empty; give at least one ablation method")
+        for m in self.ablation_methods:
+            if not get_ablation(m).from_reference:
+                raise NeurospecError(f"ablation method {m!r} takes constants from the caller; the main job has none "
+                                     "to give")
+        if not self.ablation_seeds:
+            raise NeurospecError("ablation_seeds is empty; give at least one seed")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")
