@@ -146,6 +146,13 @@ def _clusterers() -> str:
     return "; ".join(f"{m.name} (graphs: {', '.join(m.graphs)}; default {m.default_graph})" for m in METHODS.values())
 
 
+@help_text("zoo_kinds")
+def _zoo_kinds() -> str:
+    from neurospec.experiments.zoo import KINDS
+
+    return ", ".join(KINDS)
+
+
 @help_text("sparsity_methods")
 def _sparsity_methods() -> str:
     from neurospec.sparsity import methods

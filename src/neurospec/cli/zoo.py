@@ -18,7 +18,7 @@ out = Console()
 @command("train", on=zoo_app)
 @handle_errors
 def zoo_train_cmd(
-    kind: str = typer.Argument(..., help="digits-mlp or digits-vit"),
+    kind: str = typer.Argument(..., help="model to train: {registry:zoo_kinds}"),
     out_dir: Path = opt.out(),
     seed: int = opt.seed(),
     epochs: int = typer.Option(None, help="training epochs (default: the model's, 30 for the MLP, 40 for the ViT)"),
