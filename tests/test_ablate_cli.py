@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from neurospec.cli import _register, app
+from neurospec.intervene.ablate import study_methods
 
 from tiny import save_tiny_lm
 
@@ -43,12 +44,12 @@ def test_evaluate_json_contract(setup):
 def test_ablation_study_json_contract(setup):
     d, tmp = setup
     r = invoke("ablate", "--model", d, "--reference", tmp / "ref", "--task", "prose", "--task", "dialog",
-               "--kind", "attn", "--random-frac", 0.25, "--steps", 2, "--methods", "zero,mean,peak,resample",
+               "--kind", "attn", "--random-frac", 0.25, "--steps", 2, "--methods", ",".join(study_methods()),
                "--seeds", "0,1", "--tokens", 128, "--seq-len", 32, "--out", tmp / "abl", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     steps = res["steps"]
-    assert {s["method"] for s in steps} == {"zero", "mean", "peak", "resample"}
+    assert {s["method"] for s in steps} == set(study_methods())
     assert {s["task"] for s in steps} == {"prose", "dialog"}
     assert sorted({s["fraction"] for s in steps}) == [0.0, 0.25, 0.5]
     for s in steps:

@@ -9,7 +9,7 @@ import torch
 from neurospec.errors import NeurospecError
 from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
 from neurospec.experiments.references import peak_offsets
-from neurospec.intervene.ablate import fold_ablation
+from neurospec.intervene.ablate import fold_ablation, study_methods
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.sites import find_sites
 from neurospec.record.accumulators import NeuronStats
@@ -76,7 +76,7 @@ def study():
     tasks = {"a": task_blocks(1), "b": task_blocks(2)}
     kw = dict(kind="mlp", frac_per_step=0.25, steps=4, seeds=(0, 1), batch_size=3)
     rows = ablation_study(
-        model, sites, tasks, methods=("zero", "mean", "peak", "resample"), offsets_by_method=offsets,
+        model, sites, tasks, methods=study_methods(), offsets_by_method=offsets,
         samples=samples, **kw,
     )
     return model, sites, tasks, rows, kw, offsets

@@ -8,7 +8,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from neurospec.cli import _register, app
+from neurospec.cli import _register, app, options
 from neurospec.cli.common import INTERNAL_ERROR
 from neurospec.errors import NeurospecError
 
@@ -48,6 +48,7 @@ def one_line_error(r, match: str) -> None:
 
 
 M = ["--model", "tiny-model-that-is-never-loaded"]
+study_ablations = options.study_ablations
 BAD_OPTIONS = [
     (["record", *M, "--task", "prose", "--out", "{tmp}/r", "--seed", -1], "--seed must be a non-negative integer"),
     (["ablate", *M, "--reference", "{tmp}", "--task", "prose", "--seeds", "a"], "--seeds must be comma-separated"),
@@ -58,7 +59,7 @@ BAD_OPTIONS = [
     (["taskmap", *M, "--task", "prose", "--task", "python", "--out", "{tmp}/r", "--score", "nope"],
      "unknown --score 'nope'; choose one of abs, sqrt"),
     (["ablate", *M, "--reference", "{tmp}", "--task", "prose", "--methods", "zero,nope"],
-     "unknown --methods 'nope'; choose one of zero, mean, peak, resample"),
+     "unknown --methods 'nope'; choose one of " + ", ".join(study_ablations())),
     (["ablate", *M, "--reference", "{tmp}", "--neurons", "{tmp}/ids.txt", "--save", "{tmp}/s", "--method", "nope"],
      "unknown --method 'nope'"),
     (["ablate", *M, "--reference", "{tmp}", "--neurons", "{tmp}/ids.txt", "--save", "{tmp}/s", "--method",
@@ -67,7 +68,7 @@ BAD_OPTIONS = [
      "ablation must be one of"),
     (["ablate", *M, "--reference", "{tmp}", "--task", "prose", "--kind", "heads"], "unknown --kind 'heads'"),
     (["ablate", *M, "--reference", "{tmp}", "--task", "prose", "--random-frac", 0], "--random-frac must be in"),
-    (["evaluate", *M, "--task", "prose", "--tokens", 0], "--tokens must be a positive integer"),
+    (["evaluate", *M, "--task", "prose", "--eval-tokens", 0], "--eval-tokens must be a positive integer"),
     (["cluster", *M, "--out", "{tmp}/c", "--seed", -3], "--seed must be a non-negative integer"),
     (["specialization", "{tmp}", "--score", "nope"], "unknown --score 'nope'"),
     (["align", "{tmp}", "{tmp}", "--seed", -1], "--seed must be"),
@@ -92,6 +93,37 @@ def test_unknown_scorer_lists_the_registry_and_fails_fast(no_load, tmp_path, mon
     assert time.perf_counter() - t0 < 5
     one_line_error(r, f"choose one of {', '.join(SCORERS)}")
     assert "mine" in r.output and not (tmp_path / "p").exists()
+
+
+def test_unknown_scorer_fails_fast_in_a_fresh_process(tmp_path):
+    """`neurospec prune --score nope` in a new process: the list of scorers, exit code 2, within 5 s, no model
+    loaded (the model named does not exist, so loading it would fail with another message)."""
+    import os
+    import subprocess
+    import sys
+
+    from neurospec.score.selective import SCORERS
+
+    env = {**os.environ, "NEUROSPEC_NO_PROGRESS": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "neurospec", "prune", *M, "--forget", "prose", "--retain", "python",
+                        "--out", str(tmp_path / "p"), "--score", "nope"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert time.perf_counter() - t0 < 5, p.stderr
+    assert p.returncode == 2 and f"choose one of {', '.join(SCORERS)}" in p.stderr, p.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_old_tokens_flag_of_evaluate_and_ablate_still_works(no_load, tmp_path):
+    """--tokens of evaluate/ablate is the deprecated name of --eval-tokens: the value is checked and used as the
+    evaluation budget, with a note on stderr; both flags at once is an error."""
+    r = invoke("evaluate", *M, "--task", "prose", "--tokens", 0)
+    assert r.exit_code == 2 and "deprecated" in r.output and "--eval-tokens must be a positive integer" in r.output
+    r = invoke("ablate", *M, "--reference", tmp_path, "--task", "prose", "--tokens", 512)
+    assert "deprecated: --tokens" in r.output and "use --eval-tokens 512" in r.output
+    assert "model loading reached" in r.output
+    r = invoke("evaluate", *M, "--task", "prose", "--tokens", 512, "--eval-tokens", 100)
+    one_line_error(r, "give --eval-tokens only")
 
 
 def test_good_options_reach_the_model(no_load, tmp_path):
@@ -172,12 +204,12 @@ def test_out_refuses_another_commands_or_configurations_results(no_load, tmp_pat
     taskmap = ["taskmap", *M, "--task", "prose", "--task", "python", "--out", out]
     assert "model loading reached" in invoke(*taskmap).output
     claim = json.loads((out / "command.json").read_text())
-    assert claim["command"] == "taskmap" and claim["config"]["tokens"] == 20_000
+    assert claim["command"] == "taskmap" and claim["config"]["tokens"] == options.TOKENS
     # only the claim is there (the command stopped before writing anything): anything may take the directory
     assert "model loading reached" in invoke(*taskmap, "--tokens", 512).output
     (out / "taskmap.json").write_text("{}")
     one_line_error(invoke(*taskmap), "holds results of `neurospec taskmap` with another configuration (tokens 512 "
-                                     "there, 20000 now); use --force")
+                                     f"there, {options.TOKENS} now); use --force")
     one_line_error(invoke("prune", *M, "--forget", "prose", "--retain", "python", "--out", out),
                    "holds results of `neurospec taskmap`")
     one_line_error(invoke("run", *M, "--out", out), "holds results of `neurospec taskmap`")
@@ -190,7 +222,7 @@ def test_out_refuses_another_commands_or_configurations_results(no_load, tmp_pat
     assert (out / "taskmap.json").exists()
     assert "model loading reached" in invoke(*taskmap, "--force").output
     assert not (out / "taskmap.json").exists()
-    assert json.loads((out / "command.json").read_text())["config"]["tokens"] == 20_000
+    assert json.loads((out / "command.json").read_text())["config"]["tokens"] == options.TOKENS
 
 
 def test_out_refuses_unclaimed_files_but_takes_a_recorder_run(no_load, tmp_path):

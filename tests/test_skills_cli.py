@@ -36,7 +36,7 @@ def test_skills_json_contract_and_soft_prompt_reuse(model_dir, tmp_path):
     row = res["perturbation"]["space"][0]
     assert {"p", "method", "skill_acc", "random_acc_mean", "pvalue"} <= set(row) and row["method"] == "zero"
     assert res["similarity"]["tasks"] == ["fruit", "space"] and len(res["similarity"]["overlap"]) == 2
-    assert (tmp_path / "hard" / "result.json").is_file() and (tmp_path / "hard" / "scores" / "fruit.safetensors").is_file()
+    assert (tmp_path / "hard" / "skills.json").is_file() and (tmp_path / "hard" / "scores" / "fruit.safetensors").is_file()
 
     soft = ["--model", model_dir, "--task", f"fruit={one}", "--prompt", "soft", "--seeds", 2, "--epochs", 1,
             "--prompt-length", 4, "--ps", "0.1", "--methods", "noise", "--batch-size", 12, "--json",

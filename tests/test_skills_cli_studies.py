@@ -33,7 +33,7 @@ def test_skills_studies_json_contract_and_saved_pruned_model(model_dir, tmp_path
     assert abs(a["chance"] - 10 / 96) < 1e-12  # sum_l k_l^2 / W_l / sum_l k_l with k_l = 10 of 96
     row = res["beyond"]["fruit"][0]
     assert {"p", "method", "skill_acc", "random_acc_mean", "pvalue"} <= set(row) and row["tuning"] == "lora"
-    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    saved = json.loads((tmp_path / "run" / "skills.json").read_text())
     assert saved["pruning"] == res["pruning"] and saved["beyond"] == res["beyond"]
     # the saved pruned model is a plain model directory that load_model reads
     back = load_model(str(tmp_path / "pruned"), device="cpu")

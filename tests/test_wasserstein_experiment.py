@@ -106,7 +106,7 @@ def test_cli_json_contract_and_figures(model_dir, tmp_path):
     assert 0 < res["experiment"]["wasserstein"]["pvalue"] <= 1
     assert {"magnitude", "wanda", "sparsegpt"} == set(res["methods"]["patterns"]["2:4"])
     assert (tmp_path / "w" / "w1_distribution.png").exists() and (tmp_path / "w" / "error_vs_w1.png").exists()
-    assert json.loads((tmp_path / "w" / "results.json").read_text())["scores"] == res["scores"]
+    assert json.loads((tmp_path / "w" / "wasserstein.json").read_text())["scores"] == res["scores"]
 
 
 @pytest.mark.parametrize("args, message", [

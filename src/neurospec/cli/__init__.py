@@ -1,28 +1,26 @@
-"""The ``neurospec`` command: a thin typer + rich layer over the Python API."""
+"""The ``neurospec`` command: a thin typer + rich layer over the Python API.
+
+Modules, named after what the user does: :mod:`.inspect` (models, tasks, sites), :mod:`.record`,
+:mod:`.selectivity` (prune, taskmap), :mod:`.ablation` (evaluate, ablate), :mod:`.clusters` (cluster,
+specialization, align, route), :mod:`.zoo`, :mod:`.run` (the main job, report), :mod:`.skills`, :mod:`.sparsity`, :mod:`.wasserstein`.
+They register their commands on :data:`neurospec.cli.app.app`; the options they share are in :mod:`.options`.
+"""
 
 from __future__ import annotations
 
-import typer
+from neurospec.cli.app import app
 
-app = typer.Typer(
-    name="neurospec",
-    help="Find which neurons of a transformer specialise in which task, and what ablating them does.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+COMMAND_MODULES = ("inspect", "record", "selectivity", "ablation", "clusters", "zoo", "run", "skills", "sparsity", "wasserstein")
+
+__all__ = ["COMMAND_MODULES", "app", "main"]
 
 
 def _register() -> None:
-    from neurospec.cli import (  # noqa: F401  (commands register themselves on `app`)
-        ablation_cmds,
-        cluster_cmds,
-        foundation,
-        skills_cmds,
-        sparsity_cmds,
-        tasks_cmds,
-        wasserstein_cmds,
-    )
+    """Import the command modules (each registers its commands on ``app``); importing them is cheap (no torch)."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"neurospec.cli.{name}")
 
 
 def main() -> None:

@@ -193,9 +193,10 @@ def check_model_options(device: str | None, dtype: str | None) -> None:
 
 def check_scorer(name: str | None, option: str = "--score") -> None:
     """A scorer of the registry (:data:`neurospec.score.selective.SCORERS`)."""
-    from neurospec.score.selective import SCORERS
+    from neurospec.score.selective import check_score
 
-    check_choice(option, name, list(SCORERS))
+    if name is not None:
+        check_score(name, option)
 
 
 def check_ablation_methods(names, option: str, allowed=None) -> None:
@@ -285,6 +286,14 @@ def command_config(exclude=()) -> dict:
     return cfg
 
 
+def set_config(**values: Any) -> None:
+    """Record resolved option values (a default filled in, a deprecated flag mapped to its new name) in the running
+    command's configuration, so that its --out claim does not depend on how the user spelled them."""
+    params = _options.get()
+    if params is not None:
+        params.update(values)
+
+
 def claim_out(out_dir: Path, command: str, force: bool, exclude=()) -> Path:
     """Claim ``--out`` for this command and configuration (:func:`neurospec.record.layout.claim_out_dir`)."""
     from neurospec.record.layout import claim_out_dir
@@ -309,31 +318,75 @@ def pickle_kwargs(fn: Callable, allow_pickle: bool) -> dict:
     return {"allow_pickle": allow_pickle} if "allow_pickle" in params else {}
 
 
-ALLOW_PICKLE_HELP = ("also load pickled PyTorch weights (.bin) when a model directory has no safetensors; unpickling "
-                     "can run code, so only for models you trust")
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class LogLines:
+    """Progress as plain lines on stderr, for when stderr is not a terminal (batch jobs write logs): one line when a
+    label starts, when it finishes, and at most every ``every`` seconds in between (``NEUROSPEC_PROGRESS_EVERY``,
+    default 60), each with done/total, the elapsed time and an estimate of the time left."""
+
+    def __init__(self, unit: str = "", every: float | None = None):
+        self.unit = unit
+        self.every = float(os.environ.get("NEUROSPEC_PROGRESS_EVERY", 60)) if every is None else every
+        self._start: dict[str, tuple[float, int]] = {}
+        self._last: dict[str, float] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if label not in self._start:
+            self._start[label] = (now, done)
+        elif done < total and now - self._last.get(label, 0.0) < self.every:
+            return
+        self._last[label] = now
+        t0, d0 = self._start[label]
+        elapsed = now - t0
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        line = f"{label}: {done:,}/{total:,}{' ' + self.unit if self.unit else ''}{pct}, {_duration(elapsed)} elapsed"
+        if done >= total:
+            line += ", done"
+        elif done > d0 and elapsed > 0:
+            line += f", about {_duration((total - done) * elapsed / (done - d0))} left"
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 class _Bar:
-    """A rich progress display on stderr, off when ``NEUROSPEC_NO_PROGRESS`` is set; subclasses draw it."""
+    """Progress on stderr, off when ``NEUROSPEC_NO_PROGRESS`` is set: a rich display (subclasses draw it) when stderr
+    is a terminal, otherwise :class:`LogLines`."""
+
+    unit = ""
 
     def __init__(self, enabled: bool, *columns):
         from rich.progress import Progress as RichProgress
 
         self.enabled = enabled and not os.environ.get("NEUROSPEC_NO_PROGRESS")
+        self.log = None if err.is_terminal else LogLines(self.unit)
         self._bar = RichProgress(*columns, console=err, transient=False)
 
+    @property
+    def live(self) -> bool:
+        return self.enabled and self.log is None
+
     def __enter__(self):
-        if self.enabled:
+        if self.live:
             self._bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.live:
             self._bar.__exit__(*exc)
 
 
 class Progress(_Bar):
     """One bar per label with tokens/s, driven by ``(label, done, total)`` callbacks (recording, evaluation)."""
+
+    unit = "tokens"
 
     def __init__(self, enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -348,6 +401,8 @@ class Progress(_Bar):
 
         if not self.enabled:
             return
+        if self.log is not None:
+            return self.log(label, done, total)
         now = time.perf_counter()
         if label not in self._tasks:
             self._tasks[label] = self._bar.add_task(label, total=total, completed=done, rate="")
@@ -371,6 +426,8 @@ class Steps(_Bar):
     def __call__(self, label: str, done: int, total: int) -> None:
         if not self.enabled:
             return
+        if self.log is not None:
+            return self.log(label, done, total)
         if self._task is None:
             self._task = self._bar.add_task(label, total=total, completed=done)
         else:

@@ -5,12 +5,15 @@ routing), :mod:`~neurospec.cluster.spectral` (graphs, spectral clustering, n-cut
 (clusterability against shuffled weights) and :mod:`~neurospec.cluster.result` (a clustering on disk).
 
 :data:`METHODS` is the registry of clustering methods and the graphs each can read; the command line, the pipelines
-(:mod:`neurospec.experiments.clusters`) and the tests read their choices from it.
+(:mod:`neurospec.experiments.clusters`) and the tests read their choices from it. Each (method, graph) pair is a
+*clusterer* (:data:`CLUSTERERS`): its implementation ``run(target, sites, cfg, step) -> (labels, ncut, scope,
+extra)`` and the fields of the clustering config it reads; the pipeline dispatches through it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,43 @@ register_method(ClusterMethod(
     "normalised spectral clustering of the weight graph through the residual stream (weights, all chosen layers at "
     "once) or of rho^2 activation correlations (correlation)",
 ))
+
+
+@dataclass(frozen=True)
+class Clusterer:
+    """One way to cluster: ``method`` by ``graph``, the config fields it reads (``options``; the others must stay
+    unset) and its implementation ``run(target, sites, cfg, step) -> (labels, ncut, scope, extra)``."""
+
+    method: str
+    graph: str
+    run: Callable = field(repr=False)
+    options: tuple[str, ...] = ()
+
+
+CLUSTERERS: dict[tuple[str, str], Clusterer] = {}
+
+
+def register_clusterer(clusterer: Clusterer, *, replace: bool = False) -> Clusterer:
+    """Add the implementation of a (method, graph) pair of :data:`METHODS`; a taken pair is an error unless
+    ``replace``."""
+    key = (clusterer.method, clusterer.graph)
+    if clusterer.method not in METHODS or clusterer.graph not in METHODS[clusterer.method].graphs:
+        raise ValueError(f"{clusterer.method} by {clusterer.graph} is not a registered method and graph")
+    if key in CLUSTERERS and not replace:
+        raise ValueError(f"clusterer {clusterer.method} by {clusterer.graph} is already registered")
+    CLUSTERERS[key] = clusterer
+    return clusterer
+
+
+def get_clusterer(method: str, graph: str) -> Clusterer:
+    """The clusterer of ``method`` by ``graph`` (the implementations register when the clustering pipeline
+    :mod:`neurospec.experiments.clusters` is imported)."""
+    from neurospec.errors import NeurospecError
+
+    if (method, graph) not in CLUSTERERS:
+        import neurospec.experiments.clusters  # noqa: F401  (registers the implementations)
+    try:
+        return CLUSTERERS[(method, graph)]
+    except KeyError:
+        known = ", ".join(f"{m} by {g}" for m, g in CLUSTERERS)
+        raise NeurospecError(f"no clusterer {method} by {graph}; known: {known}") from None

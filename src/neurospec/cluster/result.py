@@ -25,9 +25,10 @@ import torch
 
 from neurospec.errors import RunStoreError
 from neurospec.models.sites import parse_site_name
+from neurospec.record import layout
 
-LABELS_FILE = "labels.safetensors"
-MANIFEST_FILE = "clusters.json"
+LABELS_FILE = layout.CLUSTER_LABELS
+MANIFEST_FILE = layout.CLUSTERS
 FORMAT = "neurospec-clusters"
 SCHEMA_VERSION = 1
 SCOPES = ("per_layer", "global")

@@ -29,7 +29,7 @@ from neurospec.evaluate.metrics import (
     reference_states,
     unwrap_model,
 )
-from neurospec.intervene.ablate import ablated, get_ablation
+from neurospec.intervene.ablate import ablated, get_ablation, study_methods
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import _head_of
 from neurospec.models.sites import Sites
@@ -53,7 +53,7 @@ def ablation_study(
     kind: str = "attn",
     frac_per_step: float = 0.05,
     steps: int = 10,
-    methods: Sequence[str] = ("zero", "mean", "peak", "resample"),
+    methods: Sequence[str] | None = None,
     offsets_by_method: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     samples: Mapping[str, torch.Tensor] | None = None,
     seeds: Sequence[int] = (0, 1, 2),
@@ -72,6 +72,8 @@ def ablation_study(
     ``offsets_by_method``: per-neuron constants for each method that needs them (``mean``, ``peak``, ``value``).
     ``samples``: reference activations for ``resample``: ``{site: Tensor[n, width]}`` token rows, or
     ``{site: Tensor[n_seq, seq, width]}`` for position-aligned draws (see :func:`~neurospec.intervene.ablate.ablated`).
+    ``methods``: default: every method whose values come from a reference run
+    (:func:`~neurospec.intervene.ablate.study_methods`).
     ``per_neuron``: resample draws a row per ablated neuron instead of one per token.
     ``metric``: ``"lm"``, ``"representation"`` or ``"auto"`` (LM metrics when the model has an LM head).
     Cost: ``1 + len(seeds) * steps * len(methods)`` evaluations of every task.
@@ -88,6 +90,7 @@ def ablation_study(
         raise NeurospecError("no tasks given: pass {task name: evaluation blocks}")
     if not seeds:
         raise NeurospecError("no seeds given")
+    methods = study_methods() if methods is None else tuple(methods)
     offsets_by_method = dict(offsets_by_method or {})
     for m in methods:
         needs = get_ablation(m).needs

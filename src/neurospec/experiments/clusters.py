@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from neurospec.cluster import METHODS
+from neurospec.cluster import METHODS, Clusterer, get_clusterer, register_clusterer
 from neurospec.cluster.result import Clustering, load_clustering
 from neurospec.errors import NeurospecError, RunStoreError
 from neurospec.experiments.targets import Target
+from neurospec.record import layout
 
 StepFn = Callable[[str, int, int], None]
 CONFIG_VERSION = 1
@@ -221,15 +222,7 @@ def cluster(target: Target, cfg: ClusterConfig, *, step: StepFn | None = None, t
 def _cluster(target: Target, cfg: ClusterConfig, step: StepFn | None) -> Clustering:
     t0 = time.perf_counter()
     sites = target.mlp_sites(cfg.layers)
-    key = (cfg.method, cfg.graph)
-    if key == ("moefication", "params"):
-        labels, ncut_value, scope, extra = _moe_params(target, sites, cfg)
-    elif key == ("moefication", "coactivation"):
-        labels, ncut_value, scope, extra = _moe_coactivation(target, sites, cfg)
-    elif key == ("spectral", "weights"):
-        labels, ncut_value, scope, extra = _spectral_weights(target, sites, cfg, step)
-    else:
-        labels, ncut_value, scope, extra = _spectral_correlation(target, sites, cfg)
+    labels, ncut_value, scope, extra = get_clusterer(cfg.method, str(cfg.graph)).run(target, sites, cfg, step)
     extra["seconds"] = round(time.perf_counter() - t0, 3)
     return Clustering(labels, cfg.method, str(cfg.graph), scope, target.describe(), target.spec, cfg.to_dict(),
                       ncut_value, extra)
@@ -431,7 +424,7 @@ def _spectral_correlation(target: Target, sites, cfg: ClusterConfig):
 # ------------------------------------------------------------------------------------------------- alignment
 
 
-ALIGNMENT_FILE = "alignment.json"
+ALIGNMENT_FILE = layout.ALIGNMENT
 
 
 def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 1000, frac: float | None = None,
@@ -503,7 +496,7 @@ def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 100
 # --------------------------------------------------------------------------------------------------- routing
 
 
-ROUTING_FILE = "routing.json"
+ROUTING_FILE = layout.ROUTING
 
 
 def routing(cluster_dir: str | Path, tasks: Sequence[str], ks: Sequence[int], *, target: Target | None = None,
@@ -569,3 +562,14 @@ def _routing(cluster_dir: Path, tasks: list[str], ks: list[int], target: Target 
               "baseline": ev.baseline, "rows": rows}
     atomic_write_json(cluster_dir / ROUTING_FILE, result)
     return result
+
+
+# the implementations of the clusterers of neurospec.cluster.METHODS (every one also reads layers and seed)
+register_clusterer(Clusterer("moefication", "params", lambda t, s, c, step: _moe_params(t, s, c),
+                             ("experts", "projection")))
+register_clusterer(Clusterer("moefication", "coactivation", lambda t, s, c, step: _moe_coactivation(t, s, c),
+                             ("experts", "coactivation", "threshold", "reference", "tasks")))
+register_clusterer(Clusterer("spectral", "weights", _spectral_weights,
+                             ("k", "projection", "top_k", "shuffles", "n_init", "reference", "tasks")))
+register_clusterer(Clusterer("spectral", "correlation", lambda t, s, c, step: _spectral_correlation(t, s, c),
+                             ("k", "n_init", "reference", "tasks")))

@@ -2,7 +2,8 @@
 
 1. Task map (records every task on the model and on a random-init copy; overlaps; selectivity matrix).
 2. Selective pruning of each task against the others (reusing the task map's recordings).
-3. The ablation-method comparison (zero, mean, peak, resample) on random attention neurons.
+3. The ablation-method comparison (every method of :func:`neurospec.intervene.ablate.study_methods`) on random
+   attention neurons.
 4. The HTML report.
 
 The default budget is sized to finish in under 10 minutes on 2 CPU cores with the bundled SmolLM2-135M; every
@@ -21,6 +22,12 @@ from neurospec.models.loading import LoadedModel
 from neurospec.record import layout
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
+
+
+def _study_methods() -> tuple[str, ...]:
+    from neurospec.intervene.ablate import study_methods
+
+    return study_methods()
 
 DEFAULT_TASKS = ("python", "c", "prose", "dialog", "dialog-spanish", "dialog-italian")
 
@@ -41,10 +48,34 @@ class RunConfig:
     ablation_kind: str = "attn"
     ablation_frac: float = 0.1
     ablation_steps: int = 3
-    ablation_methods: tuple[str, ...] = ("zero", "mean", "peak", "resample")
+    ablation_methods: tuple[str, ...] = field(default_factory=lambda: _study_methods())
     ablation_seeds: tuple[int, ...] = (0, 1)
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Every option is checked here, before a model is loaded or a token recorded."""
+        from neurospec.experiments.ablation import KINDS
+        from neurospec.intervene.ablate import get_ablation
+        from neurospec.score.selective import check_score
+
+        for name in ("tokens", "eval_tokens", "seq_len", "batch_size", "prune_steps", "ablation_steps"):
+            if int(getattr(self, name)) < 1:
+                raise NeurospecError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        check_score(self.score)
+        for name in ("select_frac", "prune_frac", "ablation_frac"):
+            if not 0 < getattr(self, name) <= 1:
+                raise NeurospecError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.ablation_kind not in KINDS:
+            raise NeurospecError(f"ablation_kind must be one of {', '.join(KINDS)}, got {self.ablation_kind!r}")
+        if not self.ablation_methods:
+            raise NeurospecError("ablation_methods is empty; give at least one ablation method")
+        for m in self.ablation_methods:
+            if not get_ablation(m).from_reference:
+                raise NeurospecError(f"ablation method {m!r} takes constants from the caller; the main job has none "
+                                     "to give")
+        if not self.ablation_seeds:
+            raise NeurospecError("ablation_seeds is empty; give at least one seed")
 
     def to_dict(self) -> dict:
         d = asdict(self)

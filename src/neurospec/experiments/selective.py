@@ -66,6 +66,9 @@ class PruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from neurospec.score.selective import check_score
+
+        check_score(self.score)
         for name in ("frac", "attn_frac"):
             v = getattr(self, name)
             if not 0 <= v <= 1:

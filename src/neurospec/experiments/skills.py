@@ -6,7 +6,7 @@ prompts trained on the frozen model), stream train and dev through the MLP sites
 and the runs (mean or min), take the top ``p`` of every layer as the task's skill neurons, perturb them (noise,
 zero) against random same-per-layer-count sets on the test split, and compare the tasks' skill sets.
 
-Outputs in ``out``: ``result.json`` (what :func:`run_skills` returns), ``scores/<task>.safetensors`` (per site: the
+Outputs in ``out``: ``skills.json`` (what :func:`run_skills` returns), ``scores/<task>.safetensors`` (per site: the
 aggregated score ``[width]`` and the per-sub-task predictivity of every run ``[runs, S, width]``), and
 ``prompts/<task>/seed<k>/`` for soft prompts (reused when the run is repeated).
 """
@@ -26,6 +26,7 @@ from neurospec.data.labelled import LabelledTask, load_labelled
 from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import NeuronId
+from neurospec.record import layout
 from neurospec.record.store import atomic_write_json, save_tensors
 from neurospec.score.selective import SCORERS
 from neurospec.skills.agreement import class_statistics, overlap_test, selective_scores
@@ -137,7 +138,7 @@ def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: Skill
 def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: str | Path,
                config: SkillsConfig | None = None, *, progress: Callable[[str, int, int], None] | None = None
                ) -> dict[str, Any]:
-    """Run the pipeline (module docstring); writes ``out/result.json`` and returns the same dictionary."""
+    """Run the pipeline (module docstring); writes ``out/skills.json`` and returns the same dictionary."""
     cfg = config or SkillsConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
     if progress is not None:
         progress("skills", len(built), len(built))
     result["similarity"] = similarity(skill_sets, widths) | {"p": cfg.p}
-    atomic_write_json(out / "result.json", result)
+    atomic_write_json(out / layout.SKILLS_RESULT, result)
     return result
 
 

@@ -33,8 +33,9 @@ from neurospec.cluster.result import Clustering, load_clustering
 from neurospec.errors import NeurospecError, RunStoreError
 from neurospec.experiments.common import merge_moments
 from neurospec.experiments.targets import Target
+from neurospec.record import layout
 
-SPECIALIZATION_FILE = "specialization.json"
+SPECIALIZATION_FILE = layout.SPECIALIZATION
 CONFIG_VERSION = 1
 
 
@@ -62,7 +63,9 @@ class SpecializationConfig:
 
     def __post_init__(self) -> None:
         from neurospec.experiments.site_eval import ABLATIONS
+        from neurospec.score.selective import check_score
 
+        check_score(self.score)
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))

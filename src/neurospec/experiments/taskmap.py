@@ -61,6 +61,9 @@ class TaskMapConfig:
     seed: int = 0  # seeds the rand control and the order of tied scores, with the model and the task
 
     def __post_init__(self) -> None:
+        from neurospec.score.selective import check_score
+
+        check_score(self.score)
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         for f in (*self.fractions, self.select_frac):
             if not 0 < f <= 1:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from neurospec.errors import NeurospecError, RunStoreError
+from neurospec.record import layout
 
-TASKMAP_FILE = "taskmap.json"
+TASKMAP_FILE = layout.TASKMAP
 
 
 def taskmap_path(directory: str | Path) -> Path:

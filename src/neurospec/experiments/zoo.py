@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from neurospec.record import layout
+
 DIGITS_SOURCE = (
     "UCI ML hand-written digits (E. Alpaydin, C. Kaynak), via scikit-learn's sklearn.datasets.load_digits "
     "(BSD-3-Clause)"
 )
 KINDS = ("digits-mlp", "digits-vit")
-ZOO_FILE = "zoo.json"
+ZOO_FILE = layout.ZOO
 SCHEMA_VERSION = 1
 _SPLIT_SEED = 0
 _TEST_FRACTION = 0.25

@@ -6,17 +6,11 @@ the ablated neurons and add their constant contribution to the bias. Folded abla
 permanently folded model can be saved with ``save_pretrained``. Per-input ablations (resample) need a forward
 pre-hook on the module that overwrites the ablated columns of its input.
 
-Methods (a registry, see :func:`register_ablation`):
-
-==========  ==========  ===============================================================================
-name        needs       replaces an ablated neuron's activation by
-==========  ==========  ===============================================================================
-zero        -           0
-mean        offsets     the neuron's mean on reference data (``offsets[site][i]``)
-peak        offsets     the mode of the neuron's activation distribution on reference data
-value       offsets     any per-neuron constant the caller gives
-resample    samples     the neuron's activation in a random token row of reference data (a hook)
-==========  ==========  ===============================================================================
+Methods: the registry :func:`ablation_methods` (see :func:`register_ablation`). Each :class:`AblationMethod` says
+what it needs (nothing, per-neuron ``offsets`` folded into the weights, or per-input ``samples`` applied by a hook),
+what it replaces an ablated neuron's activation by (its ``description``), and whether the values come from a
+reference run (``from_reference``; ``value`` takes any constants the caller gives). The command line's choices, the
+README's table and the tests read this registry.
 
 Values come in as tensors, so this module does not depend on the run store: ``offsets: {site: Tensor[width]}`` and
 ``samples: {site: Tensor[n, width]}`` (token rows) or ``{site: Tensor[n_seq, seq, width]}`` (position-aligned).
@@ -63,6 +57,7 @@ class AblationMethod:
     name: str
     needs: str | None
     description: str
+    from_reference: bool = True
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
@@ -88,6 +83,12 @@ def ablation_methods() -> dict[str, AblationMethod]:
     return dict(_METHODS)
 
 
+def study_methods() -> tuple[str, ...]:
+    """The methods whose values come from a reference run (every method but ``value``, whose constants a caller
+    gives): the default methods of an ablation study."""
+    return tuple(n for n, m in _METHODS.items() if m.from_reference)
+
+
 def get_ablation(name: str) -> AblationMethod:
     try:
         return _METHODS[name]
@@ -97,9 +98,12 @@ def get_ablation(name: str) -> AblationMethod:
 
 register_ablation(AblationMethod("zero", None, "set the neurons to 0"))
 register_ablation(AblationMethod("mean", "offsets", "set each neuron to its mean on reference data"))
-register_ablation(AblationMethod("peak", "offsets", "set each neuron to the mode of its activation histogram"))
-register_ablation(AblationMethod("value", "offsets", "set each neuron to a constant given by the caller"))
-register_ablation(AblationMethod("resample", "samples", "set each neuron to its value in a random reference token"))
+register_ablation(AblationMethod("peak", "offsets", "set each neuron to the mode of its activation distribution on "
+                                                    "reference data (histogram or kernel density)"))
+register_ablation(AblationMethod("value", "offsets", "set each neuron to a constant given by the caller",
+                                 from_reference=False))
+register_ablation(AblationMethod("resample", "samples", "set each neuron to its value in a random token row of "
+                                                        "reference data (a hook)"))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ SPECIALIZATION = "specialization.json"
 ALIGNMENT = "alignment.json"
 ROUTING = "routing.json"
 ZOO = "zoo.json"
+WASSERSTEIN = "wasserstein.json"
+SKILLS_RESULT = "skills.json"  # neurospec skills (its --out is not claimed; it holds no other command's results)
 
 # sub-directories of the main job
 TASKMAP_DIR = "taskmap"
@@ -57,6 +59,9 @@ PRUNE_DIR = "prune"
 ABLATION_DIR = "ablation"
 
 _FIGURE_FILES = (f"{FIGURES}/*.png", f"{FIGURES}/*.svg")
+
+# the two layouts a report reads: one command's results at the top of its --out, or the main job's sub-directories
+SINGLE, MAIN_JOB = "single", "run"
 
 # the result files each command writes into its --out (glob patterns relative to it); recordings are not listed
 RESULT_FILES: dict[str, tuple[str, ...]] = {
@@ -71,6 +76,7 @@ RESULT_FILES: dict[str, tuple[str, ...]] = {
     # the analyses of a cluster directory (specialization, align, route) derive from its labels: stale with them
     "cluster": (CLUSTERS, CLUSTER_LABELS, SPECIALIZATION, ALIGNMENT, ROUTING, REPORT, *_FIGURE_FILES),
     "zoo train": (ZOO, "model.safetensors", "config.json"),
+    "wasserstein": (WASSERSTEIN, "w1_distribution.png", "w1_distribution.svg", "error_vs_w1.png", "error_vs_w1.svg"),
 }
 
 
@@ -205,3 +211,42 @@ def write_result_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any
     atomic_write_bytes(p, buf.getvalue())
     return p
 
+
+
+# ------------------------------------------------------------------------------------------------ reading a layout
+
+
+def layout_of(path: str | os.PathLike) -> str:
+    """:data:`MAIN_JOB` for a directory of the main job (claimed by ``run``, or unclaimed with a :data:`MAIN`
+    summary: the library's :func:`~neurospec.experiments.main.main_job`), else :data:`SINGLE`."""
+    root = Path(path)
+    claim = read_claim(root)
+    if claim is not None:
+        return MAIN_JOB if claim.get("command") == "run" else SINGLE
+    return MAIN_JOB if (root / MAIN).is_file() else SINGLE
+
+
+def report_inputs(path: str | os.PathLike) -> dict[str, Any]:
+    """The result files a report of ``path`` reads, in its one layout (:func:`layout_of`); entries may not exist.
+
+    ``taskmap``, ``ablation``, ``main``: a path or ``None``; ``prune``: a list of prune result paths; ``clusters``:
+    the cluster directories (``path`` itself when it holds :data:`CLUSTERS`, else its sub-directories that do).
+    A single command's directory is read for that command's results only (all of them when it has no claim)."""
+    root = Path(path)
+    if layout_of(root) == MAIN_JOB:
+        return {"layout": MAIN_JOB, "taskmap": root / TASKMAP_DIR / TASKMAP,
+                "prune": sorted(root.glob(f"{PRUNE_DIR}/*/{PRUNE_RESULT}")),
+                "ablation": root / ABLATION_DIR / ABLATION, "main": root / MAIN, "clusters": []}
+    claim = read_claim(root)
+    command = None if claim is None else claim.get("command")
+
+    def mine(name: str) -> bool:
+        return command is None or command == name
+
+    if (root / CLUSTERS).is_file():
+        clusters = [root] if mine("cluster") else []
+    else:
+        clusters = sorted(d for d in root.glob("*") if d.is_dir() and (d / CLUSTERS).is_file())
+    return {"layout": SINGLE, "taskmap": root / TASKMAP if mine("taskmap") else None,
+            "prune": [root / PRUNE_RESULT] if mine("prune") and (root / PRUNE_RESULT).is_file() else [],
+            "ablation": root / ABLATION if mine("ablate") else None, "main": None, "clusters": clusters}

@@ -139,31 +139,27 @@ def alignment_by_layer(al: dict, path: Path) -> Path:
 
 
 def cluster_dirs(run_dir: Path) -> list[Path]:
-    """Directories with a ``clusters.json``: ``run_dir`` itself, ``run_dir/clusters/*`` and ``run_dir/*``."""
-    run_dir = Path(run_dir)
-    cands = [run_dir, *sorted((run_dir / "clusters").glob("*")), *sorted(run_dir.glob("*"))]
-    seen, out = set(), []
-    for d in cands:
-        if d.is_dir() and (d / "clusters.json").is_file() and d.resolve() not in seen:
-            seen.add(d.resolve())
-            out.append(d)
-    return out
+    """The cluster directories a report of ``run_dir`` shows (:func:`neurospec.record.layout.report_inputs`)."""
+    from neurospec.record.layout import report_inputs
+
+    return report_inputs(run_dir)["clusters"]
 
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def cluster_sections(run_dir: Path, figdir: Path) -> list[str]:
+def cluster_sections(run_dir: Path, figdir: Path, dirs: list[Path] | None = None) -> list[str]:
     """HTML sections (strings) for every cluster directory of ``run_dir``; figures go to ``figdir``."""
+    from neurospec.record import layout
     from neurospec.report.html import _img, _section, _table
 
     run_dir, figdir = Path(run_dir), Path(figdir)
     out: list[str] = []
-    for d in cluster_dirs(run_dir):
+    for d in cluster_dirs(run_dir) if dirs is None else dirs:
         tag = "clusters" if d == run_dir else f"clusters_{d.name}"
         label = d.name if d != run_dir else "this directory"
-        m = _load(d / "clusters.json")
+        m = _load(d / layout.CLUSTERS)
         assert m is not None
         png = cluster_sizes(m, figdir / f"{tag}_sizes")
         facts = [["method", f"{m['method']} ({m['graph']})"], ["clusters", m["n_clusters"]],
@@ -186,7 +182,7 @@ def cluster_sections(run_dir: Path, figdir: Path) -> list[str]:
                 f"than shuffled ones: z = {cb['z']:.2f}, one-sided p = {cb['pvalue']:.3g}.",
                 _img(png, "n-cut vs shuffled"),
             ))
-        spec = _load(d / "specialization.json")
+        spec = _load(d / layout.SPECIALIZATION)
         if spec and spec["rows"]:
             png = importance_vs_coherence(spec, figdir / f"{tag}_importance_coherence")
             rows = [[t, v["n_units"], v["n_significant"], v["fisher"]["pvalue"]] for t, v in spec["importance"].items()]
@@ -203,7 +199,7 @@ def cluster_sections(run_dir: Path, figdir: Path) -> list[str]:
                 _img(png, "importance vs coherence")
                 + _table(["test", "units", "p <= 0.05", "Fisher p"], rows),
             ))
-        al = _load(d / "alignment.json")
+        al = _load(d / layout.ALIGNMENT)
         if al:
             png = alignment_by_layer(al, figdir / f"{tag}_alignment")
             rows = [[t, v["n_layers_tested"], ", ".join(map(str, v["layers_significant"])) or "-",

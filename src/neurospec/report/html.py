@@ -1,7 +1,7 @@
 """The self-contained HTML report of a run directory.
 
-Reads whatever results the directory holds (``taskmap/taskmap.json``, ``prune/*/result.json``,
-``ablation/ablation.json``, ``clusters/*.json``), draws their figures into ``figures/`` (PNG and SVG) and writes
+Reads the result files of the directory's one layout (:func:`neurospec.record.layout.report_inputs`: the main
+job's sub-directories, or one command's files at the top, or cluster directories), draws their figures into ``figures/`` (PNG and SVG) and writes
 ``report.html`` with the PNGs embedded as data URIs, so the file opens offline and can be mailed around.
 """
 
@@ -112,8 +112,9 @@ def _prune_sections(results: dict[str, dict], figdir: Path) -> list[str]:
 
 def _ablation_sections(ab: dict, figdir: Path) -> list[str]:
     from neurospec.experiments.ablation import plot_ablation
+    from neurospec.record.layout import ABLATION_FIGURE
 
-    png = plot_ablation(ab["rows"], figdir / "ablation_methods")[0]
+    png = plot_ablation(ab["rows"], figdir / ABLATION_FIGURE)[0]
     return [_section(
         "Ablation methods",
         "Loss increase as a growing random fraction of neurons is ablated, one line per method (band: spread over "
@@ -137,33 +138,36 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunStoreError(f"no run directory {run_dir}")
-    figdir = run_dir / "figures"
+    from neurospec.record import layout
+
+    figdir = run_dir / layout.FIGURES
+    inputs = layout.report_inputs(run_dir)
     sections: list[str] = []
-    tm = _load(run_dir / "taskmap" / "taskmap.json") or _load(run_dir / "taskmap.json")
+    tm = _load(inputs["taskmap"]) if inputs["taskmap"] is not None else None
     if tm:
         sections += _taskmap_sections(tm, figdir)
-    prune = {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "prune").glob("*/result.json"))}
-    if not prune and (run_dir / "result.json").exists():
-        r = json.loads((run_dir / "result.json").read_text())
-        prune = {r["forget"]: r} if "forget" in r else {}
+    prune = {}
+    for p in inputs["prune"]:
+        r = json.loads(p.read_text())
+        prune[p.parent.name if inputs["layout"] == layout.MAIN_JOB else r["forget"]] = r
     if prune:
         sections += _prune_sections(prune, figdir)
-    ab = _load(run_dir / "ablation" / "ablation.json") or _load(run_dir / "ablation.json")
+    ab = _load(inputs["ablation"]) if inputs["ablation"] is not None else None
     if ab:
         sections += _ablation_sections(ab, figdir)
     from neurospec.report.cluster_figures import cluster_sections
-
-    sections += cluster_sections(run_dir, figdir)
     from neurospec.report.skills_figures import skills_sections
 
+    sections += cluster_sections(run_dir, figdir, dirs=inputs["clusters"])
     sections += skills_sections(run_dir, figdir)
     if not sections:
         raise RunStoreError(
-            f"{run_dir} holds no results to report (looked for taskmap.json, prune/*/result.json, ablation.json, "
-            "clusters.json, a skills result.json); "
-            "run `neurospec run`, `taskmap`, `prune` or `ablate` into it first"
+            f"{run_dir} holds no results to report (looked for {layout.TASKMAP}, {layout.PRUNE_RESULT}, "
+            f"{layout.ABLATION}, {layout.CLUSTERS}, {layout.SKILLS_RESULT}, in the layout of `neurospec "
+            f"{inputs['layout']}`{'' if inputs['layout'] == layout.MAIN_JOB else ' or another single command'}); "
+            "run `neurospec run`, `taskmap`, `prune`, `ablate`, `cluster` or `skills` into it first"
         )
-    main = _load(run_dir / "main.json") or {}
+    main = (_load(inputs["main"]) if inputs["main"] is not None else None) or {}
     prov = {
         "run": str(run_dir),
         "neurospec": __version__,
@@ -194,6 +198,4 @@ def build_report(run_dir: str | Path) -> Path:
                    f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></details>")
         + "".join(sections) + "</body></html>"
     )
-    from neurospec.record.layout import REPORT, write_result_text
-
-    return write_result_text(run_dir / REPORT, doc)
+    return layout.write_result_text(run_dir / layout.REPORT, doc)

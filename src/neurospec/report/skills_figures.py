@@ -1,8 +1,8 @@
-"""Figures and report sections of a skill-neuron run (``neurospec skills``, its ``result.json``): predictivity per
+"""Figures and report sections of a skill-neuron run (``neurospec skills``, its ``skills.json``): predictivity per
 layer, perturbation curves of skill against random sets, the similarity of tasks' skill sets, and the pruning
 curve, with tables of the agreement and beyond-prompt studies when the run has them.
 
-:func:`skills_sections` reads ``DIR/result.json`` or ``DIR/skills/result.json`` when it is a skills result (its
+:func:`skills_sections` reads ``DIR/skills.json`` or ``DIR/skills/skills.json`` when it is a skills result (its
 ``config`` has type ``SkillsConfig``) and returns the HTML sections; figures go to ``figures/`` as PNG and SVG.
 """
 
@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from neurospec.models.sites import parse_site_name
+from neurospec.record.layout import SKILLS_RESULT
 from neurospec.report.figures import _plt, _save, heatmaps
 
 
 def load_skills_result(run_dir: Path) -> dict | None:
     """The skills result of ``run_dir`` (or its ``skills/`` subdirectory), or None."""
-    for path in (run_dir / "result.json", run_dir / "skills" / "result.json"):
+    for path in (run_dir / SKILLS_RESULT, run_dir / "skills" / SKILLS_RESULT):
         if path.is_file():
             res = json.loads(path.read_text())
             if (res.get("config") or {}).get("type") == "SkillsConfig":

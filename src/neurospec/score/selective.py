@@ -3,17 +3,7 @@ the retain task R. Higher = more specific to F.
 
 Each scorer maps two per-neuron statistic dicts (as returned by :meth:`neurospec.record.store.Run.stats` for one
 site: ``mean``, ``std``, ``rms``, ``mean_abs``, ``mean_sqrt_abs``, ``frac_pos``, ...) and an epsilon to a float64
-tensor ``[width]``:
-
-========  =========================================================
-``abs``   mean|x|_F / (mean|x|_R + eps)
-``sqrt``  mean sqrt|x|_F / (mean sqrt|x|_R + eps)
-``freq``  P(x>0)_F / (P(x>0)_R + eps)
-``std``   std_F / (std_R + eps)          (true standard deviation)
-``rms``   rms_F / (rms_R + eps)          (rms = sqrt(var + mean^2))
-``mean``  |mean_F - mean_R|
-``rand``  uniform random (the control), seeded per model, task and site
-========  =========================================================
+tensor ``[width]``. The scorers and their formulas are the registry :data:`SCORERS` (``neurospec prune --help`` lists them).
 
 eps defaults to 1e-3 for MLP sites and 1e-4 for attention sites.
 
@@ -31,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -41,40 +32,66 @@ Stats = Mapping[str, torch.Tensor]
 ScoreFn = Callable[[Stats, Stats, float, torch.Generator], torch.Tensor]
 
 DEFAULT_EPS = {"mlp": 1e-3, "attn": 1e-4}
-SCORERS: dict[str, ScoreFn] = {}
+@dataclass(frozen=True)
+class Scorer:
+    """A registered selectivity score: its name, the function and a one-line formula (shown by the command line's
+    help and the README's table). Calling it calls the function."""
+
+    name: str
+    fn: ScoreFn
+    formula: str
+
+    def __call__(self, f: Stats, r: Stats, eps: float, g: torch.Generator) -> torch.Tensor:
+        return self.fn(f, r, eps, g)
 
 
-def register_scorer(name: str) -> Callable[[ScoreFn], ScoreFn]:
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str, formula: str | None = None) -> Callable[[ScoreFn], ScoreFn]:
+    """Register ``fn(forget_stats, retain_stats, eps, generator) -> scores`` under ``name``; ``formula`` (default:
+    the function's docstring) says what it computes."""
+
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in SCORERS:
             raise ValueError(f"scorer {name!r} is already registered")
-        SCORERS[name] = fn
+        doc = (fn.__doc__ or "").strip()
+        text = formula or (doc.splitlines()[0] if doc else "")
+        if not text:
+            raise ValueError(f"scorer {name!r} needs a formula (or a docstring)")
+        SCORERS[name] = Scorer(name, fn, text)
         return fn
 
     return deco
+
+
+def check_score(name: str, what: str = "score") -> None:
+    """A :class:`~neurospec.errors.NeurospecError` naming the registered scorers unless ``name`` is one of them
+    (the configs check their score with it before any work starts)."""
+    if name not in SCORERS:
+        raise NeurospecError(f"unknown {what} {name!r}; choose one of {', '.join(SCORERS)}")
 
 
 def _ratio(key: str) -> ScoreFn:
     def fn(f: Stats, r: Stats, eps: float, _g: torch.Generator) -> torch.Tensor:
         return f[key].double() / (r[key].double() + eps)
 
-    fn.__doc__ = f"{key}_F / ({key}_R + eps)"
     return fn
 
 
-register_scorer("abs")(_ratio("mean_abs"))
-register_scorer("sqrt")(_ratio("mean_sqrt_abs"))
-register_scorer("freq")(_ratio("frac_pos"))
-register_scorer("std")(_ratio("std"))
-register_scorer("rms")(_ratio("rms"))
+register_scorer("abs", "mean|x|_F / (mean|x|_R + eps)")(_ratio("mean_abs"))
+register_scorer("sqrt", "mean sqrt|x|_F / (mean sqrt|x|_R + eps)")(_ratio("mean_sqrt_abs"))
+register_scorer("freq", "P(x>0)_F / (P(x>0)_R + eps)")(_ratio("frac_pos"))
+register_scorer("std", "std_F / (std_R + eps)")(_ratio("std"))
+register_scorer("rms", "rms_F / (rms_R + eps), rms = sqrt(var + mean^2)")(_ratio("rms"))
 
 
-@register_scorer("mean")
+@register_scorer("mean", "|mean_F - mean_R|")
 def _mean(f: Stats, r: Stats, eps: float, g: torch.Generator) -> torch.Tensor:
     return (f["mean"].double() - r["mean"].double()).abs()
 
 
-@register_scorer("rand")
+@register_scorer("rand", "uniform random (the control), seeded per model, task and site")
 def _rand(f: Stats, r: Stats, eps: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(f["mean"].shape[0], generator=g, dtype=torch.float64)
 
@@ -135,8 +152,7 @@ def score_neurons(
     model fingerprint) and ``task`` (the forget task's name) seed the ``rand`` control (see :func:`derive_seed`):
     pass the task's name whenever several tasks are scored, or the control picks the same neurons for each.
     """
-    if method not in SCORERS:
-        raise NeurospecError(f"unknown score {method!r}; choose one of {', '.join(SCORERS)}")
+    check_score(method)
     eps_by_kind = {**DEFAULT_EPS, **(eps or {})}
     missing = sorted(set(forget) ^ set(retain))
     if missing:

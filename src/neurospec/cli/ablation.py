@@ -1,4 +1,4 @@
-"""Commands of evaluation and ablation: evaluate, ablate, and the main job `run`."""
+"""Evaluate a model and ablate its neurons: `neurospec evaluate` and `ablate`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
 from neurospec.cli.common import (
-    ALLOW_PICKLE_HELP,
-    Progress,
     check_ablation_methods,
     check_choice,
     check_fraction,
@@ -22,12 +21,11 @@ from neurospec.cli.common import (
     check_tasks,
     claim_out,
     emit,
-    err,
     handle_errors,
     load_model_cli,
     parse_seeds,
+    set_config,
 )
-from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
 
@@ -40,30 +38,32 @@ def _task_data(loaded, specs, tokens: int, seq_len: int, seed: int = 0, collect:
     return build_tasks(loaded, list(specs), cfg)
 
 
-@app.command("evaluate")
+@command("evaluate")
 @handle_errors
 def evaluate_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     task: list[str] = typer.Option(..., "--task", "-t", help="task (repeat)"),
-    tokens: int = typer.Option(20_000, help="evaluation tokens per task (its evaluation split)"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
-    json_: bool = typer.Option(False, "--json"),
+    eval_tokens: int = opt.eval_tokens("its evaluation split"),
+    tokens: int = opt.deprecated_tokens(),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    allow_pickle: bool = opt.allow_pickle(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Next-token top-1, top-10, skip top-1, loss and perplexity of each task's evaluation split (masked LMs: on
     masked positions; image classifiers: class accuracy; head-less encoders: representation similarity)."""
     from neurospec.evaluate import task_metrics, task_references
     from neurospec.experiments.common import skip_ids_for
 
+    eval_tokens = opt.eval_budget(eval_tokens, tokens)
     check_model_options(device, dtype)
     check_tasks(task)
-    for option, value in (("--tokens", tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+    for option, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
         check_int(option, value)
     loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
+    tasks = _task_data(loaded, task, eval_tokens, seq_len, collect=seq_len * 16)
     refs = task_references(loaded, {n: d.eval for n, d in tasks.items()}, batch_size=batch_size)
     keys = ("metric", "top1", "top10", "skip_top1", "loss", "perplexity", "tokens", "nonfinite")
     res = {}
@@ -103,11 +103,11 @@ def evaluate_cmd(
     emit(res, json_, human)
 
 
-@app.command("ablate")
+@command("ablate")
 @handle_errors
 def ablate_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    reference: Path = typer.Option(..., help="reference run (recorded on this model) for mean/peak/resample values"),
+    model: str = opt.model(),
+    reference: Path = typer.Option(..., help="reference run (recorded on this model) that the ablation methods take their values from"),
     reference_task: str = typer.Option(None, "--reference-task",
                                        help="task of the reference run to take values from (default: the evaluated "
                                             "task when the run has it, else the run's first task)"),
@@ -115,14 +115,16 @@ def ablate_cmd(
     kind: str = typer.Option("attn", help="attn, mlp or both (study mode)"),
     random_frac: float = typer.Option(0.05, "--random-frac", help="fraction of each layer added per step"),
     steps: int = typer.Option(10),
-    methods: str = typer.Option("zero,mean,peak,resample"),
+    methods: str = typer.Option(None, help="comma-separated ablation methods of the study (default: all of "
+                                           "them): {registry:study_ablations}"),
     seeds: str = typer.Option("0,1,2", help="seeds of the random draws (spread over seeds is reported)"),
     neurons: Path = typer.Option(None, help="file of neuron ids (one per line) to ablate (fold mode)"),
-    method: str = typer.Option("mean", help="method for --neurons: zero, mean or peak"),
+    method: str = typer.Option("mean", help="method for --neurons: {registry:fold_ablations}"),
     save: Path = typer.Option(None, help="with --neurons: fold the ablation into the weights and save the model here"),
-    tokens: int = typer.Option(20_000, help="evaluation tokens per task"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    eval_tokens: int = opt.eval_tokens("and step"),
+    tokens: int = opt.deprecated_tokens(),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
     peak_bins: int = typer.Option(100, "--peak-bins"),
     peak_smooth: float = typer.Option(0.0, "--peak-smooth", help="Gaussian smoothing of the histogram, in bins"),
     peak_method: str = typer.Option("histogram", "--peak-method",
@@ -138,25 +140,28 @@ def ablate_cmd(
     resample_per_neuron: bool = typer.Option(False, "--resample-per-neuron",
                                              help="resample: each ablated neuron draws its own row (default: one row "
                                                   "per token, shared by its ablated neurons)"),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="directory for the study's table, figure and report"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
-                                                      "--out; write --save into a non-empty directory"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
-    json_: bool = typer.Option(False, "--json"),
+    out_dir: Path = opt.out("directory for the study's table, figure and report", default=None),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    force: bool = opt.force("replace results of another command or configuration in --out; write --save into a "
+                            "non-empty directory"),
+    allow_pickle: bool = opt.allow_pickle(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Ablation-method study on random neurons (--task), or fold an ablation of given neurons into the weights."""
     from neurospec.errors import NeurospecError
     from neurospec.experiments.ablation import KINDS
     from neurospec.experiments.references import reference_values
-    from neurospec.intervene.ablate import ablation_methods
     from neurospec.record.histogram import PEAK_METHODS
     from neurospec.record.layout import ABLATION, ABLATION_FIGURE, write_result_json
     from neurospec.record.store import open_run
 
+    eval_tokens = opt.eval_budget(eval_tokens, tokens)
+    if methods is None:
+        methods = ",".join(opt.study_ablations())
+    set_config(eval_tokens=eval_tokens, tokens=None, methods=methods)  # the claim records the resolved options
     check_model_options(device, dtype)
-    for option, value in (("--tokens", tokens), ("--seq-len", seq_len), ("--batch-size", batch_size),
+    for option, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size),
                           ("--steps", steps), ("--peak-bins", peak_bins)):
         check_int(option, value)
     if peak_smooth < 0:
@@ -166,15 +171,14 @@ def ablate_cmd(
         raise NeurospecError(f"--peak-bandwidth must be > 0, got {peak_bandwidth}")
     peak_opts = {"peak_bins": peak_bins, "peak_smooth": peak_smooth, "peak_method": peak_method,
                  "peak_bandwidth": peak_bandwidth}
-    # "value" needs constants from the caller; the command line has none to give
-    usable = [m for m in ablation_methods() if m != "value"]
+    usable = opt.study_ablations()
     if neurons is not None:
         if save is None:
             raise NeurospecError("--neurons needs --save DIR (the folded model is written there)")
-        if method == "resample":
-            raise NeurospecError("resample ablation needs a hook and cannot be folded into weights; use zero, mean "
-                                 "or peak")
-        check_ablation_methods([method], "--method", [m for m in usable if not ablation_methods()[m].per_input])
+        if method in opt.study_ablations() and method not in opt.fold_ablations():
+            raise NeurospecError(f"{method} ablation needs a hook and cannot be folded into weights; use one of "
+                                 f"{', '.join(opt.fold_ablations())}")
+        check_ablation_methods([method], "--method", opt.fold_ablations())
         check_save_dir(save, model=model, force=force)
         if resample_align != "random" or resample_per_neuron:
             raise NeurospecError("--resample-align and --resample-per-neuron apply to the ablation study (--task), "
@@ -225,7 +229,7 @@ def ablate_cmd(
     from neurospec.intervene.ablate import get_ablation
 
     method_list = [m for m in methods.split(",") if m]
-    tasks = _task_data(loaded, task, tokens, seq_len, collect=seq_len * 16)
+    tasks = _task_data(loaded, task, eval_tokens, seq_len, collect=seq_len * 16)
     rows = []
     for name, data in tasks.items():
         aligned = resample is not None and resample["align"] == "position"
@@ -285,60 +289,3 @@ def _resample_options(methods: list[str], align: str, per_neuron: bool) -> dict 
                                  "resample to --methods")
         return None
     return {"align": align, "per_neuron": per_neuron, "samples": {}}
-
-
-@app.command("run")
-@handle_errors
-def run_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    task: list[str] = typer.Option(None, "--task", "-t", help="tasks (default: the bundled python, c, prose, "
-                                                              "dialog, dialog-spanish, dialog-italian)"),
-    out_dir: Path = typer.Option(Path("runs/main"), "--out", "-o"),
-    tokens: int = typer.Option(4096, help="tokens recorded per task"),
-    eval_tokens: int = typer.Option(1024, "--eval-tokens", help="tokens evaluated per task and condition"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    random_init: bool = typer.Option(True, "--random-init/--no-random-init"),
-    ablation_task: list[str] = typer.Option(None, "--ablation-task", help="tasks of the ablation-method study"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help="replace results of another configuration in --out (those "
-                                                      "of tasks no longer run are removed); re-record runs of "
-                                                      "another config"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
-    json_: bool = typer.Option(False, "--json"),
-) -> None:
-    """The main job: task map, selective pruning, ablation methods and the HTML report, in one run directory."""
-    from neurospec.experiments.main import DEFAULT_TASKS, RunConfig, main_job
-
-    check_model_options(device, dtype)
-    tasks = tuple(task) if task else DEFAULT_TASKS
-    check_tasks(tasks)
-    ab = tuple(ablation_task) if ablation_task else tuple(t for t in ("python", "prose") if t in tasks) or tasks[:2]
-    check_tasks(ab, option="--ablation-task")
-    for option, value in (("--tokens", tokens), ("--eval-tokens", eval_tokens), ("--seq-len", seq_len),
-                          ("--batch-size", batch_size)):
-        check_int(option, value)
-    cfg = RunConfig(tasks=tasks, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
-                    random_init=random_init, ablation_tasks=ab)
-    claim_out(out_dir, "run", force)
-    b = cfg.budget()
-    err.print(f"[bold]budget[/]: {b['tasks']} tasks x {tokens:,} tokens recorded ({b['record_tokens']:,} forward tokens "
-              f"with the random-init control and the ablation reference), {b['eval_tokens']:,} evaluation tokens. "
-              "Raise it with --tokens / --eval-tokens.")
-    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    with Progress() as progress:
-        res = main_job(loaded, out_dir, cfg, force=force, progress=progress, command=" ".join(["neurospec", *sys.argv[1:]]),
-                       log=lambda m: err.print(f"[cyan]{m}[/]"))
-
-    def human():
-        out.print(f"done in {res['seconds']['total']:.0f} s; report: [bold]{res['report']}[/]")
-        if res.get("prune_area"):
-            t = Table(title="selective pruning area (1 = not selective, 2 = perfectly selective)")
-            t.add_column("forget task")
-            t.add_column("area", justify="right")
-            for k, v in res["prune_area"].items():
-                t.add_row(k, f"{v:.3f}")
-            out.print(t)
-
-    emit(res, json_, human)

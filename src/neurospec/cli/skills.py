@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
-from neurospec.cli.common import Steps, emit, handle_errors
-from neurospec.cli.foundation import MODEL_HELP
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
+from neurospec.cli.common import Steps, check_model_options, emit, handle_errors, load_model_cli
 
 out = Console()
 
@@ -36,13 +36,13 @@ def _pairs(items: list[str]) -> dict[str, str]:
     return pairs
 
 
-@app.command("skills")
+@command("skills")
 @handle_errors
 def skills_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     task: list[str] = typer.Option(..., "--task", "-t", help="labelled task: language-id, python-vs-c, topic-ai, "
                                    "digits, or NAME=FILE(.csv/.jsonl/.parquet/dataset dir)?text=COL&label=COL"),
-    out_dir: Path = typer.Option(..., "--out", "-o"),
+    out_dir: Path = opt.out(),
     prompt: str = typer.Option("hard", help="hard (a fixed text prompt, no training) or soft (prompt tuning)"),
     template: str = typer.Option(None, help="the hard prompt's text"),
     verbaliser: list[str] = typer.Option([], help="CLASS=WORD: the one-token word read for a class (repeat)"),
@@ -55,11 +55,11 @@ def skills_cmd(
     noise_std: float = typer.Option(0.1, "--noise-std"),
     epochs: int = typer.Option(4, help="soft prompt training epochs"),
     prompt_length: int = typer.Option(16, "--prompt-length", help="soft prompt vectors"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = opt.batch_size(16),
     max_tokens: int = typer.Option(64, "--max-tokens", help="tokens kept of each text"),
-    seed: int = typer.Option(0, help="seed of the task splits"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
+    seed: int = opt.seed("seed of the task splits"),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
     prune: bool = typer.Option(False, "--prune", help="skill-based pruning: keep the top neurons of each layer, "
                                "set the others to their training means; accuracy per kept fraction vs random sets"),
     prune_keeps: str = typer.Option("0.01,0.02,0.05,0.1,0.2,0.5", "--prune-keeps",
@@ -72,11 +72,12 @@ def skills_cmd(
     beyond: str = typer.Option(None, "--beyond", help="lora or bias: learn the task with the neurons frozen, "
                                "then perturb the same skill neurons in that model"),
     beyond_epochs: int = typer.Option(4, "--beyond-epochs", help="training epochs of --beyond"),
-    json_: bool = typer.Option(False, "--json"),
+    allow_pickle: bool = opt.allow_pickle(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Skill neurons: neurons whose activation at the prompt positions predicts each task's label."""
     from neurospec.experiments.skills import SkillsConfig, run_skills
-    from neurospec.models.loading import load_model
+    from neurospec.record.layout import SKILLS_RESULT
     from neurospec.skills.soft import SoftPromptConfig
     from neurospec.skills.tuning import TuningConfig
 
@@ -89,7 +90,8 @@ def skills_cmd(
                        save_pruned=None if save_pruned is None else str(save_pruned), agreement=agreement,
                        agreement_score=agreement_score, beyond=beyond,
                        tuning=TuningConfig(epochs=beyond_epochs, batch_size=batch_size))
-    loaded = load_model(model, device=device, dtype=dtype)
+    check_model_options(device, dtype)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     with Steps() as steps:
         res = run_skills(loaded, list(task), out_dir, cfg, progress=steps)
     payload = {k: res[k] for k in ("tasks", "readout", "accuracy", "predictivity", "skill_neurons", "perturbation",
@@ -117,7 +119,7 @@ def skills_cmd(
             s.add_row(name, *(f"{v:.3f}" for v in row))
         out.print(s)
         _extra_tables(res)
-        out.print(f"written to {out_dir / 'result.json'}")
+        out.print(f"written to {out_dir / SKILLS_RESULT}")
 
     emit(payload, json_, human)
 

@@ -1,4 +1,4 @@
-"""Commands of the neuron-cluster analyses: cluster, specialization, align, zoo train."""
+"""Clusters of neurons: `neurospec cluster`, `specialization`, `align` and `route`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
 from neurospec.cli.common import (
-    ALLOW_PICKLE_HELP,
     Progress,
     Steps,
     check_choice,
@@ -26,22 +26,8 @@ from neurospec.cli.common import (
     handle_errors,
     pickle_kwargs,
 )
-from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
-zoo_app = typer.Typer(help="Small vision models trained here on scikit-learn's digits (image classes as tasks).",
-                      no_args_is_help=True)
-app.add_typer(zoo_app, name="zoo")
-
-THREADS_HELP = ("torch/BLAS/OpenMP threads (default 1: on a busy 2-core machine one thread was 7x faster than two for "
-                "these many small products); 0 leaves torch's setting")
-
-
-def _methods_help() -> str:
-    from neurospec.cluster import METHODS
-
-    return "; ".join(f"{m.name} (graphs: {', '.join(m.graphs)}; default {m.default_graph})" for m in METHODS.values())
-
 
 def _threads(n: int) -> int | None:
     return None if n == 0 else n
@@ -51,12 +37,12 @@ def _fmt(v, spec: str = ".4g") -> str:
     return "-" if v is None else format(v, spec)
 
 
-@app.command("cluster")
+@command("cluster")
 @handle_errors
 def cluster_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + "; or a directory of `neurospec zoo train`"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="cluster directory to write"),
-    method: str = typer.Option("moefication", help="clustering method: " + _methods_help()),
+    model: str = opt.model(opt.MODEL_HELP + "; or a directory of `neurospec zoo train`"),
+    out_dir: Path = opt.out("cluster directory to write"),
+    method: str = typer.Option("moefication", help="clustering method: {registry:clusterers}"),
     graph: str = typer.Option(None, help="graph the method reads (see --method)"),
     experts: int = typer.Option(96, help="moefication: experts per MLP layer"),
     projection: str = typer.Option(None, help="moefication: up, gate or both; weight graph: up, gate or max"),
@@ -75,14 +61,13 @@ def cluster_cmd(
                                                 "mlp) or raw (E[x_i x_j] clipped at 0, needs --comoments mlp)"),
     threshold: float = typer.Option(None, help="moefication by coactivation: drop edges whose weight is below this "
                                                "value (default 0, none dropped; the JSON reports edges_kept)"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
-    threads: int = typer.Option(1, help=THREADS_HELP),
-    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
-                                                      "--out"),
-    json_: bool = typer.Option(False, "--json"),
+    seed: int = opt.seed(),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    allow_pickle: bool = opt.allow_pickle(),
+    threads: int = opt.threads(),
+    force: bool = opt.force(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Cluster a model's MLP neurons: MoEfication experts or spectral clusters; labels saved in --out."""
     from neurospec.experiments.clusters import ClusterConfig, cluster_to_dir, parse_layers
@@ -117,36 +102,37 @@ def cluster_cmd(
     emit(res, json_, human)
 
 
-@app.command("specialization")
+@command("specialization")
 @handle_errors
 def specialization_cmd(
     cluster_dir: Path = typer.Argument(..., help="a directory written by `neurospec cluster`"),
     task: list[str] = typer.Option([], "--task", "-t", help="task (repeat); zoo models: digit-0 ... digit-9 or all "
                                                             "(default: all and every class)"),
     n_random: int = typer.Option(19, "--n-random", help="random same-size sets per cluster"),
-    ablation: str = typer.Option("zero", help="zero or mean (the recorded tasks' mean)"),
+    ablation: str = typer.Option("zero", help="how a cluster is ablated: {registry:specialization_ablations}"),
     per_layer: int = typer.Option(2, "--per-layer", help="test the N largest clusters of each layer"),
     all_clusters: bool = typer.Option(False, "--all", help="test every cluster of size >= 2 (slow on big models)"),
     layers: str = typer.Option(None, help="layers to test, e.g. 0,15,29 (default all clustered layers)"),
-    tokens: int = typer.Option(2048, help="tokens recorded per task (selectivity, mean offsets)"),
-    eval_tokens: int = typer.Option(1024, "--eval-tokens", help="evaluation tokens per task and ablation"),
-    seq_len: int = typer.Option(128, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    score: str = typer.Option("abs", help="selectivity score for task coherence"),
+    tokens: int = opt.tokens("selectivity, mean offsets"),
+    eval_tokens: int = opt.eval_tokens("and ablation"),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
+    score: str = typer.Option("abs", help="selectivity score for task coherence: {registry:scorers}"),
     reference: str = typer.Option(None, help="run with MLP co-moments for correlation coherence (default: the "
                                              "cluster directory's reference, if any)"),
     n_random_coherence: int = typer.Option(999, "--n-random-coherence"),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(1, help=THREADS_HELP),
-    json_: bool = typer.Option(False, "--json"),
+    seed: int = opt.seed(),
+    threads: int = opt.threads(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Importance (ablation vs random same-size sets) and coherence of each cluster, with p-values."""
     from neurospec.experiments.clusters import parse_layers
+    from neurospec.experiments.site_eval import ABLATIONS as SPECIALIZATION_ABLATIONS
     from neurospec.experiments.specialization import SPECIALIZATION_FILE, SpecializationConfig, specialization
 
     check_seed(seed)
     check_scorer(score)
-    check_choice("--ablation", ablation, ("zero", "mean"))
+    check_choice("--ablation", ablation, SPECIALIZATION_ABLATIONS)
     check_int("--threads", threads, minimum=0)
     check_tasks([t for t in task if t != "all"])
     cfg = SpecializationConfig(tasks=tuple(task), n_random=n_random, ablation=ablation,
@@ -197,15 +183,15 @@ def specialization_cmd(
     emit(payload, json_, human)
 
 
-@app.command("align")
+@command("align")
 @handle_errors
 def align_cmd(
     cluster_dir: Path = typer.Argument(..., help="a directory written by `neurospec cluster`"),
     taskmap_dir: Path = typer.Argument(..., help="a directory written by `neurospec taskmap` on the same model"),
     n_perm: int = typer.Option(1000, "--n-perm", help="random same-size sets per task and layer"),
     frac: float = typer.Option(None, help="fraction of neurons per task (default: the task map's --select-frac)"),
-    seed: int = typer.Option(0),
-    json_: bool = typer.Option(False, "--json"),
+    seed: int = opt.seed(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Are each task's specific neurons concentrated in fewer clusters than chance? Per layer, with p-values."""
     from neurospec.experiments.clusters import ALIGNMENT_FILE, align
@@ -242,18 +228,18 @@ def align_cmd(
     emit(payload, json_, human)
 
 
-@app.command("route")
+@command("route")
 @handle_errors
 def route_cmd(
     cluster_dir: Path = typer.Argument(..., help="a MoEfication directory written by `neurospec cluster`"),
     task: list[str] = typer.Option([], "--task", "-t", help="task (repeat); zoo models: all or digit-C"),
     ks: str = typer.Option("1,4,8,16,32,48,96", "--k", help="experts kept per token, comma-separated"),
-    eval_tokens: int = typer.Option(1024, "--eval-tokens"),
-    seq_len: int = typer.Option(128, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    eval_tokens: int = opt.eval_tokens("and k"),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
     score: str = typer.Option("sum", help="expert score: sum (as published) or abs"),
-    threads: int = typer.Option(1, help=THREADS_HELP),
-    json_: bool = typer.Option(False, "--json"),
+    threads: int = opt.threads(),
+    json_: bool = opt.json_(),
 ) -> None:
     """MoE routing: keep each token's top-k experts in every MLP; loss and top-1 against k."""
     from neurospec.errors import NeurospecError
@@ -288,35 +274,3 @@ def route_cmd(
         out.print(t)
 
     emit(payload, json_, human)
-
-
-@zoo_app.command("train")
-@handle_errors
-def zoo_train_cmd(
-    kind: str = typer.Argument(..., help="digits-mlp or digits-vit"),
-    out_dir: Path = typer.Option(..., "--out", "-o"),
-    seed: int = typer.Option(0),
-    epochs: int = typer.Option(None, help="training epochs (default: the model's, 30 for the MLP, 40 for the ViT)"),
-    force: bool = typer.Option(False, "--force", help="write into an --out that holds something else"),
-    json_: bool = typer.Option(False, "--json"),
-) -> None:
-    """Train a digits model (seeded, about a minute at most on one CPU core) and save it to --out."""
-    from neurospec.errors import NeurospecError
-    from neurospec.experiments import zoo
-
-    trainers = {"digits-mlp": zoo.train_digits_mlp, "digits-vit": zoo.train_digits_vit}
-    if kind not in trainers:
-        raise NeurospecError(f"unknown zoo model {kind!r}; choose one of {', '.join(zoo.KINDS)}")
-    if epochs is not None and epochs < 1:
-        raise NeurospecError(f"epochs must be >= 1, got {epochs}")
-    check_seed(seed)
-    claim_out(out_dir, "zoo train", force)
-    t0 = time.perf_counter()
-    model = trainers[kind](seed=seed, **({} if epochs is None else {"epochs": epochs}))
-    zoo.save(model, out_dir)
-    payload = {"kind": kind, "seed": seed, "test_accuracy": model.test_accuracy,
-               "train_accuracy": model.train_accuracy, "out": str(out_dir),
-               "seconds": round(time.perf_counter() - t0, 2)}
-    emit(payload, json_, lambda: out.print(
-        f"{kind} (seed {seed}): test accuracy {model.test_accuracy:.4f}, train {model.train_accuracy:.4f}; "
-        f"saved to {out_dir}"))

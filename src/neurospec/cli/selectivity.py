@@ -1,4 +1,4 @@
-"""Commands of the task-specific neuron analyses: prune, taskmap, report."""
+"""Task-specific neurons by selectivity scores: `neurospec prune` (selective pruning) and `taskmap`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
 from neurospec.cli.common import (
-    ALLOW_PICKLE_HELP,
     Progress,
     check_model_options,
     check_save_dir,
@@ -22,7 +22,6 @@ from neurospec.cli.common import (
     handle_errors,
     load_model_cli,
 )
-from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
 
@@ -36,46 +35,45 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise NeurospecError(f"--fractions must be comma-separated numbers, got {text!r}") from None
 
 
-@app.command("prune")
+@command("prune")
 @handle_errors
 def prune_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     forget: str = typer.Option(..., help="task whose neurons are pruned (name or NAME=SOURCE)"),
     retain: list[str] = typer.Option(..., help="task(s) to keep (repeat; several are merged)"),
-    out_dir: Path = typer.Option(..., "--out", "-o"),
-    score: str = typer.Option("abs", help="abs, sqrt, freq, std, rms, mean or rand"),
+    out_dir: Path = opt.out(),
+    score: str = typer.Option("abs", help="selectivity score: {registry:scorers}"),
     frac: float = typer.Option(0.02, help="fraction of MLP neurons pruned per step"),
     attn_frac: float = typer.Option(0.0, "--attn-frac", help="fraction of attention neurons pruned per step"),
     steps: int = typer.Option(5),
     mode: str = typer.Option("cumulative", help="cumulative (one set of statistics) or iterative (re-record)"),
     scope: str = typer.Option("global", help="global (all layers ranked together) or per_site"),
-    ablation: str = typer.Option("zero", help="zero, or mean (the retain task's mean)"),
+    ablation: str = typer.Option("zero", help="how pruned neurons are set: {registry:prune_ablations}"),
     heads: str = typer.Option(None, help="prune attention as whole heads scored by their neurons' mean or median"),
-    tokens: int = typer.Option(20_000, help="tokens recorded per task"),
-    eval_tokens: int = typer.Option(4_096, "--eval-tokens", help="tokens evaluated per task and step"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    tokens: int = opt.tokens(),
+    eval_tokens: int = opt.eval_tokens("and step"),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
     save: Path = typer.Option(None, "--save", help="write the final pruned model here (save_pretrained); a new or "
                                                    "empty directory unless --force"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
-                                                      "--out, re-record a run of another config, write --save into "
-                                                      "a non-empty directory"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
-    json_: bool = typer.Option(False, "--json"),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    force: bool = opt.force("replace results of another command or configuration in --out, re-record a run of "
+                            "another config, write --save into a non-empty directory"),
+    allow_pickle: bool = opt.allow_pickle(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Selective pruning: remove the neurons most specific to the forget task, step by step."""
     import json
 
+    check_scorer(score)  # before the pipeline's imports: a bad option fails fast
+    check_model_options(device, dtype)
+    check_tasks([forget, *retain], option="--forget/--retain")
+    check_save_dir(save, model=model, force=force, out_dir=out_dir)
     from neurospec.experiments.selective import PruneConfig, selective_pruning
     from neurospec.record.layout import PRUNE_RESULT, write_result_json
     from neurospec.record.recorder import RecordConfig
 
-    check_scorer(score)
-    check_model_options(device, dtype)
-    check_tasks([forget, *retain], option="--forget/--retain")
-    check_save_dir(save, model=model, force=force, out_dir=out_dir)
     pcfg = PruneConfig(score=score, frac=frac, attn_frac=attn_frac, steps=steps, mode=mode, scope=scope,
                        ablation=ablation, heads=heads, batch_size=batch_size)
     rcfg = RecordConfig(tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size, reservoir=0)
@@ -102,28 +100,28 @@ def prune_cmd(
     emit(json.loads(json.dumps(payload, default=float)), json_, human)
 
 
-@app.command("taskmap")
+@command("taskmap")
 @handle_errors
 def taskmap_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     task: list[str] = typer.Option(..., "--task", "-t", help="task (repeat, at least two)"),
-    out_dir: Path = typer.Option(..., "--out", "-o"),
-    score: str = typer.Option("abs"),
+    out_dir: Path = opt.out(),
+    score: str = typer.Option("abs", help="selectivity score: {registry:scorers}"),
     fractions: str = typer.Option("0.01,0.02,0.05,0.1,0.2", help="fractions at which overlaps are computed"),
     select_frac: float = typer.Option(0.02, "--select-frac", help="fraction pruned for the selectivity matrix"),
     kind: str = typer.Option("mlp", help="mlp or attn"),
     retain: str = typer.Option(None, help="a named retain task (default: the union of the other tasks)"),
     random_init: bool = typer.Option(True, "--random-init/--no-random-init"),
-    tokens: int = typer.Option(20_000),
-    eval_tokens: int = typer.Option(4_096, "--eval-tokens"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help="replace results of another command or configuration in "
-                                                      "--out; re-record runs of another config"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
-    json_: bool = typer.Option(False, "--json"),
+    tokens: int = opt.tokens(),
+    eval_tokens: int = opt.eval_tokens("for the selectivity matrix"),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    force: bool = opt.force("replace results of another command or configuration in --out; re-record runs of "
+                            "another config"),
+    allow_pickle: bool = opt.allow_pickle(),
+    json_: bool = opt.json_(),
 ) -> None:
     """The task map: overlap of task-specific neurons, selectivity matrix, random-init comparison; HTML report."""
     from neurospec.experiments.taskmap import TaskMapConfig, task_map
@@ -168,14 +166,3 @@ def taskmap_cmd(
         out.print(f"report: {report}")
 
     emit(payload, json_, human)
-
-
-@app.command("report")
-@handle_errors
-def report_cmd(run_dir: Path = typer.Argument(..., help="run directory"),
-               json_: bool = typer.Option(False, "--json")) -> None:
-    """(Re)build the self-contained HTML report of a run directory."""
-    from neurospec.report.html import build_report
-
-    path = build_report(run_dir)
-    emit({"report": str(path)}, json_, lambda: out.print(f"report written: {path}"))

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
 from neurospec.cli.common import Steps, emit, err, handle_errors
-from neurospec.cli.foundation import MODEL_HELP
 
 out = Console()
 
@@ -27,13 +27,12 @@ def _check_method(value: str) -> str:
     return value
 
 
-@app.command("sparsify")
+@command("sparsify")
 @handle_errors
 def sparsify_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     method: str = typer.Option(..., "--method", callback=_check_method,
-                               help="pruning method from the registry (neurospec.sparsity.methods()): magnitude, "
-                                    "wanda, sparsegpt, ..."),
+                               help="pruning method: {registry:sparsity_methods}"),
     sparsity: float = typer.Option(None, help="fraction of weights pruned, in [0, 1) (default 0.5; N/M with "
                                               "--pattern)"),
     pattern: str = typer.Option("unstructured", help="unstructured, or N:M (N of every M inputs pruned): 2:4, 4:8"),
@@ -41,17 +40,17 @@ def sparsify_cmd(
     calib_tokens: int = typer.Option(128 * 256, "--calib-tokens", help="calibration tokens"),
     eval_task: list[str] = typer.Option(None, "--eval-task", help="task for perplexity before and after, on its "
                                                                  "evaluation split (repeat; default: the calib task)"),
-    eval_tokens: int = typer.Option(20_000, "--eval-tokens", help="evaluation tokens per task"),
+    eval_tokens: int = opt.eval_tokens(),
     layers: list[str] = typer.Option(None, "--layers", help="block indices or module names (comma-separated or "
                                                            "repeated; e.g. 0,1 or layers.3.mlp.down_proj); "
                                                            "default: all blocks"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
     save: Path = typer.Option(None, help="write the sparse model here (a plain Hugging Face directory)"),
-    seed: int = typer.Option(0, help="seed of the task splits"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    json_: bool = typer.Option(False, "--json"),
+    seed: int = opt.seed("seed of the task splits"),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Prune the linear layers of the transformer blocks and report the achieved sparsity and the perplexity."""
     from neurospec.data.tasks import build_task_data

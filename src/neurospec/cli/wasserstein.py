@@ -3,7 +3,6 @@ the experiment sparsifying the top-W1 neurons against neurons chosen by mean, va
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -12,9 +11,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurospec.cli import app
-from neurospec.cli.common import check_choice, check_fraction, check_int, emit, handle_errors
-from neurospec.cli.foundation import MODEL_HELP
+from neurospec.cli import options as opt
+from neurospec.cli.app import command
+from neurospec.cli.common import (
+    check_choice,
+    check_fraction,
+    check_int,
+    check_model_options,
+    claim_out,
+    emit,
+    handle_errors,
+    load_model_cli,
+)
 
 out = Console()
 
@@ -30,12 +38,12 @@ def _finite(value):
     return value
 
 
-@app.command("wasserstein")
+@command("wasserstein")
 @handle_errors
 def wasserstein_cmd(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = opt.model(),
     task: str = typer.Option(..., "--task", help="task whose collection split is recorded (and calibrates)"),
-    tokens: int = typer.Option(128 * 256, "--tokens", help="tokens recorded (and used to calibrate SparseGPT)"),
+    tokens: int = opt.tokens("and the calibration of SparseGPT in --experiment"),
     layers: list[str] = typer.Option(None, "--layers", help="block indices (their MLP input projections, or every "
                                                            "linear with --all-linear) or module names, comma-"
                                                            "separated or repeated; default: every block"),
@@ -48,14 +56,16 @@ def wasserstein_cmd(
                                                                 "selections (SparseGPT, 50%% and 2:4)"),
     patterns: str = typer.Option("50%,2:4", "--patterns", help="patterns of the experiment, comma-separated"),
     draws: int = typer.Option(10, "--draws", help="random selections of the experiment"),
-    eval_tokens: int = typer.Option(20_000, "--eval-tokens", help="held-out tokens for the loss"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    seed: int = typer.Option(0, help="seed of the task splits, the pairs and the random selections"),
-    out_dir: Path = typer.Option(None, "--out", help="write results.json and the figures here"),
-    device: str = typer.Option(None),
-    dtype: str = typer.Option(None),
-    json_: bool = typer.Option(False, "--json"),
+    eval_tokens: int = opt.eval_tokens("held-out loss of --experiment"),
+    seq_len: int = opt.seq_len(),
+    batch_size: int = opt.batch_size(),
+    seed: int = opt.seed("seed of the task splits, the pairs and the random selections"),
+    out_dir: Path = opt.out("write the results and the figures here", default=None),
+    device: str = opt.device(),
+    dtype: str = opt.dtype(),
+    force: bool = opt.force(),
+    allow_pickle: bool = opt.allow_pickle(),
+    json_: bool = opt.json_(),
 ) -> None:
     """Score each output neuron by the W1 distance of its z-scored outputs to N(0,1) (JSON: ``scores``: module ->
     {mean, max, top, ...}; with --experiment, ``experiment``: selection -> {delta_loss, pvalue} at the first
@@ -68,16 +78,19 @@ def wasserstein_cmd(
         row_experiment,
         wasserstein_scores,
     )
-    from neurospec.models.loading import load_model
+    from neurospec.record.layout import WASSERSTEIN, write_result_json
 
+    check_model_options(device, dtype)
     check_int("--tokens", tokens)
     check_int("--pairs", pairs)
     check_int("--draws", draws)
     check_fraction("--top", top)
     check_choice("--normalise", normalise, ("zscore", "none"))
     pats = [parse_pattern(p) for p in patterns.split(",") if p.strip()]  # bad input fails before the model loads
+    if out_dir is not None:
+        claim_out(out_dir, "wasserstein", force)
     t0 = time.perf_counter()
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     data = build_task_data(task, loaded.tokenizer, seq_len=seq_len, collect_tokens=tokens,
                            eval_tokens=eval_tokens if experiment else 0, seed=seed)
     chosen = [item.strip() for text in layers or [] for item in text.split(",") if item.strip()] or None
@@ -119,7 +132,7 @@ def wasserstein_cmd(
     result["total_seconds"] = time.perf_counter() - t0
     result = _finite(result)
     if out_dir is not None:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+        write_result_json(out_dir / WASSERSTEIN, result)
 
     def human():
         t = Table(title=f"W1 to N(0,1) of each neuron's outputs ({result['tokens']:,} tokens of {data.name})")

@@ -1,0 +1,44 @@
+"""Progress of long commands when stderr is not a terminal (batch jobs write logs): plain lines with done/total,
+the elapsed time and an estimate of the time left."""
+
+import re
+
+from typer.testing import CliRunner
+
+from neurospec.cli import _register, app, common
+
+from tiny import write_corpus
+
+_register()
+
+
+def test_log_lines_say_done_total_and_time_left(monkeypatch):
+    clock = iter([100.0, 110.0, 130.0, 170.0, 175.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    lines = []
+    monkeypatch.setattr(common.err, "print", lambda text, **kw: lines.append(text))
+    log = common.LogLines("tokens", every=60)
+    log("words", 0, 1000)       # t=100: the start of a label is always shown
+    log("words", 100, 1000)     # t=110: within a minute of the last line: quiet
+    log("words", 200, 1000)     # t=130: quiet
+    log("words", 500, 1000)     # t=170: a minute after the last line: 500 tokens in 70 s, 500 left -> 70 s
+    log("words", 1000, 1000)    # t=175: the end of a label is always shown
+    assert lines == [
+        "words: 0/1,000 tokens (0%), 0s elapsed",
+        "words: 500/1,000 tokens (50%), 1m10s elapsed, about 1m10s left",
+        "words: 1,000/1,000 tokens (100%), 1m15s elapsed, done",
+    ]
+
+
+def test_record_reports_progress_on_stderr_when_it_is_not_a_terminal(model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("NEUROSPEC_PROGRESS_EVERY", "0")
+    corpus = write_corpus(tmp_path / "a.txt")
+    r = CliRunner().invoke(app, [str(a) for a in (
+        "record", "--model", model_dir, "--task", f"words={corpus}", "--tokens", 256, "--eval-tokens", 64,
+        "--seq-len", 32, "--batch-size", 4, "--out", tmp_path / "run", "--json")])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("words")]
+    assert lines and lines[-1].startswith("words: 256/256 tokens (100%)") and lines[-1].endswith("done"), r.stderr
+    assert any(re.search(r"tokens \(\d+%\), .* elapsed, about .* left$", ln) for ln in lines), r.stderr
+    assert r.stdout.lstrip().startswith("{")  # the JSON result alone on stdout
