@@ -26,6 +26,6 @@ def test_report_draws_skills_figures_from_a_tiny_run(tmp_path):
     for name in ("skills_predictivity", "skills_perturbation", "skills_similarity", "skills_pruning",
                  "skills_beyond"):
         assert (figs / f"{name}.png").stat().st_size > 1000 and (figs / f"{name}.svg").is_file()
-    res = json.loads((tmp_path / "result.json").read_text())
+    res = json.loads((tmp_path / "skills.json").read_text())
     assert "Skill neurons: pruning" in html and "Skill neurons and selective pruning" in html
     assert html.count("<img") == 5 and f"{res['agreement']['fruit']['chance']:.4g}" in html
