@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from neurospec.errors import NeurospecError
-from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
+from neurospec.experiments.ablation import ablation_study
+from neurospec.report.ablation import plot_ablation, summarise
 from neurospec.experiments.references import peak_offsets
 from neurospec.intervene.ablate import fold_ablation
 from neurospec.intervene.neuronset import NeuronSet

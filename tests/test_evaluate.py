@@ -367,7 +367,8 @@ def test_real_minilm_evaluate_and_task_map(tmp_path, monkeypatch):
 
 
 def test_ablation_study_names_the_metric_of_its_loss(encoder):
-    from neurospec.experiments.ablation import ablation_study, summarise
+    from neurospec.experiments.ablation import ablation_study
+    from neurospec.report.ablation import summarise
 
     b = blocks(n=3, seq=12, low=2)
     rows = ablation_study(encoder, encoder.sites, {"t": b}, kind="mlp", frac_per_step=0.5, steps=1,

@@ -62,9 +62,9 @@ def test_result_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_figures_are_written_whole_in_their_format(tmp_path):
-    from neurospec.report.figures import _plt
+    from neurospec.report.figures import pyplot
 
-    fig = _plt().figure()
+    fig = pyplot().figure()
     png = layout.write_result_figure(fig, tmp_path / "f.png", dpi=50)
     svg = layout.write_result_figure(fig, tmp_path / "f.svg")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"<svg" in svg.read_bytes()[:400]

@@ -220,7 +220,8 @@ def ablate_cmd(
         emit(res, json_, lambda: out.print(f"ablated {len(ns)} neurons ({method}); model saved to {save}"))
         return
 
-    from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
+    from neurospec.experiments.ablation import ablation_study
+    from neurospec.report.ablation import plot_ablation, summarise
     from neurospec.experiments.common import skip_ids_for
     from neurospec.intervene.ablate import get_ablation
 

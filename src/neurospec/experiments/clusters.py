@@ -352,7 +352,8 @@ def _spectral(adjacency: Any, cfg: ClusterConfig, mask: Any = None) -> np.ndarra
 
 def _spectral_weights(target: Target, sites, cfg: ClusterConfig, step: StepFn | None):
     from neurospec.analyze.importance import permutation_pvalue
-    from neurospec.cluster.baselines import Clusterability, shuffle_seeds
+    from neurospec.analyze.clusterability import Clusterability
+    from neurospec.cluster.baselines import shuffle_seeds
     from neurospec.cluster.spectral import WeightChain, ncut
 
     if len(sites) < 2:

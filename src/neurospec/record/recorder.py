@@ -34,9 +34,8 @@ from neurospec.models.sites import SITE_KINDS, Site
 from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
 from neurospec.record.coactivation import ReluCoMoments
+from neurospec.record.states import accumulators_from_tensors
 
-ACCUMULATORS = {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments,
-                "relu_comoments": ReluCoMoments}
 CONFIG_VERSION = 1
 
 
@@ -170,20 +169,6 @@ def pack_accumulators(accs: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.
                 tensors[f"{site}/{name}/{k}"] = v
             meta[f"{site}/{name}"] = acc.meta() if hasattr(acc, "meta") else {}
     return tensors, meta
-
-
-def accumulators_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        site, name, k = key.split("/", 2)
-        grouped.setdefault((site, name), {})[k] = v
-    out: dict[str, dict[str, Any]] = {}
-    for (site, name), state in grouped.items():
-        cls = ACCUMULATORS.get(name)
-        if cls is None:
-            raise RunStoreError(f"unknown accumulator {name!r} in run file")
-        out.setdefault(site, {})[name] = cls.from_state_dict(state, **meta.get(f"{site}/{name}", {}))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- distributed

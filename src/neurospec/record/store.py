@@ -30,6 +30,7 @@ import torch
 
 from neurospec.errors import RunStoreError
 from neurospec.models.sites import Site, Sites
+from neurospec.record.states import accumulators_from_tensors
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -252,8 +253,6 @@ class Run:
 
     def accumulators(self, task: str) -> dict[str, dict[str, Any]]:
         """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded)."""
-        from neurospec.record.recorder import accumulators_from_tensors
-
         path = self._task_file(task)
         redo = f"record task {task!r} again: the same `neurospec record` command with --force"
         tensors, meta = load_tensors(path, redo)

@@ -7,43 +7,20 @@ Reads whatever results the directory holds (``taskmap/taskmap.json``, ``prune/*/
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from neurospec import __version__
 from neurospec.errors import RunStoreError
+from neurospec.record.layout import REPORT, write_result_text
 from neurospec.report import figures as F
-
-
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _section(title: str, caption: str, body: str) -> str:
-    return f'<section><h2>{html.escape(title)}</h2><p class="cap">{html.escape(caption)}</p>{body}</section>'
-
-
-def _load(path: Path) -> Any | None:
-    return json.loads(path.read_text()) if path.exists() else None
+from neurospec.report.ablation import plot_ablation
+from neurospec.report.cluster_figures import cluster_sections
+from neurospec.report.parts import img, load_json, section, table
 
 
 def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
@@ -58,12 +35,12 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
         png = F.heatmaps(mats, titles, names, figdir / f"overlap_{frac}", mask_diagonal=True,
                          suptitle=f"overlap |A∩B|/|A| of task-specific neurons, top {float(frac):.0%} "
                                   "(diagonal = 1, left blank)")
-        out.append(_section(
+        out.append(section(
             f"Overlap of task neurons at {float(frac):.0%}",
             "Row task A, column task B: the share of A's specific neurons that B also selected. Compare the trained "
             "model with the random-init copy and with chance (random sets of the same per-layer sizes). Related "
             "tasks should overlap more than unrelated ones and more than chance.",
-            _img(png, f"overlap heatmap at {frac}"),
+            img(png, f"overlap heatmap at {frac}"),
         ))
     if tm.get("selectivity") is not None:
         sel = np.array(tm["selectivity"])
@@ -74,22 +51,22 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
                                   "column task")
         base = tm["baseline"]
         rows = [[n, base[n]["top1"], base[n]["top10"], base[n]["skip_top1"], base[n]["loss"]] for n in names]
-        out.append(_section(
+        out.append(section(
             "Selectivity matrix",
             f"Row i: the model with task i's specific neurons pruned; column j: how much task j's {metric} drops. "
             "A dominant diagonal means pruning is selective: each task's neurons serve that task.",
-            _img(png, "selectivity matrix") + _table(["task", "top1", "top10", "skip top1", "loss"], rows),
+            img(png, "selectivity matrix") + table(["task", "top1", "top10", "skip top1", "loss"], rows),
         ))
     key = f"{tm['config']['select_frac']:g}" if f"{tm['config']['select_frac']:g}" in tm["layer_counts"] else next(iter(tm["layer_counts"]))
     png = F.layer_distribution(tm["layer_counts"][key], figdir / "layer_distribution",
                                title=f"where each task's top {float(key):.0%} neurons are")
-    out.append(_section("Per-layer distribution", "Number of each task's specific neurons in every layer.",
-                        _img(png, "per-layer distribution")))
+    out.append(section("Per-layer distribution", "Number of each task's specific neurons in every layer.",
+                        img(png, "per-layer distribution")))
     tables = []
     for t, top in tm["top_neurons"].items():
         tables.append(f"<div><h3>{html.escape(t)}</h3>"
-                      + _table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]) + "</div>")
-    out.append(_section("Top neurons per task", "The ten highest-scoring neurons of each task (score: "
+                      + table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]) + "</div>")
+    out.append(section("Top neurons per task", "The ten highest-scoring neurons of each task (score: "
                         f"{tm['config']['score']}).", '<div class="grid">' + "".join(tables) + "</div>"))
     return out
 
@@ -99,27 +76,25 @@ def _prune_sections(results: dict[str, dict], figdir: Path) -> list[str]:
     rows = [[t, r["retain"] if isinstance(r["retain"], str) else "+".join(r["retain"]), r["area"],
              r["steps"][0]["forget"]["top1"], r["steps"][-1]["forget"]["top1"], r["steps"][0]["retain"]["top1"],
              r["steps"][-1]["retain"]["top1"]] for t, r in results.items()]
-    return [_section(
+    return [section(
         "Selective pruning",
         "Left: retain-task vs forget-task top-1 along the pruning steps (each curve starts top right). A curve that "
         "drops left while staying high is selective. Area: under the curve, normalised so that 1 = both tasks fall "
         "together, 2 = only the forget task falls.",
-        _img(png, "pruning curves") + _table(
+        img(png, "pruning curves") + table(
             ["forget", "retain", "area", "forget top1 start", "forget top1 end", "retain top1 start", "retain top1 end"],
             rows),
     )]
 
 
 def _ablation_sections(ab: dict, figdir: Path) -> list[str]:
-    from neurospec.experiments.ablation import plot_ablation
-
     png = plot_ablation(ab["rows"], figdir / "ablation_methods")[0]
-    return [_section(
+    return [section(
         "Ablation methods",
         "Loss increase as a growing random fraction of neurons is ablated, one line per method (band: spread over "
         "seeds). Lower is gentler. Published finding: resampling usually degrades most; the best of zero, mean and "
         "peak depends on the model.",
-        _img(Path(png), "ablation methods"),
+        img(Path(png), "ablation methods"),
     )]
 
 
@@ -139,7 +114,7 @@ def build_report(run_dir: str | Path) -> Path:
         raise RunStoreError(f"no run directory {run_dir}")
     figdir = run_dir / "figures"
     sections: list[str] = []
-    tm = _load(run_dir / "taskmap" / "taskmap.json") or _load(run_dir / "taskmap.json")
+    tm = load_json(run_dir / "taskmap" / "taskmap.json") or load_json(run_dir / "taskmap.json")
     if tm:
         sections += _taskmap_sections(tm, figdir)
     prune = {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "prune").glob("*/result.json"))}
@@ -148,11 +123,9 @@ def build_report(run_dir: str | Path) -> Path:
         prune = {r["forget"]: r}
     if prune:
         sections += _prune_sections(prune, figdir)
-    ab = _load(run_dir / "ablation" / "ablation.json") or _load(run_dir / "ablation.json")
+    ab = load_json(run_dir / "ablation" / "ablation.json") or load_json(run_dir / "ablation.json")
     if ab:
         sections += _ablation_sections(ab, figdir)
-    from neurospec.report.cluster_figures import cluster_sections
-
     sections += cluster_sections(run_dir, figdir)
     if not sections:
         raise RunStoreError(
@@ -160,7 +133,7 @@ def build_report(run_dir: str | Path) -> Path:
             "clusters.json); "
             "run `neurospec run`, `taskmap`, `prune` or `ablate` into it first"
         )
-    main = _load(run_dir / "main.json") or {}
+    main = load_json(run_dir / "main.json") or {}
     prov = {
         "run": str(run_dir),
         "neurospec": __version__,
@@ -186,11 +159,9 @@ def build_report(run_dir: str | Path) -> Path:
     doc = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>neurospec report</title>"
         f"<style>{CSS}</style></head><body><h1>neurospec report</h1>"
-        + _section("Provenance", "Everything needed to reproduce these numbers (full record below).",
+        + section("Provenance", "Everything needed to reproduce these numbers (full record below).",
                    summary + "<details><summary>full provenance (JSON)</summary>"
                    f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></details>")
         + "".join(sections) + "</body></html>"
     )
-    from neurospec.record.layout import REPORT, write_result_text
-
     return write_result_text(run_dir / REPORT, doc)
