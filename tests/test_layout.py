@@ -13,12 +13,10 @@ def test_layout_names_are_the_names_the_pipelines_use():
     from neurospec.cluster.result import LABELS_FILE, MANIFEST_FILE
     from neurospec.experiments.clusters import ALIGNMENT_FILE, ROUTING_FILE
     from neurospec.experiments.specialization import SPECIALIZATION_FILE
-    from neurospec.experiments.taskmasks import TASKMAP_FILE
-    from neurospec.experiments.zoo import ZOO_FILE
+    from neurospec.models.digits import ZOO_FILE
 
     assert (layout.CLUSTER_LABELS, layout.CLUSTERS, layout.ALIGNMENT, layout.ROUTING, layout.SPECIALIZATION,
-            layout.TASKMAP, layout.ZOO) == (LABELS_FILE, MANIFEST_FILE, ALIGNMENT_FILE, ROUTING_FILE,
-                                            SPECIALIZATION_FILE, TASKMAP_FILE, ZOO_FILE)
+            layout.ZOO) == (LABELS_FILE, MANIFEST_FILE, ALIGNMENT_FILE, ROUTING_FILE, SPECIALIZATION_FILE, ZOO_FILE)
 
 
 def test_claims_refuse_other_results_and_force_clears_only_results(tmp_path):

@@ -86,7 +86,7 @@ def cluster_cmd(
 ) -> None:
     """Cluster a model's MLP neurons: MoEfication experts or spectral clusters; labels saved in --out."""
     from neurospec.experiments.clusters import ClusterConfig, cluster_to_dir, parse_layers
-    from neurospec.experiments.targets import load_target
+    from neurospec.models.loading import load_model as load_target
 
     check_seed(seed)
     check_model_options(device, dtype)

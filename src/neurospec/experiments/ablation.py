@@ -29,7 +29,7 @@ from neurospec.evaluate.metrics import (
 )
 from neurospec.intervene.ablate import ablated, get_ablation
 from neurospec.intervene.neuronset import NeuronSet
-from neurospec.models.loading import _head_of
+from neurospec.models.loading import head_of
 from neurospec.models.sites import Sites
 
 KINDS = ("attn", "mlp", "both")
@@ -106,7 +106,7 @@ def ablation_study(
 
     loss_metric = "cosine distance to the unablated model"
     if metric == "lm":
-        loss_metric = ("next-token" if _head_of(model) == "causal-lm" else "masked-token") + " cross-entropy"
+        loss_metric = ("next-token" if head_of(model) == "causal-lm" else "masked-token") + " cross-entropy"
     refs = {}
     if metric == "representation":
         refs = {t: reference_states(model, b, batch_size=batch_size) for t, b in tasks.items()}

@@ -16,11 +16,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neurospec.data.build import build_tasks
 from neurospec.errors import NeurospecError
+from neurospec.evaluate.tasks import skip_ids_for
+from neurospec.experiments.ablation import ablation_study
+from neurospec.experiments.selective import PruneConfig, selective_pruning
+from neurospec.experiments.taskmap import TaskMapConfig, task_map
+from neurospec.intervene.references import reference_values
 from neurospec.models.loading import LoadedModel
 from neurospec.record import layout
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
+from neurospec.report.html import build_report
 
 DEFAULT_TASKS = ("python", "c", "prose", "dialog", "dialog-spanish", "dialog-italian")
 
@@ -66,13 +73,6 @@ def main_job(
     progress: ProgressFn | None = None, command: str | None = None, log=None,
 ) -> dict:
     """Run the whole study into ``out``; returns the summary written to ``out/main.json``."""
-    from neurospec.experiments.ablation import ablation_study
-    from neurospec.experiments.common import build_tasks, skip_ids_for
-    from neurospec.experiments.references import reference_values
-    from neurospec.experiments.selective import PruneConfig, selective_pruning
-    from neurospec.experiments.taskmap import TaskMapConfig, task_map
-    from neurospec.report.html import build_report
-
     cfg = cfg or RunConfig()
     if len(cfg.tasks) < 2:
         raise NeurospecError("the main job needs at least two tasks")
