@@ -10,7 +10,7 @@ Glossary of dimensions used in docstrings: ``batch`` sequences, ``seq`` position
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -164,11 +164,20 @@ class Sites:
         return [s.to_dict() for s in self.sites]
 
 
+_RESOLVER: list[Callable[[nn.Module], Sites]] = []
+
+
+def set_site_resolver(resolve: Callable[[nn.Module], Sites]) -> None:
+    """Install the function that finds a model's sites: :mod:`neurospec.models.architectures` installs its family
+    registry when it is imported (``neurospec.models`` imports it), so this module needs no import of it."""
+    _RESOLVER[:] = [resolve]
+
+
 def find_sites(model: nn.Module) -> Sites:
     """Describe every neuron site of ``model`` (see :mod:`neurospec.models.architectures`)."""
-    from neurospec.models.architectures import resolve_sites
-
-    return resolve_sites(model)
+    if not _RESOLVER:
+        raise ArchitectureError("no site resolver installed: import neurospec.models (it installs the family registry)")
+    return _RESOLVER[0](model)
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
