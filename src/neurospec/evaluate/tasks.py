@@ -37,8 +37,6 @@ from neurospec.evaluate.metrics import (
     warn_nonfinite,
 )
 
-LM_HEADS = ("causal-lm", "masked-lm")
-
 
 def objective_of(loaded: Any, blocks: torch.Tensor) -> str:
     """The objective :func:`task_metrics` uses for ``blocks`` on ``loaded`` (a key of ``METRIC_NAMES``)."""

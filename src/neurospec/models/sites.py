@@ -45,12 +45,6 @@ class Site:
         if self.name != site_name(self.layer, self.kind):
             raise ValueError(f"site name {self.name!r} does not match layer {self.layer} and kind {self.kind}")
 
-    def head_of(self, index: int) -> int:
-        """The attention head that neuron ``index`` belongs to."""
-        if self.d_head is None:
-            raise ValueError(f"site {self.name} has no heads")
-        return index // self.d_head
-
     def to_dict(self) -> dict:
         return {
             "name": self.name,
