@@ -11,7 +11,8 @@ from neurospec.record import layout
 
 def test_layout_names_are_the_names_the_pipelines_use():
     from neurospec.cluster.result import LABELS_FILE, MANIFEST_FILE
-    from neurospec.experiments.clusters import ALIGNMENT_FILE, ROUTING_FILE
+    from neurospec.experiments.clusters import ALIGNMENT_FILE
+    from neurospec.experiments.routing import ROUTING_FILE
     from neurospec.experiments.specialization import SPECIALIZATION_FILE
     from neurospec.models.digits import ZOO_FILE
 

@@ -99,7 +99,8 @@ def _cluster(loaded, tasks, tmp):
 
 
 def _specialization_and_routing(loaded, tasks, tmp):
-    from neurospec.experiments.clusters import ClusterConfig, cluster_to_dir, routing
+    from neurospec.experiments.clusters import ClusterConfig, cluster_to_dir
+    from neurospec.experiments.routing import routing
     from neurospec.experiments.specialization import SpecializationConfig, specialization
 
     cluster_to_dir(loaded, ClusterConfig("moefication", experts=4), tmp / "c")

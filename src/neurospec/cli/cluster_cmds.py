@@ -257,7 +257,7 @@ def route_cmd(
 ) -> None:
     """MoE routing: keep each token's top-k experts in every MLP; loss and top-1 against k."""
     from neurospec.errors import NeurospecError
-    from neurospec.experiments.clusters import ROUTING_FILE, routing
+    from neurospec.experiments.routing import ROUTING_FILE, routing
 
     try:
         k_list = [int(x) for x in ks.split(",") if x.strip()]
