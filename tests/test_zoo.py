@@ -54,6 +54,24 @@ def test_mlp_save_load_roundtrip(mlp, tmp_path):
         read_zoo(tmp_path)
 
 
+def test_the_digits_mlp_is_a_loaded_model_like_any_other(mlp, tmp_path):
+    """One handle: the saved MLP loads with load_model, an in-memory one wraps with from_module, both as plain MLPs."""
+    from neurospec.models.loading import from_module, load_model
+
+    zoo.save(mlp, tmp_path / "mlp")
+    loaded = load_model(str(tmp_path / "mlp"))
+    assert loaded.zoo is not None and loaded.zoo.kind == "digits-mlp" and loaded.analysis_kind == "image"
+    assert loaded.is_plain and loaded.sites.family == "plain-mlp" and loaded.spec == str((tmp_path / "mlp").resolve())
+    assert [s.name for s in loaded.mlp_sites()] == ["layers.0.mlp", "layers.1.mlp", "layers.2.mlp"]
+    assert [(s.module, s.inputs, s.width) for s in loaded.sites] == [("3", ("1",), 256), ("5", ("3",), 256),
+                                                                     ("7", ("5",), 256)]
+    d = loaded.describe()
+    assert d["model_type"] == "plain-mlp" and d["zoo"]["test_accuracy"] == mlp.test_accuracy
+    wrapped = from_module(mlp.model, name="mlp")
+    assert wrapped.sites == loaded.sites and wrapped.fingerprint == loaded.fingerprint and wrapped.zoo is None
+    assert wrapped.analysis_kind == "none" and wrapped.describe()["model_type"] == "plain-mlp"
+
+
 def test_vit_is_deterministic_and_opens_with_load_model(tmp_path):
     from neurospec.models.loading import load_model
 
