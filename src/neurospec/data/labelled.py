@@ -22,7 +22,7 @@ Splitting (:func:`make_labelled`): exact duplicate items are dropped (the first 
 no text is in two splits. Every class is cut to the size of the smallest one (balanced), and each class is split
 by the fractions (default 60/20/20) in a seeded order: a stable hash (sha256) of the seed, the class and the
 item, never Python's salted ``hash()``. Each split must hold at least ``min_per_split`` examples of every class.
-The ``digits`` task keeps the fixed test images of :func:`neurospec.experiments.zoo.digits_split` as its test
+The ``digits`` task keeps the fixed test images of :func:`neurospec.data.digits.digits_split` as its test
 split (the zoo's models never trained on them) and splits the training images into train and dev.
 """
 
