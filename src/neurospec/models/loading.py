@@ -468,7 +468,8 @@ def random_init_copy(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
 
 
 def from_module(model: nn.Module, tokenizer: Any = None, name: str = "in-memory") -> LoadedModel:
-    """Wrap a model already in memory (e.g. built from a config in a test or a notebook, or a plain MLP stack)."""
+    """Wrap a model already in memory (e.g. built from a config in a test or a notebook, or a plain MLP stack); like
+    :func:`load_model`, it puts the model in evaluation mode."""
     model.eval()
     return LoadedModel(model, tokenizer, name, "memory", head_of(model), model_sites(model), model_fingerprint(model))
 
