@@ -24,7 +24,7 @@ import torch
 from neurospec.evaluate.metrics import evaluate_lm
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
-from neurospec.models.loading import LoadedModel, _head_of, load_model
+from neurospec.models.loading import LoadedModel, head_of, load_model
 from neurospec.models.sites import find_sites
 from neurospec.record.recorder import RecordConfig, _forward_body, record_task
 
@@ -67,7 +67,7 @@ def random_llama(config: dict, device: torch.device, dtype: torch.dtype) -> Load
     with torch.device(device):
         model = T.LlamaForCausalLM(cfg).to(dtype).eval()
     n = sum(p.numel() for p in model.parameters())
-    return LoadedModel(model, None, f"random llama ({n / 1e6:,.1f}M parameters)", "memory", _head_of(model),
+    return LoadedModel(model, None, f"random llama ({n / 1e6:,.1f}M parameters)", "memory", head_of(model),
                        find_sites(model), "not-fingerprinted")
 
 

@@ -32,13 +32,13 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
+    from neurospec.data.build import build_tasks
     from neurospec.evaluate import evaluate_lm, most_frequent_tokens
-    from neurospec.experiments.common import build_tasks
-    from neurospec.experiments.selective import select
     from neurospec.intervene.ablate import ablated
     from neurospec.models.loading import load_model
     from neurospec.record.recorder import RecordConfig, _forward_body, record_task
     from neurospec.score import score_neurons
+    from neurospec.score.selection import select
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)

@@ -297,7 +297,7 @@ def test_bf16_fold_hook_and_resample():
 
 
 def test_position_aligned_samples_are_the_site_inputs_per_sequence():
-    from neurospec.experiments.aligned_samples import position_aligned_samples
+    from neurospec.intervene.aligned import position_aligned_samples
 
     model = tiny_model("llama")
     sites = find_sites(model)

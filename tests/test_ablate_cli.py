@@ -58,9 +58,9 @@ def test_ablation_study_json_contract(setup):
 
 
 def test_fold_given_neurons_and_save(setup):
-    from neurospec.experiments.references import reference_values
     from neurospec.intervene.ablate import ablated
     from neurospec.intervene.neuronset import NeuronSet
+    from neurospec.intervene.references import reference_values
     from neurospec.models.loading import load_model
     from neurospec.record.store import open_run
 
@@ -173,9 +173,9 @@ def test_resample_options_reach_the_hook(setup, monkeypatch):
 def test_fold_with_the_kde_peak(setup):
     """`--peak-method kde` reaches the folded constants: the saved model equals hooking the KDE peaks, and differs
     from the histogram peak's model."""
-    from neurospec.experiments.references import reference_values
     from neurospec.intervene.ablate import ablated
     from neurospec.intervene.neuronset import NeuronSet
+    from neurospec.intervene.references import reference_values
     from neurospec.models.loading import load_model
     from neurospec.record.store import open_run
 

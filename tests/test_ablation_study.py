@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from neurospec.errors import NeurospecError
-from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
-from neurospec.experiments.references import peak_offsets
+from neurospec.experiments.ablation import ablation_study
 from neurospec.intervene.ablate import fold_ablation, study_methods
 from neurospec.intervene.neuronset import NeuronSet
+from neurospec.intervene.references import peak_offsets
 from neurospec.models.sites import find_sites
 from neurospec.record.accumulators import NeuronStats
+from neurospec.report.ablation import plot_ablation, summarise
 
 from tiny import VOCAB, tiny_model
 

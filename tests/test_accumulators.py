@@ -182,14 +182,35 @@ def test_grid_of_constant_huge_tiny_and_empty_neurons():
     np.testing.assert_array_equal(h.counts.numpy(), grid_reference(x.double().numpy(), 8)[2])
 
 
-def test_range_sync_and_calib_margin_are_accepted_and_unused():
-    calls = []
-    acc = NeuronStats(3, calib_margin=0.25, range_sync=lambda lo, hi: calls.append(1) or (lo, hi))
-    acc.update(torch.empty(0, 3))
-    acc.update(torch.full((4, 3), math.nan))
+def test_saved_stats_with_an_old_calib_margin_still_load():
+    """Earlier versions wrote ``calib_margin`` into a NeuronStats' metadata; such files still load."""
+    acc = NeuronStats(3)
     acc.update(torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [10.0, 10.0, 10.0]]))
-    assert calls == [] and "calib_margin" not in acc.meta()
-    assert acc.histogram().counts.sum() == 9 and acc.compute()["nonfinite"].tolist() == [4.0, 4.0, 4.0]
+    again = NeuronStats.from_state_dict(acc.state_dict(), **acc.meta(), calib_margin=0.25)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in acc.state_dict().items())
+    assert "calib_margin" not in again.meta()
+
+
+def test_merge_stats_keeps_histograms_and_leaves_the_parts_alone():
+    """Merged statistics equal those of the concatenated tokens (moments, extremes and now the peak too)."""
+    from neurospec.record.accumulators import merge_stats
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(200, 4, generator=g) * (i + 1) + i for i in range(3)]
+    parts = []
+    for x in xs:
+        acc = NeuronStats(4, hist_bins=32)
+        acc.update(x)
+        parts.append({"s": acc})
+    before = [p["s"].state_dict() for p in parts]
+    whole = NeuronStats(4, hist_bins=32)
+    whole.update(torch.cat(xs))
+    got, want = merge_stats(parts)["s"], whole.compute()
+    for k in ("count", "min", "max", "peak"):
+        assert torch.equal(got[k], want[k]), k
+    for k in ("mean", "std", "rms", "mean_abs"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-9)  # float32 partial sums per batch
+    assert all(torch.equal(b[k], p["s"].state_dict()[k]) for b, p in zip(before, parts, strict=True) for k in b)
 
 
 # ------------------------------------------------------------------------------------------------- robust mode

@@ -29,14 +29,12 @@ class LoadReached(NeurospecError):
 @pytest.fixture
 def no_load(monkeypatch):
     """Model loading raises LoadReached: a command that gets that far passed its checks."""
-    import neurospec.experiments.targets as targets
     import neurospec.models.loading as loading
 
     def fake(*a, **k):
         raise LoadReached("model loading reached")
 
     monkeypatch.setattr(loading, "load_model", fake)
-    monkeypatch.setattr(targets, "load_target", fake)
 
 
 def one_line_error(r, match: str) -> None:

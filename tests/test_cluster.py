@@ -12,7 +12,8 @@ from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
-from neurospec.cluster.baselines import clusterability, shuffle_weights
+from neurospec.analyze.clusterability import clusterability
+from neurospec.cluster.baselines import shuffle_weights
 from neurospec.cluster.kmeans import BalancedKMeans, assign_exact, assign_greedy, balanced_sizes
 from neurospec.cluster.moefication import (
     coactivation_experts,

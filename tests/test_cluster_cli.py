@@ -191,14 +191,13 @@ def test_cluster_errors_are_clear(ws, tmp_path):
 def test_a_model_without_mlp_sites_is_refused():
     from neurospec.errors import ArchitectureError
     from neurospec.experiments.clusters import ClusterConfig, cluster
-    from neurospec.experiments.targets import from_loaded
     from neurospec.models.loading import from_module
     from neurospec.models.sites import Sites
 
     loaded = from_module(tiny_model("llama"))
     loaded.sites = Sites(loaded.sites.family, loaded.sites.of_kind("attn"), loaded.sites.hidden_size)
     with pytest.raises(ArchitectureError, match="no MLP sites"):
-        cluster(from_loaded(loaded), ClusterConfig("moefication", experts=4))
+        cluster(loaded, ClusterConfig("moefication", experts=4))
 
 
 # ---------------------------------------------------------------------------------------- specialization
@@ -246,8 +245,7 @@ def test_selected_units_and_the_null_pool():
 
 
 def test_merged_moments_equal_the_statistics_of_the_union():
-    from neurospec.experiments.common import merge_moments
-    from neurospec.record.accumulators import NeuronStats
+    from neurospec.record.accumulators import NeuronStats, merge_stats
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 5, generator=g), torch.randn(200, 5, generator=g) * 3 + 1
@@ -258,7 +256,7 @@ def test_merged_moments_equal_the_statistics_of_the_union():
         parts.append({"s": acc})
     whole = NeuronStats(5)
     whole.update(torch.cat([a, b]))
-    want, got = whole.compute(), merge_moments(parts)["s"]
+    want, got = whole.compute(), merge_stats(parts)["s"]
     for k in ("mean", "var", "std", "rms", "mean_abs", "mean_sqrt_abs", "frac_pos", "mean_pos", "mean_neg", "min",
               "max", "count"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-9, msg=k)
@@ -266,9 +264,9 @@ def test_merged_moments_equal_the_statistics_of_the_union():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_prefix_cache_gives_the_full_forward_result(family):
-    from neurospec.experiments.site_eval import LMEvaluator, block_list
-    from neurospec.experiments.targets import limited_threads
+    from neurospec.evaluate.site_ablation import LMEvaluator, block_list
     from neurospec.models.loading import from_module
+    from neurospec.runtime import limited_threads
 
     loaded = from_module(tiny_model(family))
     before = list(block_list(loaded.model, loaded.sites))
@@ -292,7 +290,7 @@ def test_prefix_cache_gives_the_full_forward_result(family):
 
 
 def test_align_json_and_task_masks_match_the_task_map(ws):
-    from neurospec.experiments.taskmasks import task_masks
+    from neurospec.experiments.taskmap import task_masks
 
     tm_dir = ws["root"] / "map"
     r = invoke("taskmap", "--model", ws["model"], "--task", ws["words"], "--task", "prose", "--tokens", 256,
@@ -313,7 +311,7 @@ def test_align_json_and_task_masks_match_the_task_map(ws):
     # so p is at its minimum 1/(n_perm+1)); in layer 1 each task neuron has a cluster of its own (maximal entropy:
     # every random set is at most as spread, so p is 1)
     from neurospec.cluster.result import Clustering
-    from neurospec.experiments.targets import load_target
+    from neurospec.models.loading import load_model
 
     task = next(t for t in ("words", "prose") if all(int(m.sum()) >= 2 for m in masks[t].values()))
     m0, m1 = (masks[task][s].numpy().astype(bool) for s in ("layers.0.mlp", "layers.1.mlp"))
@@ -322,7 +320,7 @@ def test_align_json_and_task_masks_match_the_task_map(ws):
     k1 = max(int(m1.sum()), 8)
     lab1 = np.arange(96, dtype=np.int64) % k1
     lab1[m1] = np.arange(m1.sum())
-    target = load_target(str(ws["model"]))
+    target = load_model(str(ws["model"]))
     Clustering({"layers.0.mlp": lab0, "layers.1.mlp": lab1}, "moefication", "params", "per_layer",
                target.describe(), target.spec).save(ws["root"] / "planted")
     planted = ok_json("align", ws["root"] / "planted", tm_dir, "--n-perm", 99)
@@ -352,10 +350,11 @@ def test_zoo_mlp_as_analysis_target(tmp_path):
     assert c["n_sites"] == 3 and c["clusterability"] is not None
     # excluded = the neurons that are constant (dead) on the training images, found here by brute force
     from neurospec.cluster.result import load_clustering
-    from neurospec.experiments import zoo
-    from neurospec.experiments.targets import image_activations, load_target
+    from neurospec.data.digits import digits_split
+    from neurospec.models.loading import load_model
+    from neurospec.record.activations import image_activations
 
-    acts = image_activations(load_target(str(tmp_path / "mlp")), zoo.digits_split().x_train)
+    acts = image_activations(load_model(str(tmp_path / "mlp")), digits_split().x_train)
     labels = load_clustering(tmp_path / "c").labels
     dead = {name: (x.max(0).values == x.min(0).values).numpy() for name, x in acts.items()}
     assert c["n_excluded"] == sum(int(d.sum()) for d in dead.values())
@@ -385,7 +384,7 @@ def test_zoo_vit_as_analysis_target(tmp_path):
 
 
 def test_digit_tasks():
-    from neurospec.experiments import zoo
+    from neurospec.data import digits as zoo
 
     assert zoo.parse_digit_tasks(None) == zoo.DIGIT_TASKS
     x, y = zoo.task_images("digit-4", "train")
@@ -439,9 +438,9 @@ def test_route_top_k_experts(ws):
 
 @pytest.mark.slow
 def test_smollm2_cluster_json_and_prefix_cache(tmp_path, monkeypatch):
-    from neurospec.experiments.site_eval import LMEvaluator
-    from neurospec.experiments.targets import limited_threads
+    from neurospec.evaluate.site_ablation import LMEvaluator
     from neurospec.models.loading import load_model
+    from neurospec.runtime import limited_threads
 
     if REAL_CACHE is None:
         monkeypatch.delenv("NEUROSPEC_CACHE", raising=False)
@@ -470,9 +469,9 @@ def test_smollm2_cluster_json_and_prefix_cache(tmp_path, monkeypatch):
 def test_specialization_notes_units_that_fill_their_layer(ws, tmp_path):
     from neurospec.cluster.result import Clustering
     from neurospec.experiments.specialization import SpecializationConfig, specialization
-    from neurospec.experiments.targets import load_target
+    from neurospec.models.loading import load_model
 
-    target = load_target(str(ws["model"]))
+    target = load_model(str(ws["model"]))
     lab = np.r_[np.zeros(80, dtype=np.int64), np.ones(16, dtype=np.int64)]
     Clustering({"layers.0.mlp": lab, "layers.1.mlp": lab}, "spectral", "weights", "global", target.describe(),
                target.spec).save(tmp_path / "c")

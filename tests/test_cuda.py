@@ -17,7 +17,6 @@ import torch
 from neurospec.evaluate.metrics import evaluate_lm
 from neurospec.experiments.clusters import ClusterConfig, cluster
 from neurospec.experiments.selective import PruneConfig, selective_pruning
-from neurospec.experiments.targets import from_loaded
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import from_module, model_fingerprint
@@ -94,7 +93,7 @@ def test_evaluation_on_the_device_equals_the_cpu():
 def test_clustering_on_the_device_equals_the_cpu():
     cpu, dev = _pair()
     cfg = ClusterConfig("moefication", experts=4)
-    a, b = cluster(from_loaded(cpu), cfg), cluster(from_loaded(dev), cfg)
+    a, b = cluster(cpu, cfg), cluster(dev, cfg)
     la, lb = a.labels, b.labels
     assert set(la) == set(lb)
     for site in la:

@@ -18,7 +18,8 @@ import torch
 
 from neurospec.data import corpora, sources, tasks
 from neurospec.data.corpora import Corpus, CorpusSize, corpus_names, get_corpus, register_corpus
-from neurospec.data.sources import Document, FileTreeSource, open_source
+from neurospec.data.documents import Document, FileTreeSource
+from neurospec.data.sources import open_source
 from neurospec.data.tasks import (
     TaskData,
     TaskSpec,
@@ -686,7 +687,7 @@ def test_task_names_that_differ_only_by_case_are_refused(tmp_path, toy_tokenizer
     # the experiments build their task lists through it
     from types import SimpleNamespace
 
-    from neurospec.experiments.common import build_tasks
+    from neurospec.data.build import build_tasks
     from neurospec.record.recorder import RecordConfig
 
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in make_docs(40, seed=1)])

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
-from neurospec.record.distributed import all_reduce_, sync_range
+from neurospec.record.distributed import all_reduce_
 
 W, K, SEED = 12, 40, 7
 
@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mine = data()[2 * rank : 2 * rank + 2]
-        stats = NeuronStats(W, range_sync=sync_range)
+        stats = NeuronStats(W)
         res = Reservoir(W, K, seed=SEED + rank)
         co = CoMoments(W)
         for b in mine:
@@ -67,12 +67,6 @@ def worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(res.compute()["samples"], want_res.compute()["samples"])
         assert int(res.state_dict()["seen"]) == 275
         torch.testing.assert_close(co.compute(), want_co.compute(), rtol=1e-12, atol=1e-12)
-        # Histograms need no agreed range: without range_sync the result is the same.
-        apart = NeuronStats(W)
-        for b in mine:
-            apart.update(b)
-        all_reduce_(apart)
-        assert all(torch.equal(apart.state_dict()[k], stats.state_dict()[k]) for k in ("hist", "hist_lo", "hist_hi"))
         same_seed = Reservoir(W, K, seed=SEED)
         same_seed.update(mine[0])
         with pytest.raises(ValueError, match="same seed"):
@@ -99,8 +93,6 @@ def test_all_reduce_without_process_group_is_a_no_op():
     before = acc.state_dict()
     assert all_reduce_(acc) is acc
     assert all(torch.equal(before[k], v) for k, v in acc.state_dict().items())
-    lo, hi = torch.zeros(3), torch.ones(3)
-    assert sync_range(lo, hi) == (lo, hi)
 
 
 # ------------------------------------------------------------------------------------- devices and backends

@@ -208,7 +208,7 @@ def _constant_head(model, value):
 @pytest.mark.parametrize("value", [0.0, float("nan")])
 def test_models_with_constant_or_nan_logits_score_zero_everywhere(value):
     from neurospec.evaluate import task_metrics
-    from neurospec.experiments.site_eval import LMEvaluator
+    from neurospec.evaluate.site_ablation import LMEvaluator
     from neurospec.models.loading import from_module
 
     b = torch.zeros(3, 10, dtype=torch.long)  # every target is token 0, the first of the tied logits
@@ -292,8 +292,9 @@ def test_task_metrics_of_a_headless_encoder_is_the_representation_similarity(enc
 
 def test_task_map_and_pruning_of_a_headless_encoder(encoder, tmp_path):
     from neurospec.experiments.selective import PruneConfig, selective_pruning
-    from neurospec.experiments.taskmap import TaskMapConfig, _select_kind, task_map
+    from neurospec.experiments.taskmap import TaskMapConfig, task_map
     from neurospec.record.recorder import RecordConfig
+    from neurospec.score.selection import select_kind
 
     rc = RecordConfig(tokens=400, eval_tokens=64, seq_len=16, batch_size=4, reservoir=0, hist_bins=16)
     res = task_map(encoder, ["prose", "dialog"], tmp_path / "map", record_cfg=rc,
@@ -302,13 +303,13 @@ def test_task_map_and_pruning_of_a_headless_encoder(encoder, tmp_path):
     sel = np.array(res["selectivity"])
     assert sel.shape == (2, 2) and (sel > 0).all()
     # row "prose", column "dialog" by hand: prune prose's neurons, similarity of dialog's states to the unpruned
-    from neurospec.experiments.common import build_tasks
-    from neurospec.experiments.taskmap import _scores
+    from neurospec.data.build import build_tasks
+    from neurospec.experiments.taskmap import task_scores
     from neurospec.record.store import open_run
 
     data = build_tasks(encoder, ["prose", "dialog"], rc)
     ref = reference_states(encoder, data["dialog"].eval)
-    ns = _select_kind(_scores(open_run(tmp_path / "map" / "model"), ["prose", "dialog"], TaskMapConfig())["prose"],
+    ns = select_kind(task_scores(open_run(tmp_path / "map" / "model"), ["prose", "dialog"], TaskMapConfig())["prose"],
                       0.1, "mlp", encoder.sites)
     with ablated(encoder.model, encoder.sites, ns, "zero"):
         want = 1 - hand_similarity(encoder.model, data["dialog"].eval, ref)
@@ -367,7 +368,8 @@ def test_real_minilm_evaluate_and_task_map(tmp_path, monkeypatch):
 
 
 def test_ablation_study_names_the_metric_of_its_loss(encoder):
-    from neurospec.experiments.ablation import ablation_study, summarise
+    from neurospec.experiments.ablation import ablation_study
+    from neurospec.report.ablation import summarise
 
     b = blocks(n=3, seq=12, low=2)
     rows = ablation_study(encoder, encoder.sites, {"t": b}, kind="mlp", frac_per_step=0.5, steps=1,

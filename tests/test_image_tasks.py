@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from neurospec.data.build import build_tasks
 from neurospec.data.images import image_task, is_image_task
-from neurospec.experiments.common import build_tasks, task_metrics
+from neurospec.evaluate.tasks import task_metrics
 from neurospec.experiments.selective import PruneConfig, selective_pruning
 from neurospec.experiments.taskmap import TaskMapConfig, task_map
 from neurospec.models.loading import from_module
@@ -24,7 +25,7 @@ def vit(monkeypatch, tmp_path):
 
 
 def test_image_task_is_one_class_of_the_digits():
-    from neurospec.experiments import zoo
+    from neurospec.data import digits as zoo
 
     t = image_task("three=digit-3")
     assert t.name == "three" and t.label == 3 and is_image_task("digit-3") and not is_image_task("python")
@@ -69,7 +70,7 @@ def test_task_map_and_pruning_run_on_images(vit, tmp_path):
     assert set(res["task_info"]["digit-0"]) == {"fingerprint", "collect_images", "eval_images"}
     # every overlap (off the diagonal too) is that of the sets the map selected, recomputed from its directory
     from neurospec.analyze.overlap import overlap_matrix
-    from neurospec.experiments.taskmasks import task_masks
+    from neurospec.experiments.taskmap import task_masks
 
     masks, _ = task_masks(tmp_path / "map", 0.2)
     ov, _, _ = overlap_matrix([masks[t] for t in ("digit-0", "digit-1", "digit-2")])

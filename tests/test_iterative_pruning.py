@@ -5,11 +5,12 @@ import shutil
 
 import pytest
 
-from neurospec.experiments.selective import PruneConfig, select, selective_pruning
+from neurospec.experiments.selective import PruneConfig, selective_pruning
 from neurospec.models.loading import from_module
 from neurospec.record.recorder import Intervention, RecordConfig
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
+from neurospec.score.selection import select
 
 from tiny import char_tokenizer, tiny_model, write_corpus
 

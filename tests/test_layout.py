@@ -11,14 +11,13 @@ from neurospec.record import layout
 
 def test_layout_names_are_the_names_the_pipelines_use():
     from neurospec.cluster.result import LABELS_FILE, MANIFEST_FILE
-    from neurospec.experiments.clusters import ALIGNMENT_FILE, ROUTING_FILE
+    from neurospec.experiments.clusters import ALIGNMENT_FILE
+    from neurospec.experiments.routing import ROUTING_FILE
     from neurospec.experiments.specialization import SPECIALIZATION_FILE
-    from neurospec.experiments.taskmasks import TASKMAP_FILE
-    from neurospec.experiments.zoo import ZOO_FILE
+    from neurospec.models.digits import ZOO_FILE
 
     assert (layout.CLUSTER_LABELS, layout.CLUSTERS, layout.ALIGNMENT, layout.ROUTING, layout.SPECIALIZATION,
-            layout.TASKMAP, layout.ZOO) == (LABELS_FILE, MANIFEST_FILE, ALIGNMENT_FILE, ROUTING_FILE,
-                                            SPECIALIZATION_FILE, TASKMAP_FILE, ZOO_FILE)
+            layout.ZOO) == (LABELS_FILE, MANIFEST_FILE, ALIGNMENT_FILE, ROUTING_FILE, SPECIALIZATION_FILE, ZOO_FILE)
 
 
 def test_claims_refuse_other_results_and_force_clears_only_results(tmp_path):
@@ -62,9 +61,9 @@ def test_result_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_figures_are_written_whole_in_their_format(tmp_path):
-    from neurospec.report.figures import _plt
+    from neurospec.report.figures import pyplot
 
-    fig = _plt().figure()
+    fig = pyplot().figure()
     png = layout.write_result_figure(fig, tmp_path / "f.png", dpi=50)
     svg = layout.write_result_figure(fig, tmp_path / "f.svg")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"<svg" in svg.read_bytes()[:400]

@@ -425,7 +425,6 @@ def test_an_expert_without_tokens_is_still_called_every_forward():
 def test_selective_scores_on_expert_sites(tmp_path, monkeypatch):
     """Two recorded tasks on Qwen2-MoE: the abs score of every expert neuron (and the shared expert's) is
     mean|x|_F / (mean|x|_R + 1e-3), the MLP epsilon, and the top neurons ablate through the expert hook."""
-    from neurospec.experiments.common import merged_stats
     from neurospec.experiments.selective import select
     from neurospec.score.selective import score_neurons
 
@@ -435,7 +434,7 @@ def test_selective_scores_on_expert_sites(tmp_path, monkeypatch):
     b = write_corpus(tmp_path / "b.txt", seed=2, words=("one", "two", "three"))
     record(loaded, [f"a={a}", f"b={b}"], tmp_path / "run", CFG)
     run = open_run(tmp_path / "run")
-    forget, retain = run.stats("a"), merged_stats(run, ["b"])
+    forget, retain = run.stats("a"), run.merged_stats(["b"])
     scores = score_neurons("abs", forget, retain)
     for site in ("layers.1.mlp.2", "layers.0.mlp.shared"):
         want = forget[site]["mean_abs"] / (run.stats("b")[site]["mean_abs"] + 1e-3)
@@ -539,7 +538,7 @@ def test_shuffled_baseline_permutes_each_experts_slices():
 
 
 def test_position_aligned_samples_refuse_routed_experts():
-    from neurospec.experiments.aligned_samples import position_aligned_samples
+    from neurospec.intervene.aligned import position_aligned_samples
 
     model = moe_model("mixtral")
     with pytest.raises(NeurospecError, match="routed expert site layers.0.mlp.1"):

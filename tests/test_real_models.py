@@ -16,7 +16,8 @@ def smollm():
 
 
 def test_smollm2_records_and_evaluates(smollm, tmp_path):
-    from neurospec.experiments.common import build_tasks, skip_ids_for, task_metrics
+    from neurospec.data.build import build_tasks
+    from neurospec.evaluate.tasks import skip_ids_for, task_metrics
 
     cfg = RecordConfig(tokens=2048, eval_tokens=512, seq_len=128, batch_size=8, reservoir=64)
     summary = record(smollm, ["python", "prose"], tmp_path / "run", cfg)

@@ -92,7 +92,8 @@ def _chosen(keys: dict, k: int) -> set:
 
 
 def test_tie_break_keys_random_per_task_and_order_preserving():
-    from neurospec.experiments.taskmap import TaskMapConfig, _keys, _masks
+    from neurospec.experiments.taskmap import TaskMapConfig
+    from neurospec.score.selection import kind_masks, selection_keys
 
     g = torch.Generator().manual_seed(0)
     widths = {"layers.0.mlp": 60, "layers.1.mlp": 40}
@@ -120,13 +121,13 @@ def test_tie_break_keys_random_per_task_and_order_preserving():
         assert {("layers.1.mlp", i) for i in range(3)} <= chosen
     # through the task map's own selection (global top fraction of MLP neurons over both layers)
     cfg = TaskMapConfig(score="freq")
-    keys = _keys({"de": scores, "fr": scores}, cfg, "fp")
-    masks = {t: _masks(keys[t], 0.3, "mlp", None) for t in ("de", "fr")}
+    keys = selection_keys({"de": scores, "fr": scores}, cfg.seed, "fp")
+    masks = {t: kind_masks(keys[t], 0.3, "mlp", None) for t in ("de", "fr")}
     sets = {t: {(s, i) for s, m in masks[t].items() for i in torch.nonzero(m).flatten().tolist()} for t in masks}
     assert all(len(v) == k for v in sets.values())
     assert sets["de"] != sets["fr"]
     assert sets == {t: _chosen(keys[t], k) for t in keys}
-    again = _keys({"de": scores}, cfg, "fp")["de"]
+    again = selection_keys({"de": scores}, cfg.seed, "fp")["de"]
     assert all(torch.equal(again[s], keys["de"][s]) for s in widths)
 
 

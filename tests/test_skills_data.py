@@ -74,7 +74,7 @@ def test_bundled_python_vs_c_and_digits():
     texts, labels = t.split("train")
     assert sum(labels) == 12 and all(len(s) <= 300 for s in texts)
     d = load_labelled("digits?per_class=30")
-    from neurospec.experiments.zoo import digits_split
+    from neurospec.data.digits import digits_split
 
     test_images, _ = d.split("test")
     held = digits_split().x_test

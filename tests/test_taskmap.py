@@ -165,7 +165,7 @@ def test_task_masks_recompute_the_maps_sets(corpora):
     """The sets recomputed from a task-map directory are the map's own (rand control included: same seeds per
     model and task); a map written with the version-1 selection rule says that its sets may differ."""
     from neurospec.analyze.overlap import overlap_matrix
-    from neurospec.experiments.taskmasks import task_masks
+    from neurospec.experiments.taskmap import task_masks
 
     tasks, tmp = corpora
     names = ["quack", "plain", "other"]
@@ -231,8 +231,8 @@ def test_normalised_area_by_hand():
 
 
 def test_select_global_per_site_and_whole_heads():
-    from neurospec.experiments.selective import select
     from neurospec.models.sites import find_sites
+    from neurospec.score.selection import select
 
     from tiny import tiny_model
 

@@ -31,7 +31,7 @@ out = Console()
 
 
 def _task_data(loaded, specs, tokens: int, seq_len: int, seed: int = 0, collect: int | None = None):
-    from neurospec.experiments.common import build_tasks
+    from neurospec.data.build import build_tasks
     from neurospec.record.recorder import RecordConfig
 
     cfg = RecordConfig(tokens=collect or tokens, eval_tokens=tokens, seq_len=seq_len, seed=seed)
@@ -55,7 +55,7 @@ def evaluate_cmd(
     """Next-token top-1, top-10, skip top-1, loss and perplexity of each task's evaluation split (masked LMs: on
     masked positions; image classifiers: class accuracy; head-less encoders: representation similarity)."""
     from neurospec.evaluate import task_metrics, task_references
-    from neurospec.experiments.common import skip_ids_for
+    from neurospec.evaluate.tasks import skip_ids_for
 
     eval_tokens = opt.eval_budget(eval_tokens, tokens)
     check_model_options(device, dtype)
@@ -151,7 +151,7 @@ def ablate_cmd(
     """Ablation-method study on random neurons (--task), or fold an ablation of given neurons into the weights."""
     from neurospec.errors import NeurospecError
     from neurospec.experiments.ablation import KINDS
-    from neurospec.experiments.references import reference_values
+    from neurospec.intervene.references import reference_values
     from neurospec.record.histogram import PEAK_METHODS
     from neurospec.record.layout import ABLATION, ABLATION_FIGURE, write_result_json
     from neurospec.record.store import open_run
@@ -224,9 +224,10 @@ def ablate_cmd(
         emit(res, json_, lambda: out.print(f"ablated {len(ns)} neurons ({method}); model saved to {save}"))
         return
 
-    from neurospec.experiments.ablation import ablation_study, plot_ablation, summarise
-    from neurospec.experiments.common import skip_ids_for
+    from neurospec.evaluate.tasks import skip_ids_for
+    from neurospec.experiments.ablation import ablation_study
     from neurospec.intervene.ablate import get_ablation
+    from neurospec.report.ablation import plot_ablation, summarise
 
     method_list = [m for m in methods.split(",") if m]
     tasks = _task_data(loaded, task, eval_tokens, seq_len, collect=seq_len * 16)
@@ -236,7 +237,7 @@ def ablate_cmd(
         value_methods = [m for m in method_list if not (aligned and get_ablation(m).per_input)]
         offs, samples = reference_values(ref, ref_task_for(name), value_methods, **peak_opts)
         if aligned:
-            from neurospec.experiments.aligned_samples import position_aligned_samples
+            from neurospec.intervene.aligned import position_aligned_samples
 
             study_sites = loaded.sites.sites if kind == "both" else loaded.sites.of_kind(kind)
             samples = position_aligned_samples(loaded, data.collect, site_names=[s.name for s in study_sites],

@@ -71,7 +71,7 @@ def cluster_cmd(
 ) -> None:
     """Cluster a model's MLP neurons: MoEfication experts or spectral clusters; labels saved in --out."""
     from neurospec.experiments.clusters import ClusterConfig, cluster_to_dir, parse_layers
-    from neurospec.experiments.targets import load_target
+    from neurospec.models.loading import load_model as load_target
 
     check_seed(seed)
     check_model_options(device, dtype)
@@ -126,8 +126,8 @@ def specialization_cmd(
     json_: bool = opt.json_(),
 ) -> None:
     """Importance (ablation vs random same-size sets) and coherence of each cluster, with p-values."""
+    from neurospec.evaluate.site_ablation import ABLATIONS as SPECIALIZATION_ABLATIONS
     from neurospec.experiments.clusters import parse_layers
-    from neurospec.experiments.site_eval import ABLATIONS as SPECIALIZATION_ABLATIONS
     from neurospec.experiments.specialization import SPECIALIZATION_FILE, SpecializationConfig, specialization
 
     check_seed(seed)
@@ -243,7 +243,7 @@ def route_cmd(
 ) -> None:
     """MoE routing: keep each token's top-k experts in every MLP; loss and top-1 against k."""
     from neurospec.errors import NeurospecError
-    from neurospec.experiments.clusters import ROUTING_FILE, routing
+    from neurospec.experiments.routing import ROUTING_FILE, routing
 
     try:
         k_list = [int(x) for x in ks.split(",") if x.strip()]

@@ -134,7 +134,7 @@ def _prune_ablations() -> str:
 
 @help_text("specialization_ablations")
 def _specialization_ablations() -> str:
-    from neurospec.experiments.site_eval import ABLATIONS
+    from neurospec.evaluate.site_ablation import ABLATIONS
 
     return _ablation_list(ABLATIONS)
 
@@ -148,7 +148,7 @@ def _clusterers() -> str:
 
 @help_text("zoo_kinds")
 def _zoo_kinds() -> str:
-    from neurospec.experiments.zoo import KINDS
+    from neurospec.models.digits import KINDS
 
     return ", ".join(KINDS)
 

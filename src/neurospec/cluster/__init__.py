@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from neurospec.errors import NeurospecError
+
 
 @dataclass(frozen=True)
 class ClusterMethod:
@@ -78,12 +80,8 @@ def register_clusterer(clusterer: Clusterer, *, replace: bool = False) -> Cluste
 
 
 def get_clusterer(method: str, graph: str) -> Clusterer:
-    """The clusterer of ``method`` by ``graph`` (the implementations register when the clustering pipeline
-    :mod:`neurospec.experiments.clusters` is imported)."""
-    from neurospec.errors import NeurospecError
-
-    if (method, graph) not in CLUSTERERS:
-        import neurospec.experiments.clusters  # noqa: F401  (registers the implementations)
+    """The clusterer of ``method`` by ``graph``. The implementations register themselves where they are defined:
+    the clustering pipeline :mod:`neurospec.experiments.clusters`, which is the module that calls this."""
     try:
         return CLUSTERERS[(method, graph)]
     except KeyError:

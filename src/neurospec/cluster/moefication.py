@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from neurospec.cluster.embedding import spectral_embedding
+from neurospec.cluster.kmeans import BalancedKMeans
 from neurospec.errors import ArchitectureError, NeuronSetError
 from neurospec.models.experts import add_expert_hook
 from neurospec.models.linear import weight_out_in
@@ -164,8 +166,6 @@ def _moefy(
     module: nn.Module, site: Site, n_experts: int, projection: str, n_init: int, max_iter: int, assignment: str,
     seed: int,
 ) -> np.ndarray:
-    from neurospec.cluster.kmeans import BalancedKMeans
-
     _check_n_experts(n_experts, site.width, f"site {site.name}")
     feats = expert_features(module, site, projection)
     km = BalancedKMeans(n_experts, n_init=n_init, max_iter=max_iter, assignment=assignment, seed=seed).fit(feats)
@@ -232,9 +232,6 @@ def coactivation_experts(
     adjacency, rows normalised, clustered by balanced k-means. Neurons with no edge (dead, or all edges below the
     threshold) get a zero embedding and still fill an expert, so every neuron has one.
     """
-    from neurospec.cluster.kmeans import BalancedKMeans
-    from neurospec.cluster.spectral import spectral_embedding
-
     a = _as_square(comoment, "comoment")
     _check_n_experts(n_experts, a.shape[0], "the co-moment matrix")
     a = coactivation_graph(a, threshold=threshold, keep=keep)

@@ -26,6 +26,7 @@ import torch
 from neurospec.errors import RunStoreError
 from neurospec.models.sites import parse_site_name
 from neurospec.record import layout
+from neurospec.record.store import atomic_write_json, load_tensors, save_tensors
 
 LABELS_FILE = layout.CLUSTER_LABELS
 MANIFEST_FILE = layout.CLUSTERS
@@ -117,8 +118,6 @@ class Clustering:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``labels.safetensors`` and ``clusters.json`` atomically; returns the labels file."""
-        from neurospec.record.store import atomic_write_json, save_tensors
-
         out = prepare_cluster_dir(directory)
         labels_path = out / LABELS_FILE
         save_tensors(labels_path, {s: torch.from_numpy(v.copy()) for s, v in self.labels.items()},
@@ -141,8 +140,6 @@ def prepare_cluster_dir(directory: str | Path) -> Path:
 
 def load_clustering(directory: str | Path) -> Clustering:
     """Open a cluster directory written by :meth:`Clustering.save` (only JSON and safetensors are read)."""
-    from neurospec.record.store import load_tensors
-
     d = Path(directory)
     mf = d / MANIFEST_FILE
     if not mf.is_file():

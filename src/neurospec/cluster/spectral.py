@@ -44,110 +44,13 @@ import torch
 from scipy import sparse
 from torch import nn
 
+from neurospec.cluster.embedding import as_adjacency, degrees, restrict, spectral_embedding
+from neurospec.cluster.kmeans import BalancedKMeans
+from neurospec.cluster.moefication import mlp_input_projections, model_and_sites, resolve_site
 from neurospec.models.linear import weight_out_in
 from neurospec.models.sites import NeuronId, Site, get_module, site_name
 
 GRAPH_PROJECTIONS = ("up", "gate", "max")
-
-
-# --------------------------------------------------------------------------------------------------- adjacency
-
-
-def as_adjacency(adjacency: Any, *, check_symmetric: bool = True) -> sparse.csr_array | np.ndarray:
-    """A float64 dense array or CSR matrix, checked to be square, finite, non-negative and symmetric."""
-    if hasattr(adjacency, "detach"):
-        adjacency = adjacency.detach().to("cpu", torch.float64).numpy()
-    if sparse.issparse(adjacency):
-        a = sparse.csr_array(adjacency, dtype=np.float64)
-        values = a.data
-    else:
-        a = np.asarray(adjacency, dtype=np.float64)
-        values = a
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"the adjacency must be a square [n, n] matrix, got shape {a.shape}")
-    if not np.isfinite(values).all():
-        raise ValueError("the adjacency contains NaN or infinite values (correlation_graph sets NaN to 0)")
-    if values.size and values.min() < 0:
-        raise ValueError("the adjacency must be non-negative (take |w| or rho^2)")
-    if check_symmetric:
-        diff = abs(a - a.T)
-        worst = diff.max() if diff.size else 0.0
-        scale = values.max() if values.size else 0.0
-        if worst > 1e-8 * max(1.0, scale):
-            raise ValueError(f"the adjacency must be symmetric (largest |A - A.T| = {worst:.3g})")
-    return a
-
-
-def _degrees(a: sparse.csr_array | np.ndarray) -> np.ndarray:
-    return np.asarray(a.sum(axis=1)).ravel()
-
-
-def _restrict(a: sparse.csr_array | np.ndarray, keep: np.ndarray) -> sparse.csr_array | np.ndarray:
-    idx = np.flatnonzero(keep)
-    if sparse.issparse(a):
-        return a[idx][:, idx]
-    return a[np.ix_(idx, idx)]
-
-
-@dataclass(frozen=True)
-class SpectralEmbedding:
-    """``vectors``: ``[n, k]`` rows normalised to unit length (zero rows for excluded nodes); ``kept``: ``[n]`` bool;
-    ``eigenvalues``: ``[k]`` of ``D^-1/2 A D^-1/2`` on the kept nodes, in decreasing order."""
-
-    vectors: np.ndarray
-    kept: np.ndarray
-    eigenvalues: np.ndarray
-
-
-def spectral_embedding(
-    adjacency: Any, n_components: int, *, mask: Any = None, seed: int = 0, dense_below: int = 3000
-) -> SpectralEmbedding:
-    """The normalised spectral embedding of the graph's non-excluded nodes (see the module docstring).
-
-    Cost: ARPACK on the sparse normalised adjacency (a few hundred sparse products); dense ``eigh`` (``O(n^3)``)
-    when fewer than ``dense_below`` nodes are kept.
-    """
-    a = as_adjacency(adjacency)
-    n = a.shape[0]
-    keep = np.ones(n, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
-    if keep.shape != (n,):
-        raise ValueError(f"mask must have shape [{n}], got {keep.shape}")
-    # Excluding nodes can isolate their neighbours: repeat until every kept node has an edge to a kept node.
-    while True:
-        deg = _degrees(_restrict(a, keep))
-        isolated = deg <= 0
-        if not isolated.any():
-            break
-        keep[np.flatnonzero(keep)[isolated]] = False
-    n_kept = int(keep.sum())
-    if n_kept <= n_components:
-        raise ValueError(
-            f"only {n_kept} nodes have edges (after excluding dead or masked ones): too few for {n_components} "
-            "clusters"
-        )
-    sub = _restrict(a, keep)
-    inv_sqrt = 1.0 / np.sqrt(deg)
-    if n_kept < dense_below:
-        from scipy.linalg import eigh
-
-        dense = sub.toarray() if sparse.issparse(sub) else sub
-        m = inv_sqrt[:, None] * dense * inv_sqrt[None, :]
-        vals, vecs = eigh(m, subset_by_index=[n_kept - n_components, n_kept - 1])
-    else:
-        from scipy.sparse.linalg import eigsh
-
-        d = sparse.diags_array(inv_sqrt)
-        m = (d @ sparse.csr_array(sub) @ d).tocsr()
-        v0 = np.random.default_rng(seed).uniform(0.5, 1.5, size=n_kept)
-        ncv = min(n_kept, max(2 * n_components + 1, n_components + 32))
-        vals, vecs = eigsh(m, k=n_components, which="LA", v0=v0, ncv=ncv)
-    order = np.argsort(-vals)
-    vals, vecs = vals[order], vecs[:, order]
-    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-    vecs = vecs / np.where(norms > 0, norms, 1.0)
-    full = np.zeros((n, n_components))
-    full[keep] = vecs
-    return SpectralEmbedding(full, keep, vals)
 
 
 def spectral_clustering(
@@ -170,8 +73,6 @@ def spectral_clustering(
     emb = spectral_embedding(adjacency, n_clusters, mask=mask, seed=seed, dense_below=dense_below)
     x = emb.vectors[emb.kept]
     if balanced:
-        from neurospec.cluster.kmeans import BalancedKMeans
-
         sub = BalancedKMeans(n_clusters, n_init=n_init, seed=seed).fit(x).labels_
     else:
         from sklearn.cluster import KMeans
@@ -191,13 +92,13 @@ def ncut(adjacency: Any, labels: Any) -> float:
     keep = lab >= 0
     if not keep.any():
         return 0.0
-    sub = sparse.csr_array(_restrict(a, keep))
+    sub = sparse.csr_array(restrict(a, keep))
     _, lab = np.unique(lab[keep], return_inverse=True)
     k = int(lab.max()) + 1
     n = lab.shape[0]
     h = sparse.csr_array((np.ones(n), (np.arange(n), lab)), shape=(n, k))
     within = (h.T @ sub @ h).diagonal()
-    vol = np.bincount(lab, weights=_degrees(sub), minlength=k)
+    vol = np.bincount(lab, weights=degrees(sub), minlength=k)
     cut = vol - within
     return float(np.sum(np.divide(cut, vol, out=np.zeros(k), where=vol > 0)))
 
@@ -323,8 +224,6 @@ class WeightChain:
     def _residual(
         cls, model: Any, sites: Sequence[Site | str] | None, layers: Sequence[int] | None, projection: str
     ) -> WeightChain:
-        from neurospec.cluster.moefication import mlp_input_projections, model_and_sites, resolve_site
-
         module, all_sites = model_and_sites(model)
         if layers is not None:
             sites = [site_name(int(layer), "mlp") for layer in layers]

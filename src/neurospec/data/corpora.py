@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neurospec.data.sources import Document, DocumentSource, FileTreeSource, MemorySource
+from neurospec.data.documents import Document, DocumentSource, FileTreeSource, MemorySource
 from neurospec.errors import TaskError
 
 PSF = "PSF License (Python standard library)"
@@ -241,7 +241,8 @@ def _prose_source() -> MemorySource:
 # dialog: chatterbot-corpus
 
 
-def _chatterbot_data() -> Path | None:
+def chatterbot_data() -> Path | None:
+    """The data folder of the installed ``chatterbot_corpus`` package, or ``None`` when it is not installed."""
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -250,10 +251,11 @@ def _chatterbot_data() -> Path | None:
 
 
 @functools.cache
-def _dialog_documents(language: str) -> tuple[Document, ...]:
+def dialog_documents(language: str) -> tuple[Document, ...]:
+    """The conversations of the bundled dialog corpus in ``language``, one document per conversation file."""
     import yaml
 
-    data = _chatterbot_data()
+    data = chatterbot_data()
     if data is None:
         raise TaskError(
             "the dialog corpora need the chatterbot-corpus package: pip install chatterbot-corpus==1.3.3"
@@ -281,7 +283,7 @@ def _dialog_opener(language: str) -> Callable[[], DocumentSource]:
         import chatterbot_corpus
 
         return MemorySource(
-            _dialog_documents(language),
+            dialog_documents(language),
             description=f"chatterbot-corpus {chatterbot_corpus.__version__}, {language} conversations",
             licence=CHATTERBOT,
             identity=f"dialog\0{language}\0{chatterbot_corpus.__version__}",
@@ -331,7 +333,7 @@ def _register_builtin() -> None:
             _memory_size(_prose_source),
         )
     )
-    data = _chatterbot_data()
+    data = chatterbot_data()
     languages = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.glob("*.yml"))) if data else []
     register_corpus(
         Corpus(

@@ -2,7 +2,7 @@
 
 ``digit-C`` (C in 0-9) is the class C of scikit-learn's bundled 8x8 hand-written digits (UCI ML hand-written digits,
 via scikit-learn, BSD-3-Clause), split once into training images (the collection split: recorded) and test images
-(the evaluation split), as in :func:`neurospec.experiments.zoo.digits_split`. Every image of a task has the task's
+(the evaluation split), as in :func:`neurospec.data.digits.digits_split`. Every image of a task has the task's
 class as its label, so a task's metric is the classifier's accuracy on its own class.
 
 Dimensions: ``images [n, channels, height, width]`` float32 pixel values in [0, 1].
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from neurospec.data.digits import digits_split, task_images
 
 _DIGIT_RE = re.compile(r"^digit-([0-9])$")
 LICENCE = "BSD-3-Clause (UCI ML hand-written digits, via scikit-learn)"
@@ -53,11 +55,9 @@ def image_task(spec: str) -> ImageTaskData | None:
     m = _DIGIT_RE.match(source)
     if m is None:
         return None
-    from neurospec.experiments import zoo
-
-    data = zoo.digits_split()
-    collect, _ = zoo.task_images(source, "train", data)
-    held, _ = zoo.task_images(source, "test", data)
+    data = digits_split()
+    collect, _ = task_images(source, "train", data)
+    held, _ = task_images(source, "test", data)
     h = hashlib.sha256(f"{source}|".encode())
     h.update(collect.numpy().tobytes())
     h.update(held.numpy().tobytes())

@@ -22,7 +22,7 @@ Splitting (:func:`make_labelled`): exact duplicate items are dropped (the first 
 no text is in two splits. Every class is cut to the size of the smallest one (balanced), and each class is split
 by the fractions (default 60/20/20) in a seeded order: a stable hash (sha256) of the seed, the class and the
 item, never Python's salted ``hash()``. Each split must hold at least ``min_per_split`` examples of every class.
-The ``digits`` task keeps the fixed test images of :func:`neurospec.experiments.zoo.digits_split` as its test
+The ``digits`` task keeps the fixed test images of :func:`neurospec.data.digits.digits_split` as its test
 split (the zoo's models never trained on them) and splits the training images into train and dev.
 """
 
@@ -41,6 +41,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
+from neurospec.data.corpora import CHATTERBOT, PSF, chatterbot_data, dialog_documents, get_corpus
+from neurospec.data.digits import DIGITS_SOURCE, digits_split
 from neurospec.errors import TaskError
 
 SPLITS = ("train", "dev", "test")
@@ -230,9 +232,7 @@ def _truncate(text: str) -> str:
 
 
 def _language_id(name: str, opts: dict[str, str], seed: int) -> LabelledTask:
-    from neurospec.data.corpora import CHATTERBOT, _chatterbot_data, _dialog_documents
-
-    data = _chatterbot_data()
+    data = chatterbot_data()
     if data is None:
         raise TaskError("language-id needs the chatterbot-corpus package: pip install chatterbot-corpus==1.3.3")
     available = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.glob("*.yml")))
@@ -242,7 +242,7 @@ def _language_id(name: str, opts: dict[str, str], seed: int) -> LabelledTask:
         raise TaskError(f"language-id: unknown language(s) {unknown}; chatterbot-corpus has {', '.join(available)}")
     texts, labels = [], []
     for lang in langs:
-        for doc in _dialog_documents(lang):
+        for doc in dialog_documents(lang):
             texts.append(_truncate(doc.text))
             labels.append(lang)
     return make_labelled(name, texts, labels, seed=seed, per_class=_per_class(opts, 200), licence=CHATTERBOT,
@@ -258,8 +258,6 @@ def _snippet(text: str, doc_id: str, seed: int) -> str:
 
 
 def _python_vs_c(name: str, opts: dict[str, str], seed: int) -> LabelledTask:
-    from neurospec.data.corpora import PSF, get_corpus
-
     cap = _per_class(opts, 200)
     texts, labels = [], []
     for lang in ("c", "python"):
@@ -279,12 +277,10 @@ def _python_vs_c(name: str, opts: dict[str, str], seed: int) -> LabelledTask:
 
 def topic_categories() -> list[str]:
     """English chatterbot-corpus categories with at least :data:`MIN_TOPIC` conversations."""
-    from neurospec.data.corpora import _chatterbot_data, _dialog_documents
-
-    if _chatterbot_data() is None:
+    if chatterbot_data() is None:
         return []
     counts: dict[str, int] = {}
-    for doc in _dialog_documents("english"):
+    for doc in dialog_documents("english"):
         cat = doc.id.split("/")[0]
         counts[cat] = counts.get(cat, 0) + 1
     return sorted(c for c, k in counts.items() if k >= MIN_TOPIC)
@@ -292,10 +288,8 @@ def topic_categories() -> list[str]:
 
 def _topic(category: str) -> Callable[[str, dict[str, str], int], LabelledTask]:
     def build(name: str, opts: dict[str, str], seed: int) -> LabelledTask:
-        from neurospec.data.corpora import CHATTERBOT, _dialog_documents
-
         texts, labels = [], []
-        for doc in _dialog_documents("english"):
+        for doc in dialog_documents("english"):
             texts.append(_truncate(doc.text))
             labels.append(category if doc.id.split("/")[0] == category else "other")
         return make_labelled(name, texts, labels, seed=seed, per_class=_per_class(opts, 200), licence=CHATTERBOT,
@@ -305,14 +299,12 @@ def _topic(category: str) -> Callable[[str, dict[str, str], int], LabelledTask]:
 
 
 def _digits(name: str, opts: dict[str, str], seed: int) -> LabelledTask:
-    from neurospec.experiments import zoo
-
-    d = zoo.digits_split()
+    d = digits_split()
     x = torch.cat([d.x_train, d.x_test])
     y = torch.cat([d.y_train, d.y_test]).tolist()
     fixed = [False] * len(d.y_train) + [True] * len(d.y_test)
     return make_labelled(name, x, y, seed=seed, per_class=_per_class(opts, None), fixed_test=fixed,
-                         classes=[str(k) for k in range(10)], licence=zoo.DIGITS_SOURCE, source="digits")
+                         classes=[str(k) for k in range(10)], licence=DIGITS_SOURCE, source="digits")
 
 
 def bundled_tasks() -> dict[str, Callable[[str, dict[str, str], int], LabelledTask]]:

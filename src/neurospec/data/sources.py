@@ -37,184 +37,32 @@ row has the column is an error that lists the columns it has.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import re
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qsl
 
+from neurospec.data.corpora import corpus_names, get_corpus, resolve_corpus_name
+from neurospec.data.documents import (
+    DEFAULT_COLUMN,
+    ColumnSource,
+    Document,
+    DocumentSource,
+    FileTreeSource,
+    MemorySource,
+    missing_column,
+    quiet_datasets,
+)
+from neurospec.data.streaming import open_streaming, parse_streaming
 from neurospec.errors import TaskError
 
 OPTION_KEYS = ("column", "split", "config", "data_files", "streaming")
-DEFAULT_COLUMN = "text"
 HUB_PREFIX = "hf:"
 TABLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 TEXT_SUFFIXES = (".txt",)
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
-
-
-class Document(NamedTuple):
-    """One document: a stable id (unique within its source) and its text."""
-
-    id: str
-    text: str
-
-
-class DocumentSource(ABC):
-    """A fixed collection of documents with stable string ids.
-
-    ``ids()`` is cheap (no document is read); ``read(doc_id)`` reads one document. ``documents()`` yields all of them
-    in the order of ``ids()``, which is deterministic.
-    """
-
-    description: str
-    licence: str
-
-    @abstractmethod
-    def ids(self) -> Sequence[str]:
-        """All document ids, in a deterministic order."""
-
-    @abstractmethod
-    def read(self, doc_id: str) -> str:
-        """The text of one document."""
-
-    def identity(self) -> str | None:
-        """A cheap string that changes when the documents change (file sizes and times, versions), or None.
-
-        Used only to key the tokenised-data cache; sources that cannot tell return None and are never cached.
-        """
-        return None
-
-    def documents(self) -> Iterator[Document]:
-        for doc_id in self.ids():
-            yield Document(doc_id, self.read(doc_id))
-
-    def __len__(self) -> int:
-        return len(self.ids())
-
-
-class MemorySource(DocumentSource):
-    """Documents already in memory (a list of ``Document``)."""
-
-    def __init__(
-        self, docs: Sequence[Document], *, description: str, licence: str, identity: str | None = None
-    ):
-        self._ids = [d.id for d in docs]
-        self._texts = {d.id: d.text for d in docs}
-        if len(self._texts) != len(self._ids):
-            raise ValueError(f"{description}: document ids are not unique")
-        self.description = description
-        self.licence = licence
-        self._identity = identity
-
-    def ids(self) -> Sequence[str]:
-        return self._ids
-
-    def read(self, doc_id: str) -> str:
-        return self._texts[doc_id]
-
-    def identity(self) -> str | None:
-        return self._identity
-
-
-class ColumnSource(DocumentSource):
-    """One document per row of a text column (a list, a pyarrow array or a ``datasets`` column); ids are row numbers.
-
-    Null cells read as empty documents.
-    """
-
-    def __init__(
-        self,
-        column: Any,
-        *,
-        description: str,
-        licence: str,
-        identity: str | None = None,
-        getter: Callable[[Any, int], str | None] | None = None,
-    ):
-        self._column = column
-        self._ids = [str(i) for i in range(len(column))]
-        self._get = getter or (lambda col, i: col[i])
-        self.description = description
-        self.licence = licence
-        self._identity = identity
-
-    def ids(self) -> Sequence[str]:
-        return self._ids
-
-    def read(self, doc_id: str) -> str:
-        value = self._get(self._column, int(doc_id))
-        return "" if value is None else value
-
-    def identity(self) -> str | None:
-        return self._identity
-
-
-class FileTreeSource(DocumentSource):
-    """One document per file under ``root`` whose name ends with ``suffix``, recursively, in sorted path order.
-
-    Folders named in ``skip_dirs`` and, if ``skip_hidden``, names starting with ``.`` are not entered.
-    Ids are paths relative to ``root`` with ``/`` separators.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        suffix: str,
-        *,
-        decode: Callable[[bytes, str], str],
-        description: str,
-        licence: str,
-        skip_dirs: Sequence[str] = (),
-        skip_hidden: bool = False,
-    ):
-        self.root = Path(root)
-        self.suffix = suffix
-        self._decode = decode
-        self._skip_dirs = frozenset(skip_dirs)
-        self._skip_hidden = skip_hidden
-        self._paths: list[str] | None = None
-        self.description = description
-        self.licence = licence
-
-    def ids(self) -> Sequence[str]:
-        if self._paths is None:
-            found = []
-            for dirpath, dirnames, filenames in os.walk(self.root):
-                dirnames[:] = [d for d in dirnames if d not in self._skip_dirs and not self._hidden(d)]
-                rel = Path(dirpath).relative_to(self.root)
-                for name in filenames:
-                    if name.endswith(self.suffix) and not self._hidden(name):
-                        found.append((rel / name).as_posix())
-            self._paths = sorted(found)
-        return self._paths
-
-    def _hidden(self, name: str) -> bool:
-        return self._skip_hidden and name.startswith(".")
-
-    def read(self, doc_id: str) -> str:
-        path = self.root / doc_id
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise TaskError(f"cannot read {path}: {exc.strerror or exc}") from None
-        return self._decode(data, str(path))
-
-    def total_bytes(self) -> int:
-        """Sum of the file sizes: an upper bound on the characters, read without opening any file."""
-        return sum((self.root / p).stat().st_size for p in self.ids())
-
-    def identity(self) -> str | None:
-        digest = hashlib.sha256(str(self.root.resolve()).encode())
-        for p in self.ids():
-            st = (self.root / p).stat()
-            digest.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-        return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -250,8 +98,6 @@ def split_options(text: str) -> tuple[str, dict[str, str]]:
 
 def source_kind(source: str) -> str:
     """One of ``corpus``, ``hub``, ``text-file``, ``text-dir``, ``table``, ``saved-dataset``; TaskError if none."""
-    from neurospec.data.corpora import resolve_corpus_name
-
     if source.startswith(HUB_PREFIX):
         return "hub"
     if resolve_corpus_name(source) is not None:
@@ -279,8 +125,6 @@ def source_kind(source: str) -> str:
 
 def _not_found_message(source: str) -> str:
     import difflib
-
-    from neurospec.data.corpora import corpus_names
 
     names = corpus_names()
     close = difflib.get_close_matches(source, names, n=3)
@@ -336,12 +180,8 @@ def open_source(
             f"its options: {allowed}"
         )
     if kind == "corpus":
-        from neurospec.data.corpora import get_corpus
-
         opened = get_corpus(source).open()
     elif kind == "hub" and streaming is not None:
-        from neurospec.data.streaming import open_streaming, parse_streaming  # (it imports this module)
-
         if parse_streaming(streaming, repr(source)):
             return open_streaming(source[len(HUB_PREFIX) :], column=column, split=split, config=config,
                                   data_files=data_files)
@@ -425,13 +265,6 @@ def _open_text_dir(path: Path) -> DocumentSource:
     return source
 
 
-def _missing_column(where: str, column: str, columns: Sequence[str]) -> TaskError:
-    return TaskError(
-        f"{where} has no column {column!r}; its columns are {', '.join(map(repr, columns)) or 'none'}. "
-        "Choose the text column with ?column=NAME"
-    )
-
-
 def _open_table(path: Path, column: str) -> DocumentSource:
     suffix = path.suffix.lower()
     description = f"{path} column {column!r} (one document per row)"
@@ -478,7 +311,7 @@ def _column_of_rows(rows: Iterable[tuple[str, Any]], path: Path, column: str) ->
         keys.update(dict.fromkeys(row))
         values.append(_text_value(row.get(column), where, column))
     if values and not found:
-        raise _missing_column(str(path), column, list(keys))
+        raise missing_column(str(path), column, list(keys))
     return values
 
 
@@ -517,7 +350,7 @@ def _read_json(path: Path, column: str) -> list[str | None]:
         ) from None
     if isinstance(data, dict):
         if column not in data:
-            raise _missing_column(str(path), column, list(data))
+            raise missing_column(str(path), column, list(data))
         rows = data[column]
         if not isinstance(rows, list):
             raise TaskError(f"{path}: key {column!r} holds a {type(rows).__name__}, not a list of texts")
@@ -541,7 +374,7 @@ def _read_csv(path: Path, column: str, delimiter: str) -> Any:
     except UnicodeDecodeError:
         raise TaskError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
     if column not in header:
-        raise _missing_column(str(path), column, header)
+        raise missing_column(str(path), column, header)
     try:
         table = pacsv.read_csv(
             path,
@@ -562,7 +395,7 @@ def _read_parquet(path: Path, column: str) -> Any:
     try:
         schema = pq.read_schema(path)
         if column not in schema.names:
-            raise _missing_column(str(path), column, schema.names)
+            raise missing_column(str(path), column, schema.names)
         table = pq.read_table(path, columns=[column])
     except (pa.ArrowInvalid, OSError) as exc:
         raise TaskError(f"cannot read {path} as Parquet: {exc}") from None
@@ -577,24 +410,6 @@ def _read_parquet(path: Path, column: str) -> Any:
 
 # --------------------------------------------------------------------------------------------------------------
 # datasets: saved to disk, or by name
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Silence the progress bars of ``datasets`` for the duration (library code never prints)."""
-    import datasets
-    from datasets.utils import logging as ds_logging
-
-    bars_were_off = datasets.utils.are_progress_bars_disabled()
-    level = ds_logging.get_verbosity()
-    datasets.utils.disable_progress_bars()
-    ds_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        ds_logging.set_verbosity(level)
-        if not bars_were_off:
-            datasets.utils.enable_progress_bars()
 
 
 def _pick_split(obj: Any, split: str | None, where: str) -> Any:
@@ -627,7 +442,7 @@ def dataset_source(dataset: Any, column: str | None, where: str, licence: str) -
 
     column = column or DEFAULT_COLUMN
     if column not in dataset.column_names:
-        raise _missing_column(where, column, dataset.column_names)
+        raise missing_column(where, column, dataset.column_names)
     feature = dataset.features[column]
     if not (
         isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "string_view")
@@ -649,7 +464,7 @@ def _open_saved_dataset(path: Path, *, column: str | None, split: str | None) ->
     import datasets
 
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             obj = datasets.load_from_disk(str(path))
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise TaskError(f"cannot load the dataset saved at {path}: {exc}") from None
@@ -669,7 +484,7 @@ def _open_hub(
     if data_files is not None:
         kwargs["data_files"] = data_files
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             obj = datasets.load_dataset(name, config, split=split, **kwargs)
     except (
         Exception

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from neurospec.data.sources import DEFAULT_COLUMN, DocumentSource, _missing_column, _quiet_datasets
+from neurospec.data.documents import DEFAULT_COLUMN, DocumentSource, missing_column, quiet_datasets
 from neurospec.errors import TaskError
 
 TRUE = ("true", "1", "yes")
@@ -85,7 +85,7 @@ def open_streaming(
     where = f"dataset {name!r}" + (f" config {config!r}" if config else "") + " (streamed)"
     kwargs: dict[str, Any] = {} if data_files is None else {"data_files": data_files}
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             obj = datasets.load_dataset(name, config, split=split, streaming=True, **kwargs)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         raise TaskError(
@@ -98,11 +98,11 @@ def open_streaming(
             raise TaskError(f"{where} has the splits {', '.join(names)}; choose one with ?split=NAME")
         obj = obj[names[0]]
     column = column or DEFAULT_COLUMN
-    with _quiet_datasets():
+    with quiet_datasets():
         first = next(iter(obj.take(1)), None)
     if first is None:
         raise TaskError(f"{where} holds no documents; give it some text")
     if column not in first:
-        raise _missing_column(where, column, list(first))
+        raise missing_column(where, column, list(first))
     licence = "user data" if data_files is not None else f"see the card of dataset {name!r}"
     return StreamingSource(obj, column, description=f"{where} column {column!r}", licence=licence)

@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from neurospec.errors import NeurospecError
-from neurospec.models.loading import LoadedModel, _head_of
+from neurospec.models.digits import image_logits
+from neurospec.models.loading import LoadedModel, head_of
 from neurospec.models.placement import input_device
 
 _CHUNK = 1024
@@ -90,7 +91,7 @@ def _input_device(model: nn.Module) -> torch.device:
 
 def has_lm_head(model: nn.Module) -> bool:
     """True for causal and masked language models (the models :func:`evaluate_lm` applies to)."""
-    return _head_of(model) in ("causal-lm", "masked-lm")
+    return head_of(model) in ("causal-lm", "masked-lm")
 
 
 def target_rank(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +268,7 @@ def evaluate_lm(
         skip_ids = torch.as_tensor(skip_ids, dtype=torch.long).reshape(-1)
     counts = TokenCounts(topk, skip_ids, chunk)
     device = _input_device(model)
-    if _head_of(model) == "causal-lm":
+    if head_of(model) == "causal-lm":
         if blocks.shape[1] < 2:
             raise NeurospecError("causal-LM evaluation needs blocks of at least 2 tokens")
         path = None if full_logits else hidden_path(model)
@@ -306,7 +307,7 @@ def mlm_positions(blocks: torch.Tensor, special_ids: torch.Tensor, *, mlm_prob: 
 
 def _no_lm_head_message(model: nn.Module) -> str:
     name = type(model).__name__
-    if _head_of(model) in ("image-classification", "sequence-classification"):
+    if head_of(model) in ("image-classification", "sequence-classification"):
         return f"{name} is a classifier, not a language model: use classification accuracy, not evaluate_lm"
     return (
         f"{name} has no language-model head, so next-token and masked-token metrics do not apply. For a head-less "
@@ -385,3 +386,16 @@ def evaluate_representation(
     cosine = cos_sum / n
     return {"cosine": cosine, "cosine_distance": 1.0 - cosine, "rel_l2": rel_sum / n, "tokens": n,
             "nonfinite": nonfinite}
+
+
+@torch.no_grad()
+def image_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on images ``x`` with classes ``y`` (evaluation mode; restores the mode), by the
+    one rule of :func:`topk_hits` (ties and non-finite rows count as wrong)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        correct += int(topk_hits(image_logits(model, x[i:i + batch_size]).float(), y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(y)

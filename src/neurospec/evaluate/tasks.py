@@ -31,12 +31,11 @@ from neurospec.evaluate.metrics import (
     METRIC_NAMES,
     evaluate_lm,
     evaluate_representation,
+    most_frequent_tokens,
     reference_states,
     target_rank,
     warn_nonfinite,
 )
-
-LM_HEADS = ("causal-lm", "masked-lm")
 
 
 def objective_of(loaded: Any, blocks: torch.Tensor) -> str:
@@ -116,3 +115,11 @@ def classification_metrics(loaded: Any, images: torch.Tensor, label: int, *, bat
     return {"objective": "image-class", "metric": METRIC_NAMES["image-class"], "top1": correct / n,
             "top10": top10 / n, "skip_top1": correct / n, "loss": loss / n,
             "perplexity": float(torch.tensor(loss / n).exp()), "tokens": n, "nonfinite": nonfinite}
+
+
+def skip_ids_for(blocks: torch.Tensor, n: int = 50) -> torch.Tensor | None:
+    """The ``n`` most frequent tokens of a task's collection split (left out by the "skip" top-1); ``None`` for
+    image tasks."""
+    if blocks.is_floating_point():
+        return None
+    return most_frequent_tokens(blocks, n=n)

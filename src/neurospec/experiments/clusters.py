@@ -1,5 +1,6 @@
 """Pipelines of neuron clustering (METHODS.md sections 3 and 6): cluster a model, test clusterability, align task
-neurons with clusters. Importance and coherence are in :mod:`neurospec.experiments.specialization`.
+neurons with clusters. Importance and coherence are in :mod:`neurospec.experiments.specialization`, MoE routing in
+:mod:`neurospec.experiments.routing`.
 
 Methods and graphs (the registry :data:`neurospec.cluster.METHODS`):
 
@@ -38,11 +39,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from neurospec.analyze.clusterability import Clusterability
+from neurospec.analyze.importance import alignment, fisher_combine, permutation_pvalue
 from neurospec.cluster import METHODS, Clusterer, get_clusterer, register_clusterer
+from neurospec.cluster.baselines import shuffle_seeds
+from neurospec.cluster.moefication import (
+    COACTIVATIONS,
+    MOE_PROJECTIONS,
+    coactivation_experts,
+    coactivation_graph,
+    moefy,
+)
 from neurospec.cluster.result import Clustering, load_clustering
+from neurospec.cluster.spectral import (
+    GRAPH_PROJECTIONS,
+    WeightChain,
+    correlation_graph,
+    ncut,
+    spectral_clustering,
+)
+from neurospec.data.digits import digits_split
 from neurospec.errors import NeurospecError, RunStoreError
-from neurospec.experiments.targets import Target
+from neurospec.experiments.taskmap import task_masks
+from neurospec.models.loading import LoadedModel
+from neurospec.models.sites import parse_site_name
 from neurospec.record import layout
+from neurospec.record.activations import comoments_of, dead_mask, image_activations
+from neurospec.record.reference import reference_comoments, reference_dead, reference_run
+from neurospec.record.store import atomic_write_json
+from neurospec.runtime import limited_threads
 
 StepFn = Callable[[str, int, int], None]
 CONFIG_VERSION = 1
@@ -91,9 +116,6 @@ class ClusterConfig:
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        from neurospec.cluster.moefication import COACTIVATIONS, MOE_PROJECTIONS
-        from neurospec.cluster.spectral import GRAPH_PROJECTIONS
-
         if self.method not in METHODS:
             raise NeurospecError(f"unknown clustering method {self.method!r}; choose one of {', '.join(METHODS)}")
         m = METHODS[self.method]
@@ -147,88 +169,34 @@ class ClusterConfig:
 # ------------------------------------------------------------------------------------------------ reference data
 
 
-def reference_run(path: str | Path, target: Target) -> Any:
-    """Open a reference run and check it was recorded on ``target``'s model."""
-    from neurospec.record.store import open_run
-
-    run = open_run(path)
-    run.check_model(target.fingerprint)
-    return run
-
-
-def reference_comoments(run: Any, sites: Sequence[str], tasks: Sequence[str] = (), *,
-                        kind: str = "comoments") -> tuple[dict, list[str]]:
-    """``({site: {"mean", "cov", "corr"}}, tasks)`` of a run's MLP co-moments, merged exactly over ``tasks``
-    (default: every finished task of the run); an error that says how to record them when they are missing.
-
-    ``kind``: ``"comoments"`` (of the activations) or ``"relu_comoments"`` (of their positive parts)."""
-    what = {"comoments": "co-moments", "relu_comoments": "relu co-moments"}[kind]
-    how = (f"record them with `neurospec record --model MODEL --task T ... --{kind.replace('_', '-')} mlp "
-           f"--out {run.path}`")
-    if "mlp" not in run.config.get(kind, []):
-        raise RunStoreError(f"run {run.path} has no {what} of the MLP sites; {how} (or into a new --out)")
-    names = list(tasks) or run.tasks
-    if not names:
-        raise RunStoreError(f"run {run.path} has no finished task; {how}")
-    merged: dict[str, Any] = {}
-    for t in names:
-        accs = run.accumulators(t)
-        for s in sites:
-            if s not in accs or kind not in accs[s]:
-                raise RunStoreError(f"run {run.path} has no {what} of site {s} for task {t!r}; {how}")
-            if s in merged:
-                merged[s].merge(accs[s][kind])
-            else:
-                merged[s] = accs[s][kind]
-    return {s: merged[s].compute() for s in sites}, names
-
-
-def reference_dead(run: Any, sites: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{site: bool [width]}``: neurons constant over every recorded token of the run (dead)."""
-    from neurospec.experiments.common import merged_stats
-
-    stats = merged_stats(run, run.tasks)
-    return {s: ~(stats[s]["std"] > 0) for s in sites}
-
-
-def _image_train_activations(target: Target, sites: Sequence[Any]) -> dict[str, torch.Tensor]:
-    from neurospec.experiments import zoo
-    from neurospec.experiments.targets import image_activations
-
-    return image_activations(target, zoo.digits_split().x_train, sites)
-
-
-def _comoments_of(acts: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    from neurospec.experiments.targets import accumulate
-    from neurospec.record.comoments import CoMoments
-
-    return accumulate(acts, CoMoments)
+def _image_train_activations(target: LoadedModel, sites: Sequence[Any]) -> dict[str, torch.Tensor]:
+    return image_activations(target, digits_split().x_train, sites)
 
 
 # ---------------------------------------------------------------------------------------------------- cluster
 
 
-def cluster(target: Target, cfg: ClusterConfig, *, step: StepFn | None = None, threads: int | None = 1) -> Clustering:
+def cluster(target: LoadedModel, cfg: ClusterConfig, *, step: StepFn | None = None, threads: int | None = 1) -> Clustering:
     """Cluster ``target``'s MLP neurons as ``cfg`` says (see the module docstring).
 
-    ``threads``: torch, BLAS and OpenMP threads while clustering (see :func:`~neurospec.experiments.targets.limited_threads`).
+    ``threads``: torch, BLAS and OpenMP threads while clustering (see :func:`~neurospec.runtime.limited_threads`).
     """
-    from neurospec.experiments.targets import limited_threads
 
     with limited_threads(threads):
         return _cluster(target, cfg, step)
 
 
-def _cluster(target: Target, cfg: ClusterConfig, step: StepFn | None) -> Clustering:
+def _cluster(target: LoadedModel, cfg: ClusterConfig, step: StepFn | None) -> Clustering:
     t0 = time.perf_counter()
     sites = target.mlp_sites(cfg.layers)
     labels, ncut_value, scope, extra = get_clusterer(cfg.method, str(cfg.graph)).run(target, sites, cfg, step)
     extra["seconds"] = round(time.perf_counter() - t0, 3)
-    return Clustering(labels, cfg.method, str(cfg.graph), scope, target.describe(), target.spec, cfg.to_dict(),
+    model = {**target.describe(), "analysis_kind": target.analysis_kind}
+    return Clustering(labels, cfg.method, str(cfg.graph), scope, model, target.spec, cfg.to_dict(),
                       ncut_value, extra)
 
 
-def cluster_to_dir(target: Target, cfg: ClusterConfig, out: str | Path, *, step: StepFn | None = None,
+def cluster_to_dir(target: LoadedModel, cfg: ClusterConfig, out: str | Path, *, step: StepFn | None = None,
                    threads: int | None = 1) -> dict:
     """:func:`cluster` and save it in ``out``; returns the JSON summary the command line prints."""
     res = cluster(target, cfg, step=step, threads=threads)
@@ -254,8 +222,7 @@ def cluster_to_dir(target: Target, cfg: ClusterConfig, out: str | Path, *, step:
     }
 
 
-def _moe_params(target: Target, sites, cfg: ClusterConfig):
-    from neurospec.cluster.moefication import moefy
+def _moe_params(target: LoadedModel, sites, cfg: ClusterConfig):
 
     e = cfg.experts
     for s in sites:
@@ -278,14 +245,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if d <= n and n % d == 0][:6]
 
 
-def _reference_or_images(target: Target, sites, cfg: ClusterConfig, what: str, kind: str = "comoments"):
+def _reference_or_images(target: LoadedModel, sites, cfg: ClusterConfig, what: str, kind: str = "comoments"):
     """Co-moments (``kind``) of ``sites`` from the reference run (language models), or ``None`` for the training
     images (zoo models)."""
     if cfg.reference is not None:
         run = reference_run(cfg.reference, target)
         com, tasks = reference_comoments(run, [s.name for s in sites], cfg.tasks, kind=kind)
         return com, {"reference": str(Path(cfg.reference).resolve()), "reference_tasks": tasks}
-    if target.kind == "image":
+    if target.analysis_kind == "image":
         return None, {"reference": None, "reference_tasks": ["train images"]}
     raise NeurospecError(
         f"{what} needs recorded co-moments: pass --reference RUN, a run recorded on this model with "
@@ -293,8 +260,7 @@ def _reference_or_images(target: Target, sites, cfg: ClusterConfig, what: str, k
     )
 
 
-def _moe_coactivation(target: Target, sites, cfg: ClusterConfig):
-    from neurospec.cluster.moefication import coactivation_experts, coactivation_graph
+def _moe_coactivation(target: LoadedModel, sites, cfg: ClusterConfig):
 
     for s in sites:
         if cfg.experts > s.width:
@@ -305,7 +271,7 @@ def _moe_coactivation(target: Target, sites, cfg: ClusterConfig):
         acts = _image_train_activations(target, sites)
         if cfg.coactivation == "relu":
             acts = {n: x.clamp(min=0) for n, x in acts.items()}
-        com = _comoments_of(acts)
+        com = comoments_of(acts)
     labels, kept = {}, {}
     for s in sites:
         c = com[s.name]
@@ -335,7 +301,6 @@ def _check_k(k: int, n_live: int, n: int, where: str) -> None:
 
 
 def _spectral(adjacency: Any, cfg: ClusterConfig, mask: Any = None) -> np.ndarray:
-    from neurospec.cluster.spectral import spectral_clustering
 
     try:
         return spectral_clustering(adjacency, cfg.k, mask=mask, n_init=cfg.n_init, seed=cfg.seed)
@@ -343,11 +308,7 @@ def _spectral(adjacency: Any, cfg: ClusterConfig, mask: Any = None) -> np.ndarra
         raise NeurospecError(f"spectral clustering with k={cfg.k} failed: {e}") from None
 
 
-def _spectral_weights(target: Target, sites, cfg: ClusterConfig, step: StepFn | None):
-    from neurospec.analyze.importance import permutation_pvalue
-    from neurospec.cluster.baselines import Clusterability, shuffle_seeds
-    from neurospec.cluster.spectral import WeightChain, ncut
-
+def _spectral_weights(target: LoadedModel, sites, cfg: ClusterConfig, step: StepFn | None):
     if len(sites) < 2:
         raise NeurospecError(f"a weight graph joins consecutive MLP layers: choose at least two layers, got "
                              f"{[s.name for s in sites]}")
@@ -366,8 +327,7 @@ def _spectral_weights(target: Target, sites, cfg: ClusterConfig, step: StepFn | 
     if cfg.reference is not None:
         dead = reference_dead(reference_run(cfg.reference, target), list(graph.sites))
         extra["dead_from"] = str(Path(cfg.reference).resolve())
-    elif target.kind == "image":
-        from neurospec.experiments.targets import dead_mask
+    elif target.analysis_kind == "image":
 
         dead = dead_mask(_image_train_activations(target, sites))
         extra["dead_from"] = "train images"
@@ -395,14 +355,13 @@ def _spectral_weights(target: Target, sites, cfg: ClusterConfig, step: StepFn | 
     return graph.split(labels), value, "global", extra
 
 
-def _spectral_correlation(target: Target, sites, cfg: ClusterConfig):
-    from neurospec.cluster.spectral import correlation_graph, ncut
+def _spectral_correlation(target: LoadedModel, sites, cfg: ClusterConfig):
 
     com, extra = _reference_or_images(target, sites, cfg, "a correlation graph")
     if com is None:  # zoo model: one graph over all chosen layers, from the training images
         acts = _image_train_activations(target, sites)
         names = [s.name for s in sites]
-        joint = _comoments_of({"all": torch.cat([acts[n] for n in names], dim=1)})["all"]
+        joint = comoments_of({"all": torch.cat([acts[n] for n in names], dim=1)})["all"]
         adj = correlation_graph(joint["corr"])
         _check_k(cfg.k, _live_count(adj, None), adj.shape[0], f"the correlation graph of {len(sites)} layers")
         lab = _spectral(adj, cfg)
@@ -431,17 +390,12 @@ def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 100
           alpha: float = 0.05, seed: int = 0) -> dict:
     """Are each task's specific neurons concentrated in fewer clusters than chance, layer by layer?
 
-    Task neurons: the task map's selection (:func:`neurospec.experiments.taskmasks.task_masks`; ``frac`` overrides
+    Task neurons: the task map's selection (:func:`neurospec.experiments.taskmap.task_masks`; ``frac`` overrides
     its fraction). Per task and site with at least two clustered task neurons: the number of clusters hit and the
     entropy of the hit distribution against ``n_perm`` random same-size sets of the site's clustered neurons
     (:func:`neurospec.analyze.importance.alignment`); one-sided p-values; Fisher's combination over layers (of the
     entropy p-values). Writes ``alignment.json`` in ``cluster_dir`` and returns it.
     """
-    from neurospec.analyze.importance import alignment, fisher_combine
-    from neurospec.experiments.taskmasks import task_masks
-    from neurospec.models.sites import parse_site_name
-    from neurospec.record.store import atomic_write_json
-
     if n_perm < 1:
         raise NeurospecError(f"n_perm must be >= 1, got {n_perm}")
     cl = load_clustering(cluster_dir)
@@ -491,79 +445,6 @@ def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 100
     }
     atomic_write_json(Path(cluster_dir) / ALIGNMENT_FILE, result)
     return result
-
-
-# --------------------------------------------------------------------------------------------------- routing
-
-
-ROUTING_FILE = layout.ROUTING
-
-
-def routing(cluster_dir: str | Path, tasks: Sequence[str], ks: Sequence[int], *, target: Target | None = None,
-            eval_tokens: int = 1024, seq_len: int = 128, batch_size: int = 8, score: str = "sum",
-            threads: int | None = 1) -> dict:
-    """MoE routing of a MoEfication clustering: every MLP keeps each token's top-k experts (by the summed
-    activations of their neurons, :func:`neurospec.cluster.moefication.route_topk`) and zeroes the rest, for each k.
-
-    Metrics: next-token loss and top-1 on each task's evaluation blocks (language models), top-1 accuracy overall
-    and per class (zoo models). With SiLU/GELU MLPs much more is lost than with ReLU ones (the known limit).
-    Writes ``routing.json`` in ``cluster_dir`` and returns it.
-    """
-    from neurospec.experiments.targets import limited_threads
-
-    with limited_threads(threads):
-        return _routing(Path(cluster_dir), list(tasks), list(ks), target, eval_tokens, seq_len, batch_size, score)
-
-
-def _routing(cluster_dir: Path, tasks: list[str], ks: list[int], target: Target | None, eval_tokens: int,
-             seq_len: int, batch_size: int, score: str) -> dict:
-    from contextlib import ExitStack
-
-    from neurospec.cluster.moefication import install_routing
-    from neurospec.experiments.site_eval import ImageEvaluator, LMEvaluator
-    from neurospec.experiments.targets import load_target
-    from neurospec.record.store import atomic_write_json
-
-    cl = load_clustering(cluster_dir)
-    if cl.method != "moefication":
-        raise NeurospecError(f"routing needs MoE experts (a moefication clustering); {cluster_dir} holds "
-                             f"{cl.method} clusters")
-    target = target or load_target(cl.model_spec)
-    if target.fingerprint != cl.fingerprint:
-        raise RunStoreError(f"{cluster_dir} was clustered on another model than {target.name}")
-    n_experts = min(int(v.max()) + 1 for v in cl.labels.values())
-    if not ks or any(not 1 <= int(k) <= n_experts for k in ks):
-        raise NeurospecError(f"each k must be between 1 and the number of experts {n_experts}, got {list(ks)}")
-    ev: Any
-    if target.kind == "image":
-        try:
-            ev = ImageEvaluator(target, tasks or ["all"])
-        except ValueError as e:
-            raise NeurospecError(str(e)) from None
-    else:
-        from neurospec.experiments.common import build_tasks
-        from neurospec.record.recorder import RecordConfig
-
-        if not tasks:
-            raise NeurospecError("name at least one task (--task python); see `neurospec tasks`")
-        if target.kind != "causal-lm":
-            raise NeurospecError(f"routing is measured by next-token loss: {target.name} is not a causal LM")
-        rcfg = RecordConfig(tokens=seq_len, eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size)
-        data = build_tasks(target.loaded, tasks, rcfg)
-        ev = LMEvaluator(target.loaded, {t: d.eval for t, d in data.items()}, batch_size=batch_size,
-                         prefix_cache=False)
-    rows = []
-    for k in sorted({int(k) for k in ks}):
-        with ExitStack() as stack:
-            for site, lab in cl.labels.items():
-                stack.enter_context(install_routing(target, site, lab, k, score=score))
-            rows.append({"k": k, "fraction": k / n_experts, "metrics": ev.measure()})
-    result = {"cluster_dir": str(cluster_dir), "n_experts": n_experts, "score": score, "tasks": list(ev.tasks),
-              "baseline": ev.baseline, "rows": rows}
-    atomic_write_json(cluster_dir / ROUTING_FILE, result)
-    return result
-
-
 # the implementations of the clusterers of neurospec.cluster.METHODS (every one also reads layers and seed)
 register_clusterer(Clusterer("moefication", "params", lambda t, s, c, step: _moe_params(t, s, c),
                              ("experts", "projection")))

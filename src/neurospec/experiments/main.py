@@ -17,16 +17,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neurospec.data.build import build_tasks
 from neurospec.errors import NeurospecError
+from neurospec.evaluate.tasks import skip_ids_for
+from neurospec.experiments.ablation import KINDS, ablation_study
+from neurospec.experiments.selective import PruneConfig, selective_pruning
+from neurospec.experiments.taskmap import TaskMapConfig, task_map
+from neurospec.intervene.ablate import get_ablation, study_methods
+from neurospec.intervene.references import reference_values
 from neurospec.models.loading import LoadedModel
 from neurospec.record import layout
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
+from neurospec.report.html import build_report
+from neurospec.score.selective import check_score
 
 
 def _study_methods() -> tuple[str, ...]:
-    from neurospec.intervene.ablate import study_methods
-
     return study_methods()
 
 DEFAULT_TASKS = ("python", "c", "prose", "dialog", "dialog-spanish", "dialog-italian")
@@ -55,10 +62,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Every option is checked here, before a model is loaded or a token recorded."""
-        from neurospec.experiments.ablation import KINDS
-        from neurospec.intervene.ablate import get_ablation
-        from neurospec.score.selective import check_score
-
         for name in ("tokens", "eval_tokens", "seq_len", "batch_size", "prune_steps", "ablation_steps"):
             if int(getattr(self, name)) < 1:
                 raise NeurospecError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -97,13 +100,6 @@ def main_job(
     progress: ProgressFn | None = None, command: str | None = None, log=None,
 ) -> dict:
     """Run the whole study into ``out``; returns the summary written to ``out/main.json``."""
-    from neurospec.experiments.ablation import ablation_study
-    from neurospec.experiments.common import build_tasks, skip_ids_for
-    from neurospec.experiments.references import reference_values
-    from neurospec.experiments.selective import PruneConfig, selective_pruning
-    from neurospec.experiments.taskmap import TaskMapConfig, task_map
-    from neurospec.report.html import build_report
-
     cfg = cfg or RunConfig()
     if len(cfg.tasks) < 2:
         raise NeurospecError("the main job needs at least two tasks")

@@ -35,18 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from neurospec.data.build import build_tasks
+from neurospec.data.tasks import parse_task_spec
 from neurospec.errors import NeurospecError
-from neurospec.evaluate.tasks import objective_of, task_metrics, task_references
-from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
-from neurospec.intervene.ablate import ablated
+from neurospec.evaluate.tasks import objective_of, skip_ids_for, task_metrics, task_references
+from neurospec.intervene.ablate import ablated, folded_copy
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
-from neurospec.models.sites import parse_site_name
 from neurospec.record.layout import PRUNED_NEURONS
 from neurospec.record.recorder import Intervention, ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
-from neurospec.score.selective import tie_break_keys
+from neurospec.score.selection import select
+from neurospec.score.selective import check_score, tie_break_keys
 
 MODES = ("cumulative", "iterative")
 ABLATIONS = ("zero", "mean")
@@ -66,8 +67,6 @@ class PruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from neurospec.score.selective import check_score
-
         check_score(self.score)
         for name in ("frac", "attn_frac"):
             v = getattr(self, name)
@@ -92,39 +91,6 @@ class PruneConfig:
         return {"type": "PruneConfig", "version": 1, **asdict(self)}
 
 
-def select(scores: Mapping[str, torch.Tensor], frac: float, attn_frac: float, scope: str,
-           exclude: NeuronSet | None = None, sites=None, heads: str | None = None,
-           keys: Mapping[str, torch.Tensor] | None = None) -> NeuronSet:
-    """Top ``frac`` of MLP and ``attn_frac`` of attention neurons by score (excluded neurons never chosen).
-
-    ``heads="mean"`` or ``"median"``: attention is selected as whole heads (``attn_frac`` of all heads), a head
-    scored by the mean or median of its neurons' scores. ``keys``: the order used for single neurons instead of the
-    scores, e.g. :func:`neurospec.score.selective.tie_break_keys` (the same order, ties broken at random per task).
-    """
-    parts = []
-    for kind, f in (("mlp", frac), ("attn", attn_frac)):
-        by_neuron = keys if keys is not None and not (kind == "attn" and heads is not None) else scores
-        sc = {s: v.clone() for s, v in by_neuron.items() if parse_site_name(s)[1] == kind}  # experts are MLP sites
-        if not sc or f <= 0:
-            continue
-        if exclude is not None:
-            for s in sc:
-                if s in exclude.site_names:
-                    sc[s][exclude.mask(s)] = -torch.inf
-        if kind == "attn" and heads is not None:
-            if sites is None:
-                raise NeurospecError("selecting whole heads needs the model's sites")
-            parts.append(NeuronSet.top_heads(sc, sites, frac=f, reduce=heads, scope=scope))
-        else:
-            parts.append(NeuronSet.top_k(sc, frac=f, scope=scope, sites=sites))
-    if not parts:
-        raise NeurospecError("no site of the requested kinds was recorded")
-    out = parts[0]
-    for p in parts[1:]:
-        out = out | p
-    return out
-
-
 def _widen(ns: NeuronSet, widths: Mapping[str, int]) -> NeuronSet:
     """The same neurons over a superset of sites (so set operations line up)."""
     return NeuronSet({s: ns.indices(s) if s in ns.site_names else [] for s in widths}, widths)
@@ -140,8 +106,6 @@ def _interleave(blocks: list[torch.Tensor], n: int) -> torch.Tensor:
 
 
 def _task_name(spec: Any) -> str:
-    from neurospec.data.tasks import parse_task_spec
-
     return spec.name if hasattr(spec, "name") else parse_task_spec(str(spec)).name
 
 
@@ -238,7 +202,7 @@ def selective_pruning(
         return {"forget": f, "retain": r}
 
     f_stats = run.stats(f_name)
-    r_stats = merged_stats(run, r_names)
+    r_stats = run.merged_stats(r_names)
     # the rand control and the order of tied scores are seeded per model and forget task (see derive_seed)
     seeding = {"model": loaded.fingerprint, "task": f_name}
     scores = score_neurons(pcfg.score, f_stats, r_stats, seed=pcfg.seed, **seeding)
@@ -260,7 +224,7 @@ def selective_pruning(
                     record(loaded, [tasks[n] for n in names], sub, rcfg, force=True, progress=progress,
                            intervention=iv)
                 step_run = open_run(sub)
-                scores = score_neurons(pcfg.score, step_run.stats(f_name), merged_stats(step_run, r_names),
+                scores = score_neurons(pcfg.score, step_run.stats(f_name), step_run.merged_stats(r_names),
                                        seed=pcfg.seed, **seeding)
                 keys = tie_break_keys(scores, pcfg.seed, **seeding)
             new = select(scores, pcfg.frac, pcfg.attn_frac, pcfg.scope, exclude=pruned, sites=sites,
@@ -271,12 +235,7 @@ def selective_pruning(
                          "n_pruned": len(pruned), **measure()})
     pruned.save(out / PRUNED_NEURONS)  # atomic, like every result file
     if save_dir is not None:
-        import copy
-
-        from neurospec.intervene.ablate import fold_ablation
-
-        pruned_model = copy.deepcopy(loaded.model)  # the caller's model stays as it is
-        fold_ablation(pruned_model, sites, pruned, offsets, method=pcfg.ablation)
+        pruned_model, _ = folded_copy(loaded.model, sites, pruned, offsets, method=pcfg.ablation)
         pruned_model.save_pretrained(save_dir)
         del pruned_model
         if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):

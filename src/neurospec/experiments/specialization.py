@@ -29,11 +29,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from neurospec.analyze.importance import (
+    cluster_importance,
+    coherence_correlation,
+    coherence_task,
+    fisher_combine,
+)
 from neurospec.cluster.result import Clustering, load_clustering
+from neurospec.data.build import build_tasks
+from neurospec.data.digits import ALL_DIGITS, DIGIT_TASKS, digits_split, parse_digit_tasks
 from neurospec.errors import NeurospecError, RunStoreError
-from neurospec.experiments.common import merge_moments
-from neurospec.experiments.targets import Target
+from neurospec.evaluate.site_ablation import ABLATIONS, ImageEvaluator, LMEvaluator
+from neurospec.models.loading import LoadedModel, load_model
+from neurospec.models.sites import parse_site_name
 from neurospec.record import layout
+from neurospec.record.accumulators import NeuronStats, merge_stats
+from neurospec.record.activations import comoments_of, image_activations
+from neurospec.record.recorder import RecordConfig, record
+from neurospec.record.reference import reference_comoments, reference_run
+from neurospec.record.store import atomic_write_json, open_run
+from neurospec.runtime import limited_threads
+from neurospec.score import score_neurons
+from neurospec.score.selective import check_score
 
 SPECIALIZATION_FILE = layout.SPECIALIZATION
 CONFIG_VERSION = 1
@@ -62,9 +79,6 @@ class SpecializationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from neurospec.experiments.site_eval import ABLATIONS
-        from neurospec.score.selective import check_score
-
         check_score(self.score)
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.layers is not None:
@@ -87,8 +101,6 @@ class SpecializationConfig:
 
 def chosen_units(cl: Clustering, cfg: SpecializationConfig) -> dict[str, list[int]]:
     """``{site: [cluster ids]}`` tested: size >= ``min_size``, the ``per_layer`` largest (ties: lower id first)."""
-    from neurospec.models.sites import parse_site_name
-
     out = {}
     for site, lab in cl.labels.items():
         if cfg.layers is not None and parse_site_name(site)[0] not in cfg.layers:
@@ -134,37 +146,28 @@ class _TaskData:
 
 def _selectivity(accs: dict[str, dict[str, Any]], names: list[str], score: str, sites: list[str]):
     """``{site: [width, n_tasks]}``: |score| of each task (forget) against the union of the others (retain)."""
-    from neurospec.score import score_neurons
-
     computed = {t: {s: accs[t][s].compute() for s in sites} for t in names}
     cols: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     for t in names:
         others = [u for u in names if u != t]
-        retain = computed[others[0]] if len(others) == 1 else merge_moments([accs[u] for u in others])
+        retain = computed[others[0]] if len(others) == 1 else merge_stats([accs[u] for u in others])
         sc = score_neurons(score, computed[t], retain, task=t)
         for s in sites:
             cols[s].append(np.abs(sc[s].double().numpy()))
     return {s: np.stack(v, axis=1) for s, v in cols.items()}
 
 
-def _image_data(target: Target, cfg: SpecializationConfig, sites: list[str]) -> _TaskData:
-    from neurospec.experiments import zoo
-    from neurospec.experiments.clusters import _comoments_of
-    from neurospec.experiments.site_eval import ImageEvaluator
-    from neurospec.experiments.targets import image_activations
-    from neurospec.record.accumulators import NeuronStats
-    from neurospec.score import score_neurons
-
+def _image_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str]) -> _TaskData:
     try:
-        tasks = zoo.parse_digit_tasks(cfg.tasks) if cfg.tasks else (zoo.ALL_DIGITS, *zoo.DIGIT_TASKS)
+        tasks = parse_digit_tasks(cfg.tasks) if cfg.tasks else (ALL_DIGITS, *DIGIT_TASKS)
     except ValueError as e:
         raise NeurospecError(str(e)) from None
-    split = zoo.digits_split()
+    split = digits_split()
     acts = image_activations(target, split.x_train, sites)
     per_image = acts[sites[0]].shape[0] // split.y_train.shape[0]
     row_class = split.y_train.repeat_interleave(per_image)
     offsets = {s: x.double().mean(0) for s, x in acts.items()}
-    classes = list(zoo.DIGIT_TASKS)
+    classes = list(DIGIT_TASKS)
     sel: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     for c in range(len(classes)):
         inside = row_class == c
@@ -174,36 +177,30 @@ def _image_data(target: Target, cfg: SpecializationConfig, sites: list[str]) -> 
             r.update(acts[s][~inside])
             sc = score_neurons(cfg.score, {s: f.compute()}, {s: r.compute()}, task=classes[c])[s]
             sel[s].append(np.abs(sc.double().numpy()))
-    corr = {s: v["corr"] for s, v in _comoments_of(acts).items()}
+    corr = {s: v["corr"] for s, v in comoments_of(acts).items()}
     evaluator = ImageEvaluator(target, tasks, method=cfg.ablation, offsets=offsets)
     return _TaskData(evaluator, {s: np.stack(v, axis=1) for s, v in sel.items()}, classes, corr,
                      "pearson correlation over the training images")
 
 
-def _lm_data(target: Target, cfg: SpecializationConfig, sites: list[str], layers: set[int], cl: Clustering,
+def _lm_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str], layers: set[int], cl: Clustering,
              work: Path, progress: Any) -> _TaskData:
-    from neurospec.experiments.clusters import reference_comoments, reference_run
-    from neurospec.experiments.common import build_tasks
-    from neurospec.experiments.site_eval import LMEvaluator
-    from neurospec.record.recorder import RecordConfig, record
-    from neurospec.record.store import open_run
-
-    if target.kind != "causal-lm":
+    if target.analysis_kind != "causal-lm":
         raise NeurospecError(
             f"specialization measures next-token loss: it needs a causal LM or a zoo model; {target.name} is "
-            f"{target.kind!r}"
+            f"{target.analysis_kind!r}"
         )
     if not cfg.tasks:
         raise NeurospecError("name at least one task (--task python --task prose); see `neurospec tasks`")
     rcfg = RecordConfig(tokens=cfg.tokens, eval_tokens=cfg.eval_tokens, seq_len=cfg.seq_len,
                         batch_size=cfg.batch_size, kinds=("mlp",), reservoir=0, seed=cfg.seed)
-    loaded = target.loaded
+    loaded = target
     tasks = build_tasks(loaded, list(cfg.tasks), rcfg)
     names = list(tasks)
     record(loaded, list(tasks.values()), work, rcfg, force=True, progress=progress)
     run = open_run(work)
     accs = {t: {s: a["stats"] for s, a in run.accumulators(t).items() if s in sites} for t in names}
-    merged = merge_moments([accs[t] for t in names])
+    merged = merge_stats([accs[t] for t in names])
     offsets = {s: merged[s]["mean"].float() for s in sites}
     sel = None
     if len(names) >= 2:
@@ -227,37 +224,25 @@ def _lm_data(target: Target, cfg: SpecializationConfig, sites: list[str], layers
 # ------------------------------------------------------------------------------------------------- pipeline
 
 
-def specialization(cluster_dir: str | Path, cfg: SpecializationConfig, *, target: Target | None = None,
+def specialization(cluster_dir: str | Path, cfg: SpecializationConfig, *, target: LoadedModel | None = None,
                    progress: Any = None, step: Any = None, threads: int | None = 1) -> dict:
     """Importance and coherence of the clusters in ``cluster_dir`` (see the module docstring).
 
     ``target``: the clustered model if already loaded (else reloaded from the directory's manifest; its fingerprint
     must match). ``progress(label, done, total)``: recording progress (tokens); ``step(label, done, total)``:
     ablations done. Cost: ``units * (1 + n_random)`` evaluations of every task's evaluation blocks.
-    ``threads``: torch, BLAS and OpenMP threads (see :func:`~neurospec.experiments.targets.limited_threads`).
+    ``threads``: torch, BLAS and OpenMP threads (see :func:`~neurospec.runtime.limited_threads`).
     Writes ``specialization.json`` in ``cluster_dir`` and returns it.
     """
-    from neurospec.experiments.targets import limited_threads
-
     with limited_threads(threads):
         return _specialization(Path(cluster_dir), cfg, target, progress, step)
 
 
-def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: Target | None, progress: Any,
+def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: LoadedModel | None, progress: Any,
                     step: Any) -> dict:
-    from neurospec.analyze.importance import (
-        cluster_importance,
-        coherence_correlation,
-        coherence_task,
-        fisher_combine,
-    )
-    from neurospec.experiments.targets import load_target
-    from neurospec.models.sites import parse_site_name
-    from neurospec.record.store import atomic_write_json
-
     t0 = time.perf_counter()
     cl = load_clustering(cluster_dir)
-    target = target or load_target(cl.model_spec)
+    target = target or load_model(cl.model_spec)
     if target.fingerprint != cl.fingerprint:
         raise RunStoreError(
             f"{cluster_dir} was clustered on another model (fingerprint {cl.fingerprint}); "
@@ -267,7 +252,7 @@ def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: Target
     sites = list(units)
     layers = {parse_site_name(s)[0] for s in sites}
     labels = {s: tested_labels(cl.labels[s], units[s]) for s in sites}
-    if target.kind == "image":
+    if target.analysis_kind == "image":
         data = _image_data(target, cfg, sites)
     else:
         data = _lm_data(target, cfg, sites, layers, cl, cluster_dir / "specialization-run", progress)
@@ -328,7 +313,7 @@ def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: Target
         "cluster_dir": str(cluster_dir),
         "method": cl.method,
         "graph": cl.graph,
-        "model": target.describe(),
+        "model": {**target.describe(), "analysis_kind": target.analysis_kind},
         "config": cfg.to_dict(),
         "tasks": tasks,
         "metric": ev.metric,

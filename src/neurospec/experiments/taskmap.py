@@ -22,6 +22,8 @@ makes two tasks' sets overlap more than chance.
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,17 +32,17 @@ import numpy as np
 import torch
 
 from neurospec.analyze.overlap import overlap, overlap_matrix, per_layer_counts
-from neurospec.errors import NeurospecError, TaskError
-from neurospec.evaluate.tasks import task_metrics, task_references
-from neurospec.experiments.common import build_tasks, merged_stats, skip_ids_for
-from neurospec.experiments.selective import select
+from neurospec.data.build import build_tasks
+from neurospec.errors import NeurospecError, RunStoreError, TaskError
+from neurospec.evaluate.tasks import skip_ids_for, task_metrics, task_references
 from neurospec.intervene.ablate import ablated
 from neurospec.models.loading import LoadedModel, random_init_copy
 from neurospec.record.layout import TASKMAP, write_result_json
 from neurospec.record.recorder import ProgressFn, RecordConfig, record
 from neurospec.record.store import open_run
 from neurospec.score import score_neurons
-from neurospec.score.selective import tie_break_keys
+from neurospec.score.selection import kind_masks, select_kind, selection_keys
+from neurospec.score.selective import check_score
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CONFIG_VERSION = 2  # 2: rand and ties seeded per model and task (1: one seed for all, ties by layer order)
@@ -61,8 +63,6 @@ class TaskMapConfig:
     seed: int = 0  # seeds the rand control and the order of tied scores, with the model and the task
 
     def __post_init__(self) -> None:
-        from neurospec.score.selective import check_score
-
         check_score(self.score)
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         for f in (*self.fractions, self.select_frac):
@@ -84,39 +84,22 @@ def _task_info(d) -> dict:
     return {"fingerprint": d.fingerprint, f"collect_{unit}": size(d.collect), f"eval_{unit}": size(d.eval)}
 
 
-def _scores(run, names: list[str], cfg: TaskMapConfig) -> dict[str, dict[str, torch.Tensor]]:
+def task_scores(run, names: list[str], cfg: TaskMapConfig) -> dict[str, dict[str, torch.Tensor]]:
     """Each task's scores (forget = the task, retain = the others or the named retain task) on ``run``."""
     out = {}
     for t in names:
         retain = [cfg.retain] if cfg.retain else [n for n in names if n != t]
         if t in retain:
             raise NeurospecError(f"task {t!r} cannot be its own retain task")
-        out[t] = score_neurons(cfg.score, run.stats(t), merged_stats(run, retain), seed=cfg.seed,
+        out[t] = score_neurons(cfg.score, run.stats(t), run.merged_stats(retain), seed=cfg.seed,
                                model=run.model_fingerprint, task=t)
     return out
-
-
-def _keys(scores_by_task, cfg: TaskMapConfig, model: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Selection keys of each task: its scores' order, ties in a random order seeded per model and task."""
-    return {t: tie_break_keys(sc, cfg.seed, model=model, task=t) for t, sc in scores_by_task.items()}
-
-
-def _select_kind(scores, frac: float, kind: str, sites):
-    """The top ``frac`` of one site kind's neurons, ranked over all layers at once. ``scores``: the selection keys
-    of :func:`_keys` (raw scores work too, but then ties go to the earlier layer and the lower index)."""
-    return select(scores, frac if kind == "mlp" else 0.0, frac if kind == "attn" else 0.0, "global", sites=sites)
-
-
-def _masks(scores, frac: float, kind: str, sites) -> dict[str, torch.Tensor]:
-    ns = _select_kind(scores, frac, kind, sites)
-    return {s: ns.mask(s) if s in ns.site_names else torch.zeros(v.numel(), dtype=torch.bool)
-            for s, v in scores.items()}
 
 
 def _overlaps(scores_by_task, names, cfg, sites) -> dict:
     res: dict[str, Any] = {"overall": {}, "chance_global": {}, "chance_matched": {}, "per_site": {}, "counts": {}}
     for f in cfg.fractions:
-        sets = [_masks(scores_by_task[t], f, cfg.kind, sites) for t in names]
+        sets = [kind_masks(scores_by_task[t], f, cfg.kind, sites) for t in names]
         ov, cg, cm = overlap_matrix(sets)
         key = f"{f:g}"
         res["overall"][key] = ov.tolist()
@@ -154,8 +137,8 @@ def task_map(
     record(loaded, list(tasks.values()), out / "model", rcfg, force=force, progress=progress)
     run = open_run(out / "model")
     sites = loaded.sites
-    scores = _scores(run, names, cfg)
-    keys = _keys(scores, cfg, run.model_fingerprint)
+    scores = task_scores(run, names, cfg)
+    keys = selection_keys(scores, cfg.seed, run.model_fingerprint)
     result: dict[str, Any] = {
         "tasks": names,
         "config": cfg.to_dict(),
@@ -189,7 +172,7 @@ def task_map(
     loss_up = np.zeros_like(drop)
     pruned_metrics = {}
     for i, t in enumerate(names):
-        ns = _select_kind(keys[t], cfg.select_frac, cfg.kind, sites)
+        ns = select_kind(keys[t], cfg.select_frac, cfg.kind, sites)
         with ablated(loaded.model, sites, ns, cfg.ablation):
             m = measure()
         pruned_metrics[t] = m
@@ -206,7 +189,7 @@ def task_map(
         rnd = random_init_copy(loaded, seed=cfg.random_seed)
         record(rnd, list(tasks.values()), out / "random_init", rcfg, force=force, progress=progress)
         rrun = open_run(out / "random_init")
-        rkeys = _keys(_scores(rrun, names, cfg), cfg, rrun.model_fingerprint)
+        rkeys = selection_keys(task_scores(rrun, names, cfg), cfg.seed, rrun.model_fingerprint)
         rov = _overlaps(rkeys, names, cfg, rnd.sites)
         result["random_init"] = {
             "overlap": rov["overall"],
@@ -217,3 +200,61 @@ def task_map(
         del rnd
     write_result_json(out / TASKMAP, result)
     return result
+
+
+# ------------------------------------------------------------------------------------------- reading a task map
+
+def taskmap_path(directory: str | Path) -> Path:
+    """The directory holding ``taskmap.json`` (``DIR`` or ``DIR/taskmap``), with a clear error when neither does."""
+    d = Path(directory)
+    for cand in (d, d / "taskmap"):
+        if (cand / TASKMAP).is_file():
+            return cand
+    raise RunStoreError(
+        f"{d} holds no {TASKMAP}: make a task map first with `neurospec taskmap --model M --task A --task B "
+        f"--out {d}`"
+    )
+
+
+def read_taskmap(directory: str | Path) -> dict:
+    return json.loads((taskmap_path(directory) / TASKMAP).read_text())
+
+
+def task_masks(directory: str | Path, frac: float | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``({task: {site: bool [width]}}, taskmap.json)``: each task's specific neurons, recomputed from a task-map
+    directory.
+
+    ``taskmap.json`` keeps per-layer counts and the top neurons of every task, not the full sets. The sets follow
+    exactly from the run the task map recorded (``DIR/model``) and its configuration, so they are recomputed here with
+    the task map's own scoring and selection (:func:`task_scores`, :func:`~neurospec.score.selection.selection_keys` and
+    :func:`~neurospec.score.selection.kind_masks`):
+    same score, same retain tasks, same seeded order of tied scores, same global top fraction. ``frac`` overrides the
+    configuration's ``select_frac``. Task maps written before configuration version 2 chose tied neurons by layer
+    order and drew the ``rand`` control alike for every task; their sets are recomputed with today's rule (a warning
+    says so).
+    """
+    d = taskmap_path(directory)
+    tm = read_taskmap(d)
+    raw: dict[str, Any] = dict(tm["config"])
+    raw.pop("type", None)
+    version = raw.pop("version", 1)
+    if version < CONFIG_VERSION:
+        warnings.warn(
+            f"{d / TASKMAP} has configuration version {version}: its sets broke ties by layer order (and its "
+            f"rand control was the same for every task); the sets recomputed here break ties at random per task "
+            f"and may differ slightly. Re-run `neurospec taskmap` into {d} for a consistent map.",
+            stacklevel=2,
+        )
+    cfg = TaskMapConfig(**raw)
+    run_dir = d / "model"
+    if not run_dir.is_dir():
+        raise RunStoreError(f"task map {d} has no recorded run {run_dir}; re-run `neurospec taskmap` into it")
+    run = open_run(run_dir)
+    if run.model_fingerprint != tm["model"]["fingerprint"]:
+        raise RunStoreError(f"{run_dir} was recorded on another model than {d / TASKMAP} describes")
+    names = list(tm["tasks"])
+    keys = selection_keys(task_scores(run, names, cfg), cfg.seed, run.model_fingerprint)
+    use = cfg.select_frac if frac is None else float(frac)
+    if not 0 < use <= 1:
+        raise NeurospecError(f"frac must be in (0, 1], got {use}")
+    return {t: kind_masks(keys[t], use, cfg.kind, run.sites) for t in names}, tm

@@ -6,6 +6,7 @@ from neurospec.intervene.ablate import (
     ablated,
     ablation_methods,
     fold_ablation,
+    folded_copy,
     get_ablation,
     register_ablation,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ablated",
     "ablation_methods",
     "fold_ablation",
+    "folded_copy",
     "get_ablation",
     "register_ablation",
 ]

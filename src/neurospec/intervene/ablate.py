@@ -552,3 +552,18 @@ def fold_ablation(
         folded=tuple(_expert_label(p.site) if p.site.expert is not None else p.site.module for p in plans),
         created_biases=tuple(created), config_changes=flags,
     )
+
+
+def folded_copy(
+    model: nn.Module,
+    sites: Sites,
+    neuron_set: NeuronSet,
+    offsets: Mapping[str, torch.Tensor] | None = None,
+    *,
+    method: str | None = None,
+    missing_bias: str = "config",
+) -> tuple[nn.Module, AblationInfo]:
+    """``(copy, info)``: a deep copy of ``model`` with ``neuron_set`` folded in as :func:`fold_ablation` does; the
+    given model (its weights, biases and config) is not changed. Memory: one full copy of the model."""
+    out = copy.deepcopy(model)
+    return out, fold_ablation(out, sites, neuron_set, offsets, method=method, missing_bias=missing_bias)

@@ -26,6 +26,7 @@ import torch
 
 from neurospec.errors import NeuronSetError
 from neurospec.models.sites import SITE_KINDS, NeuronId, Site, Sites, parse_site_name, site_order_key
+from neurospec.record.store import atomic_write_bytes
 
 SCOPES = ("global", "per_site")
 HEAD_REDUCTIONS = ("mean", "median")
@@ -367,8 +368,6 @@ class NeuronSet:
 
     def save(self, path: str | Path) -> Path:
         """Write the set: JSON (with site widths) if ``path`` ends in ``.json``, else text with one id per line."""
-        from neurospec.record.store import atomic_write_bytes
-
         path = Path(path)
         if path.suffix == ".json":
             text = json.dumps(self.to_dict(), indent=1) + "\n"

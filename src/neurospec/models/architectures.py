@@ -21,7 +21,7 @@ from torch import nn
 from neurospec.errors import ArchitectureError
 from neurospec.models.experts import check_fused_experts, is_fused_experts
 from neurospec.models.linear import is_linear, linear_dims
-from neurospec.models.sites import SHARED, Site, Sites, site_name
+from neurospec.models.sites import SHARED, Site, Sites, set_site_resolver, site_name
 
 
 @dataclass(frozen=True)
@@ -263,3 +263,6 @@ def resolve_sites(model: nn.Module) -> Sites:
         "neurospec.models.register_family(Family(name, (model_type,), blocks='layers', mlp_reader='mlp.down_proj', "
         "attn_reader='self_attn.o_proj', mlp_inputs=('mlp.up_proj',)))"
     )
+
+
+set_site_resolver(resolve_sites)

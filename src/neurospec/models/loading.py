@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from neurospec.errors import UnknownModelError
+from neurospec.errors import ArchitectureError, NeurospecError, UnknownModelError
+from neurospec.models.digits import ZOO_FILE, ZooModel, read_zoo
 from neurospec.models.placement import (
     auto_device_map,
     check_dtype_for_device,
@@ -30,7 +31,8 @@ from neurospec.models.placement import (
     input_device,
     offloaded_value,
 )
-from neurospec.models.sites import Sites, find_sites
+from neurospec.models.plain import PLAIN_MLP, is_plain_mlp, model_sites
+from neurospec.models.sites import Site, Sites, find_sites
 
 FINGERPRINT_VERSION = 2  # 1: a strided sample of each tensor; 2: every byte
 HEADS = ("causal-lm", "masked-lm", "image-classification", "sequence-classification", "none")
@@ -81,7 +83,12 @@ def cache_dir() -> Path:
 
 @dataclass
 class LoadedModel:
-    """A model with what neurospec needs to know about it."""
+    """A model with what neurospec needs to know about it: the one handle every layer takes.
+
+    ``model``: the ``nn.Module`` (a transformers model, or a plain MLP stack, :mod:`neurospec.models.plain`);
+    ``sites``: its named neuron sites; ``spec``: what reloads it (a local directory as its absolute path; defaults to
+    ``name``); ``zoo``: the :class:`~neurospec.models.digits.ZooModel` a digits model was read from, else ``None``.
+    """
 
     model: nn.Module
     tokenizer: Any
@@ -91,6 +98,12 @@ class LoadedModel:
     sites: Sites
     fingerprint: str
     preprocessing: list[str] = field(default_factory=list)
+    spec: str = ""
+    zoo: ZooModel | None = None
+
+    def __post_init__(self) -> None:
+        if not self.spec:
+            self.spec = self.name
 
     @property
     def device(self) -> torch.device:
@@ -102,12 +115,44 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def is_plain(self) -> bool:
+        """A plain MLP stack (no transformers config): weight graphs join its linear layers directly."""
+        return is_plain_mlp(self.model)
+
+    @property
+    def analysis_kind(self) -> str:
+        """What the analyses measure on it: ``"image"`` (a digits model: its tasks are the image classes),
+        ``"causal-lm"``, ``"masked-lm"``, or ``"none"``."""
+        if self.zoo is not None:
+            return "image"
+        return self.head if self.head in ("causal-lm", "masked-lm") else "none"
+
+    def mlp_sites(self, layers: Any = None) -> tuple[Site, ...]:
+        """The MLP sites (of ``layers`` when given), with a clear error when there are none."""
+        mlp = self.sites.of_kind("mlp")
+        if not mlp:
+            kinds = sorted({s.kind for s in self.sites})
+            raise ArchitectureError(
+                f"model {self.name} has no MLP sites (its sites are of kinds {kinds}); clustering needs MLP neurons"
+            )
+        if layers is None:
+            return mlp
+        by_layer = {s.layer: s for s in mlp}
+        missing = sorted(set(int(x) for x in layers) - set(by_layer))
+        if missing:
+            raise NeurospecError(
+                f"model {self.name} has no MLP site at layer(s) {missing}; its MLP layers are "
+                f"{min(by_layer)}-{max(by_layer)}"
+            )
+        return tuple(by_layer[x] for x in sorted(set(int(x) for x in layers)))
+
     def describe(self) -> dict:
-        cfg = self.model.config
-        return {
+        cfg = getattr(self.model, "config", None)
+        d = {
             "name": self.name,
             "source": self.source,
-            "model_type": getattr(cfg, "model_type", None),
+            "model_type": getattr(cfg, "model_type", None) if cfg is not None else PLAIN_MLP,
             "family": self.sites.family,
             "head": self.head,
             "fingerprint": self.fingerprint,
@@ -117,6 +162,10 @@ class LoadedModel:
             "hidden_size": self.sites.hidden_size,
             "preprocessing": list(self.preprocessing),
         }
+        if self.zoo is not None:
+            d["zoo"] = {"kind": self.zoo.kind, "seed": self.zoo.seed, "test_accuracy": self.zoo.test_accuracy,
+                        "train_accuracy": self.zoo.train_accuracy}
+        return d
 
 
 def _tensor_digest(t: torch.Tensor) -> bytes:
@@ -180,7 +229,8 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _head_of(model: nn.Module) -> str:
+def head_of(model: nn.Module) -> str:
+    """The head of a transformers model, from its class name (one of :data:`HEADS`; ``"none"`` for a bare body)."""
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "causal-lm"
@@ -325,7 +375,7 @@ def _weights_format(path: Path, allow_pickle: bool) -> bool:
     )
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Library code never prints: silence transformers' progress bars while loading."""
     from transformers.utils import logging as hf_logging
 
@@ -354,7 +404,7 @@ def load_model(
     """
     import transformers as T
 
-    _quiet_transformers()
+    quiet_transformers()
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and not isinstance(torch_dtype, torch.dtype):
         raise UnknownModelError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
@@ -368,6 +418,14 @@ def load_model(
     else:
         path = Path(spec).expanduser()
         source = str(path)
+    if path.is_dir() and (path / ZOO_FILE).is_file():
+        try:
+            z = read_zoo(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise UnknownModelError(str(e)) from None
+        if device not in (None, "auto"):
+            z.model.to(device)
+        return from_zoo(z, str(path.resolve()))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UnknownModelError(f"no such GGUF file: {path}")
@@ -398,8 +456,8 @@ def load_model(
     model.eval()
     if device not in (None, "auto"):
         model.to(device)
-    return LoadedModel(model, tok, name, source, _head_of(model), find_sites(model), model_fingerprint(model),
-                       preprocessing)
+    return LoadedModel(model, tok, name, source, head_of(model), find_sites(model), model_fingerprint(model),
+                       preprocessing, spec=str(path.resolve()) if path.is_dir() else spec)
 
 
 def _load_hub(spec: str, head, torch_dtype, device_kw, trust_remote_code, allow_pickle: bool = False):
@@ -445,10 +503,19 @@ def random_init_copy(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     return LoadedModel(
         model, loaded.tokenizer, f"{loaded.name} (random init, seed {seed})", loaded.source, loaded.head,
         find_sites(model), model_fingerprint(model), [*loaded.preprocessing, f"random re-initialisation, seed {seed}"],
+        spec=loaded.spec,
     )
 
 
 def from_module(model: nn.Module, tokenizer: Any = None, name: str = "in-memory") -> LoadedModel:
-    """Wrap a model already in memory (e.g. built from a config in a test or a notebook)."""
+    """Wrap a model already in memory (e.g. built from a config in a test or a notebook, or a plain MLP stack); like
+    :func:`load_model`, it puts the model in evaluation mode."""
     model.eval()
-    return LoadedModel(model, tokenizer, name, "memory", _head_of(model), find_sites(model), model_fingerprint(model))
+    return LoadedModel(model, tokenizer, name, "memory", head_of(model), model_sites(model), model_fingerprint(model))
+
+
+def from_zoo(zoo_model: ZooModel, spec: str = "zoo") -> LoadedModel:
+    """The handle of a digits model (:class:`~neurospec.models.digits.ZooModel`, trained or read from ``spec``)."""
+    model = zoo_model.model.eval()
+    return LoadedModel(model, None, f"{zoo_model.kind} (seed {zoo_model.seed})", spec, "image-classification",
+                       model_sites(model), model_fingerprint(model), spec=spec, zoo=zoo_model)

@@ -11,7 +11,7 @@ Glossary of dimensions used in docstrings: ``batch`` sequences, ``seq`` position
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -61,12 +61,6 @@ class Site:
         part = SHARED if self.shared_expert else self.expert
         if self.name != site_name(self.layer, self.kind, part):
             raise ValueError(f"site name {self.name!r} does not match layer {self.layer}, kind {self.kind}, {part}")
-
-    def head_of(self, index: int) -> int:
-        """The attention head that neuron ``index`` belongs to."""
-        if self.d_head is None:
-            raise ValueError(f"site {self.name} has no heads")
-        return index // self.d_head
 
     def to_dict(self) -> dict:
         return {
@@ -214,11 +208,20 @@ class Sites:
         return [s.to_dict() for s in self.sites]
 
 
+_RESOLVER: list[Callable[[nn.Module], Sites]] = []
+
+
+def set_site_resolver(resolve: Callable[[nn.Module], Sites]) -> None:
+    """Install the function that finds a model's sites: :mod:`neurospec.models.architectures` installs its family
+    registry when it is imported (``neurospec.models`` imports it), so this module needs no import of it."""
+    _RESOLVER[:] = [resolve]
+
+
 def find_sites(model: nn.Module) -> Sites:
     """Describe every neuron site of ``model`` (see :mod:`neurospec.models.architectures`)."""
-    from neurospec.models.architectures import resolve_sites
-
-    return resolve_sites(model)
+    if not _RESOLVER:
+        raise ArchitectureError("no site resolver installed: import neurospec.models (it installs the family registry)")
+    return _RESOLVER[0](model)
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +44,6 @@ __all__ = [
     "CoMoments",
     "Histogram",
     "NeuronStats",
-    "RangeSync",
     "Reservoir",
     "accumulator_class",
     "from_safetensors",
@@ -55,10 +54,10 @@ __all__ = [
     "to_safetensors",
 ]
 
-RangeSync = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``(lo, hi) -> (lo, hi)``: the range agreement of earlier versions; accepted by NeuronStats and not called."""
 
 OUT_OF_RANGE_WARN = 0.01
+_LEGACY_META = ("calib_margin",)  # written by earlier versions, no longer used
 """``compute()`` warns when some neuron has more than this fraction of its histogram mass outside the bins."""
 
 # Rows of the per-batch partials computed by _fast_partials.
@@ -145,8 +144,8 @@ class NeuronStats(Accumulator):
     falls outside (see :mod:`neurospec.record.histogram`). It depends only on the set of values seen, so no
     first batch decides it and histograms of different batches, processes and runs merge exactly.
     ``hist_sample_every = k`` feeds only rows ``0, k, 2k, ...`` of each batch to the histogram (moments always
-    use every row). ``calib_margin`` and ``range_sync`` are accepted for callers and saved files of earlier
-    versions (whose histograms had edges fixed from the first batch) and are not used.
+    use every row). Saved files of earlier versions (whose histograms had edges fixed from the first batch) may
+    carry a ``calib_margin`` in their metadata; :meth:`from_state_dict` ignores it.
 
     Precision: each batch's partial sums are computed in float32 (float64 for float64 input), those of moments
     after subtracting a shift near the batch's mean, then added into float64 state:
@@ -188,8 +187,6 @@ class NeuronStats(Accumulator):
         *,
         hist_bins: int = 256,
         hist_sample_every: int = 1,
-        calib_margin: float | None = None,
-        range_sync: RangeSync | None = None,
     ) -> None:
         for name, value in (
             ("width", width),
@@ -201,7 +198,6 @@ class NeuronStats(Accumulator):
         self.width = width
         self.hist_bins = hist_bins
         self.hist_sample_every = hist_sample_every
-        self.range_sync = range_sync  # not used (see the class docstring)
         self._grid: Grid | None = None  # derived from the state; None: not derived yet
         self._binner: Binner | None = None
         super().__init__()
@@ -233,6 +229,26 @@ class NeuronStats(Accumulator):
     def _state_changed(self) -> None:
         self._grid = None
         self._binner = None
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor], **meta: Any) -> NeuronStats:
+        """As :meth:`Accumulator.from_state_dict`; metadata that only earlier versions wrote is ignored."""
+        for key in _LEGACY_META:
+            meta.pop(key, None)
+        return super().from_state_dict(state, **meta)
+
+    def histogram_mergeable(self) -> bool:
+        """False for a histogram saved by an earlier version (edges fixed from the first batch): it cannot merge."""
+        s = self._state
+        return Grid.from_state(s["hist"], s["hist_lo"], s["hist_hi"]) is not None
+
+    def without_histogram(self) -> NeuronStats:
+        """A copy whose histogram is empty (so it merges with any other; its ``peak`` is NaN)."""
+        state = {k: v.clone() for k, v in self._state.items()}
+        state["hist"].zero_()
+        state["hist_lo"].fill_(math.nan)
+        state["hist_hi"].fill_(math.nan)
+        return type(self).from_state_dict(state, **self.meta())
 
     def grid(self) -> Grid:
         """The histogram's per-neuron grid; ``NeurospecError`` for a histogram saved by an earlier version."""
@@ -413,3 +429,25 @@ class NeuronStats(Accumulator):
                 stacklevel=3,
             )
         return frac
+
+
+def merge_stats(parts: Sequence[Mapping[str, NeuronStats]]) -> dict[str, dict[str, Tensor]]:
+    """Computed statistics (:meth:`NeuronStats.compute`) of the union of several token sets, ``{site: stats}``, from
+    each set's ``{site: NeuronStats}``, by exact merging; the inputs are not changed.
+
+    Moments and extremes are exact. Histograms merge exactly too, so the result's ``peak`` is that of the union; when
+    some part holds a histogram of an earlier version (which cannot merge), every histogram is dropped and ``peak``
+    is NaN.
+    """
+    if not parts:
+        raise NeurospecError("no statistics to merge")
+    keep = all(st.histogram_mergeable() for part in parts for st in part.values())
+    merged: dict[str, NeuronStats] = {}
+    for part in parts:
+        for s, st in part.items():
+            st = st if keep else st.without_histogram()
+            if s in merged:
+                merged[s].merge(st)
+            else:
+                merged[s] = type(st).from_state_dict({k: v.clone() for k, v in st.state_dict().items()}, **st.meta())
+    return {s: st.compute() for s, st in merged.items()}

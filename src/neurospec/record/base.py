@@ -233,8 +233,8 @@ def _merge_same(name: str, mine: Tensor, theirs: Tensor) -> Tensor:
         first = differ.nonzero()[0].tolist()
         raise ValueError(
             f"cannot merge: state {name!r} differs between the two accumulators ({int(differ.sum())} entries, "
-            f"first at index {first}: {mine[tuple(first)].item()} vs {theirs[tuple(first)].item()}); histogram "
-            "edges must agree: calibrate both on the same first batch, or pass range_sync"
+            f"first at index {first}: {mine[tuple(first)].item()} vs {theirs[tuple(first)].item()}); states merged as "
+            "'same' must agree"
         )
     return torch.where(mine_set, mine, theirs)
 

@@ -5,8 +5,6 @@ Each process records its shard; :func:`all_reduce_` then makes every process hol
 data, following the accumulator's declared reductions (:mod:`neurospec.record.base`): ``"sum"``, ``"min"`` and
 ``"max"`` states are all-reduced, ``"same"`` states are checked to agree, and ``"custom"`` states (a reservoir's
 keys and samples) are gathered from every process and merged with the accumulator's own rule.
-:func:`sync_range` is the ``range_sync`` for :class:`~neurospec.record.accumulators.NeuronStats` that makes all
-processes fix the same histogram edges; :func:`broadcast_range` makes them take rank 0's.
 
 Devices: NCCL only moves CUDA tensors, so every collective runs on :func:`collective_device` (``cuda:LOCAL_RANK``
 for NCCL, the CPU for gloo) and the results come back to the CPU state. :func:`join_process_group` picks the
@@ -249,37 +247,12 @@ def _all_reduce_flat(tensors: list[Tensor], rule: str, device: torch.device, gro
         offset += t.numel()
 
 
-def broadcast_range(lo: Tensor, hi: Tensor, src: int = 0, group=None) -> tuple[Tensor, Tensor]:
-    """Rank ``src``'s ``(lo, hi)`` on every process (the recorder's ``range_sync``: rank 0's first batch is the
-    global first batch, so every rank fixes the histogram edges a single process would)."""
-    if not is_distributed():
-        return lo, hi
-    both = torch.stack([lo, hi]).to(_comm_device(group), torch.float64).contiguous()
-    torch.distributed.broadcast(both, src=src, group=group)
-    both = both.cpu()
-    return both[0].to(lo.dtype), both[1].to(hi.dtype)
-
-
-def sync_range(lo: Tensor, hi: Tensor, group=None) -> tuple[Tensor, Tensor]:
-    """Elementwise min of ``lo`` and max of ``hi`` over all processes (``NeuronStats(range_sync=sync_range)``).
-
-    Returns new tensors; without a process group, returns ``(lo, hi)`` unchanged.
-    """
-    if not is_distributed():
-        return lo, hi
-    lo, hi = lo.double().clone(), hi.double().clone()
-    device = _comm_device(group)
-    _all_reduce_flat([lo], "min", device, group)
-    _all_reduce_flat([hi], "max", device, group)
-    return lo, hi
-
-
 def all_reduce_(acc: Accumulator, group=None) -> Accumulator:
     """Combine ``acc`` in place with its counterparts in every process of ``group``; returns ``acc``.
 
     Afterwards every process holds the same result as one process that saw all the data (sums up to the order
-    of float additions). Raises ``ValueError`` (on every process) if ``"same"`` states disagree, e.g. histograms
-    calibrated on different batches without ``range_sync``, or reservoirs that share a seed.
+    of float additions). Raises ``ValueError`` (on every process) if ``"same"`` states disagree, e.g. reservoirs
+    that share a seed.
     Cost: one all-reduce per (rule, dtype) group of states; reservoirs also all-gather ``k * width`` floats.
     """
     if not is_distributed():
@@ -316,8 +289,8 @@ def _agree_(same: list[tuple[str, Tensor]], device: torch.device, group) -> None
         is_set = torch.isfinite(lo)
         if bool((is_set & (lo != hi)).any()):
             raise ValueError(
-                f"all_reduce_: state {name!r} differs between processes; histogram edges must agree: pass "
-                "range_sync=neurospec.record.distributed.sync_range (or a broadcast) to NeuronStats"
+                f"all_reduce_: state {name!r} differs between processes; states merged as 'same' must agree on "
+                "every process"
             )
     for (_, t), lo in zip(same, low, strict=True):
         t.copy_(torch.where(torch.isfinite(lo), lo, math.nan).to(t.dtype))

@@ -197,12 +197,6 @@ def write_result_text(path: str | os.PathLike, text: str) -> Path:
     return p
 
 
-def write_result_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    p = Path(path)
-    atomic_write_bytes(p, data)
-    return p
-
-
 def write_result_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
     """Save a matplotlib figure atomically in the format of ``path``'s suffix (``.png``, ``.svg``)."""
     p = Path(path)

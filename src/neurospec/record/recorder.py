@@ -21,6 +21,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from typing import Any
 import torch
 
 from neurospec import __version__
+from neurospec.data.build import task_data
+from neurospec.data.images import ImageTaskData, image_task
+from neurospec.data.tasks import check_task_names, parse_task_spec
 from neurospec.errors import NeurospecError, RunStoreError, TaskError
 from neurospec.models.experts import observe_site
 from neurospec.models.loading import FINGERPRINT_VERSION, LoadedModel
@@ -35,10 +39,10 @@ from neurospec.models.sites import SITE_KINDS, Site
 from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
 from neurospec.record.coactivation import ReluCoMoments
+from neurospec.record.distributed import all_reduce_, broadcast_object, check_same, gather_objects, together
 from neurospec.record.routing import ExpertRouting
+from neurospec.record.states import accumulators_from_tensors
 
-ACCUMULATORS = {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments,
-                "relu_comoments": ReluCoMoments, "routing": ExpertRouting}
 CONFIG_VERSION = 1
 
 
@@ -143,13 +147,13 @@ def _describe_intervention(d: Mapping | None) -> str:
 # ----------------------------------------------------------------------------------------------- accumulators
 
 
-def make_accumulators(site: Site, cfg: RecordConfig, range_sync=None, rank: int = 0) -> dict[str, Any]:
+def make_accumulators(site: Site, cfg: RecordConfig, rank: int = 0) -> dict[str, Any]:
     """Fresh accumulators of one site. The reservoir's seed depends on the site and the rank, so the parts recorded
     by different ranks are independent samples (their merge is a uniform sample of all tokens, though not the same
     sample a single process would draw)."""
     accs: dict[str, Any] = {
         "stats": NeuronStats(
-            site.width, hist_bins=cfg.hist_bins, hist_sample_every=cfg.hist_sample_every, range_sync=range_sync
+            site.width, hist_bins=cfg.hist_bins, hist_sample_every=cfg.hist_sample_every
         )
     }
     if cfg.reservoir:
@@ -176,20 +180,6 @@ def pack_accumulators(accs: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.
                 tensors[f"{site}/{name}/{k}"] = v
             meta[f"{site}/{name}"] = acc.meta() if hasattr(acc, "meta") else {}
     return tensors, meta
-
-
-def accumulators_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        site, name, k = key.split("/", 2)
-        grouped.setdefault((site, name), {})[k] = v
-    out: dict[str, dict[str, Any]] = {}
-    for (site, name), state in grouped.items():
-        cls = ACCUMULATORS.get(name)
-        if cls is None:
-            raise RunStoreError(f"unknown accumulator {name!r} in run file")
-        out.setdefault(site, {})[name] = cls.from_state_dict(state, **meta.get(f"{site}/{name}", {}))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -221,8 +211,6 @@ def _resume_plan(
     between two ranks' checkpoints), the task is recorded again from its start. Checkpoints written under another
     number of ranks cover other batches: refused, unless ``force`` (then recorded again).
     """
-    from neurospec.record.distributed import gather_objects
-
     infos = gather_objects(mine)
     valid = [i if i is not None and i.get("fingerprint") == fingerprint else None for i in infos]
     other = sorted({i["world"] for i in valid if i is not None and i["world"] != world})
@@ -275,21 +263,15 @@ def record_task(
     ``resume_state = (accumulators, batches_done)`` continues an interrupted recording; ``checkpoint(accs,
     batches_done)`` is called every ``checkpoint_every`` batches of this rank.
     """
-    from neurospec.record.distributed import all_reduce_, broadcast_range
-
     rank, world = dist_context()
-    sync = broadcast_range if world > 1 else None
     n_batches = -(-blocks.shape[0] // cfg.batch_size)
     if world > n_batches:
         raise NeurospecError(f"{n_batches} batches cannot be split across {world} ranks: record more tokens")
     mine = _batches_for_rank(n_batches, rank, world)
     if resume_state is not None:
         accs, done = resume_state
-        if world > 1:
-            for group in accs.values():
-                group["stats"].range_sync = sync
     else:
-        accs, done = {s.name: make_accumulators(s, cfg, sync, rank) for s in sites}, 0
+        accs, done = {s.name: make_accumulators(s, cfg, rank) for s in sites}, 0
     model = loaded.model
     body = _forward_body(model)
     device = loaded.device
@@ -360,12 +342,6 @@ def record(
     The run directory is locked for the whole call: a second process recording into it gets a
     :class:`~neurospec.errors.RunStoreError` at once (see :func:`neurospec.record.store.run_lock`).
     """
-    from contextlib import ExitStack
-
-    from neurospec.data.images import image_task
-    from neurospec.data.tasks import check_task_names, parse_task_spec
-    from neurospec.record.distributed import check_same, together
-
     cfg = config or RecordConfig()
     rank, world = dist_context()
     out = Path(out)
@@ -396,10 +372,6 @@ def record(
 
 
 def _record_tasks(loaded, tasks, names, out, cfg, sites, force, progress, checkpoint_every, intervention) -> dict:
-    from neurospec.data.images import ImageTaskData
-    from neurospec.data.tasks import TaskData, build_task_data, parse_task_spec
-    from neurospec.record.distributed import broadcast_object, check_same, together
-
     rank, world = dist_context()
     with together():
         manifest = _open_or_create(out, loaded, cfg, sites, force=force, write=True,
@@ -409,14 +381,8 @@ def _record_tasks(loaded, tasks, names, out, cfg, sites, force, progress, checkp
     nonfinite: dict[str, int] = {}
     for t, task_name in zip(tasks, names, strict=True):
         with together():
-            if isinstance(t, TaskData | ImageTaskData):
-                data = t
-            else:
-                spec = t if not isinstance(t, str) else parse_task_spec(t)
-                data = build_task_data(
-                    spec, loaded.tokenizer, seq_len=cfg.seq_len, collect_tokens=cfg.tokens,
-                    eval_tokens=cfg.eval_tokens, seed=cfg.seed,
-                )
+            data = task_data(t, loaded.tokenizer, seq_len=cfg.seq_len, collect_tokens=cfg.tokens,
+                             eval_tokens=cfg.eval_tokens, seed=cfg.seed)
             want_blocks = -(-cfg.tokens // cfg.seq_len)
             if isinstance(data, ImageTaskData):  # an image task records all of its collection images
                 want_blocks = data.collect.shape[0]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ import torch
 
 from neurospec.errors import RunStoreError
 from neurospec.models.sites import Site, Sites
+from neurospec.record.accumulators import merge_stats
+from neurospec.record.states import accumulators_from_tensors
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -252,8 +254,6 @@ class Run:
 
     def accumulators(self, task: str) -> dict[str, dict[str, Any]]:
         """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded)."""
-        from neurospec.record.recorder import accumulators_from_tensors
-
         path = self._task_file(task)
         redo = f"record task {task!r} again: the same `neurospec record` command with --force"
         tensors, meta = load_tensors(path, redo)
@@ -262,6 +262,11 @@ class Run:
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise RunStoreError(f"run file {path} is damaged: its accumulator states do not load ({e}); {redo}") \
                 from None
+
+    def merged_stats(self, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Computed statistics of the union of several recorded tasks, ``{site: {"mean": Tensor[width], ...}}``, by
+        exact merging of their accumulators (:func:`~neurospec.record.accumulators.merge_stats`)."""
+        return merge_stats([{s: a["stats"] for s, a in self.accumulators(t).items()} for t in tasks])
 
     def stats(self, task: str, site: str | None = None) -> dict:
         """Computed per-neuron statistics: ``{site: {"mean": Tensor[width], ...}}`` or one site's dict."""

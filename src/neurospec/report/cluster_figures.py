@@ -1,7 +1,7 @@
 """Figures and report sections of neuron clusters: sizes, n-cut against shuffled networks, importance against
 coherence, and task-cluster alignment per layer.
 
-:func:`cluster_sections` finds the cluster directories of a run directory (the directory itself, ``DIR/clusters/*``
+:func:`cluster_sections` finds the cluster directories of a run directory (the directory itself, ``DIR/*``
 and ``DIR/*``: any directory with ``clusters.json``), draws whatever each holds (``clusters.json``,
 ``specialization.json``, ``alignment.json``) into ``figdir`` as PNG and SVG, and returns HTML sections built like
 the rest of the report. Each figure function can also be called on its own and returns the PNG path.
@@ -10,13 +10,14 @@ the rest of the report. Each figure function can also be called on its own and r
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from neurospec.report.figures import _plt, _save
+from neurospec.record import layout
+from neurospec.report.figures import pyplot, save_figure
+from neurospec.report.parts import img, load_json, section, table
 
 ALPHA = 0.05
 
@@ -30,7 +31,7 @@ def _site_layer(site: str) -> int:
 
 def cluster_sizes(manifest: dict, path: Path) -> Path:
     """Left: neurons of each cluster id in each layer (heatmap); right: total size of each cluster id."""
-    plt = _plt()
+    plt = pyplot()
     sizes = manifest["sizes"]
     sites = list(sizes)
     mat = np.array([sizes[s] for s in sites], dtype=float)
@@ -57,12 +58,12 @@ def cluster_sizes(manifest: dict, path: Path) -> Path:
     excl = sum(manifest.get("excluded", {}).values())
     fig.suptitle(f"{manifest['method']} ({manifest['graph']}): {manifest['n_clusters']} clusters, "
                  f"{excl} neurons excluded", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ncut_vs_shuffled(clusterability: dict, path: Path, title: str = "") -> Path:
     """The n-cut of the network (line) against the n-cuts of weight-shuffled copies (histogram)."""
-    plt = _plt()
+    plt = pyplot()
     null = np.asarray(clusterability["null"], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     ax.hist(null, bins=max(5, min(30, null.size)), color="#bbbbbb", label=f"shuffled weights (n={null.size})")
@@ -71,13 +72,13 @@ def ncut_vs_shuffled(clusterability: dict, path: Path, title: str = "") -> Path:
     ax.set_ylabel("networks")
     ax.legend(fontsize=8)
     ax.set_title(title or f"z = {clusterability['z']:.2f}, p = {clusterability['pvalue']:.3g}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def importance_vs_coherence(spec: dict, path: Path, tasks: Sequence[str] | None = None) -> Path:
     """One panel per task (the first three): coherence (x, minus its random-set mean) against importance (y, damage minus the random
     sets' mean). Filled red: importance p <= 0.05; black ring: coherence p <= 0.05."""
-    plt = _plt()
+    plt = pyplot()
     rows = spec["rows"]
     kind = "coherence_correlation" if spec.get("coherence_correlation") else "coherence_task"
     names = list(tasks or spec["tasks"])[:3]
@@ -103,13 +104,13 @@ def importance_vs_coherence(spec: dict, path: Path, tasks: Sequence[str] | None 
         ax.set_xlabel(f"{kind.replace('_', ' ')} - random mean")
     axes[0][0].set_ylabel(f"{spec['metric']}\n- random-set mean")
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def alignment_by_layer(al: dict, path: Path) -> Path:
     """Per task: how much more concentrated its neurons are over clusters than chance (entropy deficit: mean entropy
     of random same-size sets minus the task's, in nats) by layer (filled marker: p <= 0.05), and -log10 p by layer."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     for t in al["tasks"]:
         rows = [r for r in al["rows"] if r["task"] == t and "pvalue_entropy" in r]
@@ -132,7 +133,7 @@ def alignment_by_layer(al: dict, path: Path) -> Path:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"task neurons vs {al['method']} ({al['graph']}) clusters, top {float(al['frac']):.0%} per task",
                  fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -140,49 +141,40 @@ def alignment_by_layer(al: dict, path: Path) -> Path:
 
 def cluster_dirs(run_dir: Path) -> list[Path]:
     """The cluster directories a report of ``run_dir`` shows (:func:`neurospec.record.layout.report_inputs`)."""
-    from neurospec.record.layout import report_inputs
-
-    return report_inputs(run_dir)["clusters"]
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return layout.report_inputs(run_dir)["clusters"]
 
 
 def cluster_sections(run_dir: Path, figdir: Path, dirs: list[Path] | None = None) -> list[str]:
     """HTML sections (strings) for every cluster directory of ``run_dir``; figures go to ``figdir``."""
-    from neurospec.record import layout
-    from neurospec.report.html import _img, _section, _table
-
     run_dir, figdir = Path(run_dir), Path(figdir)
     out: list[str] = []
     for d in cluster_dirs(run_dir) if dirs is None else dirs:
         tag = "clusters" if d == run_dir else f"clusters_{d.name}"
         label = d.name if d != run_dir else "this directory"
-        m = _load(d / layout.CLUSTERS)
+        m = load_json(d / layout.CLUSTERS)
         assert m is not None
         png = cluster_sizes(m, figdir / f"{tag}_sizes")
         facts = [["method", f"{m['method']} ({m['graph']})"], ["clusters", m["n_clusters"]],
                  ["n-cut", "-" if m["ncut"] is None else m["ncut"]],
                  ["excluded neurons", sum(m.get("excluded", {}).values())],
                  ["model", m["model"].get("name")], ["seconds", m.get("extra", {}).get("seconds")]]
-        out.append(_section(
+        out.append(section(
             f"Clusters: {label}",
             "Neurons of each cluster in each layer and the clusters' sizes. MoE experts and per-layer correlation "
             "clusters are local to a layer; a weight-graph partition spans all layers.",
-            _img(png, "cluster sizes") + _table(["", ""], facts),
+            img(png, "cluster sizes") + table(["", ""], facts),
         ))
         cb = m.get("extra", {}).get("clusterability")
         if cb:
             png = ncut_vs_shuffled(cb, figdir / f"{tag}_ncut_shuffled")
-            out.append(_section(
+            out.append(section(
                 f"Clusterability: {label}",
                 "n-cut of the network's spectral partition against networks whose weight matrices were shuffled "
                 "entry-wise (same values, random places). Trained networks are expected to cut better (lower n-cut) "
                 f"than shuffled ones: z = {cb['z']:.2f}, one-sided p = {cb['pvalue']:.3g}.",
-                _img(png, "n-cut vs shuffled"),
+                img(png, "n-cut vs shuffled"),
             ))
-        spec = _load(d / layout.SPECIALIZATION)
+        spec = load_json(d / layout.SPECIALIZATION)
         if spec and spec["rows"]:
             png = importance_vs_coherence(spec, figdir / f"{tag}_importance_coherence")
             rows = [[t, v["n_units"], v["n_significant"], v["fisher"]["pvalue"]] for t, v in spec["importance"].items()]
@@ -190,26 +182,26 @@ def cluster_sections(run_dir: Path, figdir: Path, dirs: list[Path] | None = None
                 if spec.get(key):
                     v = spec[key]
                     rows.append([key.replace("_", " "), v["n_units"], v["n_significant"], v["fisher"]["pvalue"]])
-            out.append(_section(
+            out.append(section(
                 f"Importance and coherence: {label}",
                 f"Each point is a cluster within one layer. Importance: {spec['metric']} when it is ablated "
                 f"({spec['config']['ablation']}), minus the mean over {spec['config']['n_random']} random same-size "
                 "sets of the layer. Coherence: "
                 f"{html.unescape(spec['coherence_source']['correlation'] or '')}. Fisher's method combines the units.",
-                _img(png, "importance vs coherence")
-                + _table(["test", "units", "p <= 0.05", "Fisher p"], rows),
+                img(png, "importance vs coherence")
+                + table(["test", "units", "p <= 0.05", "Fisher p"], rows),
             ))
-        al = _load(d / layout.ALIGNMENT)
+        al = load_json(d / layout.ALIGNMENT)
         if al:
             png = alignment_by_layer(al, figdir / f"{tag}_alignment")
             rows = [[t, v["n_layers_tested"], ", ".join(map(str, v["layers_significant"])) or "-",
                      "-" if v["fisher"] is None else v["fisher"]["pvalue"]] for t, v in al["per_task"].items()]
-            out.append(_section(
+            out.append(section(
                 f"Task neurons vs clusters: {label}",
                 "Are each task's specific neurons (task map) concentrated in fewer clusters than random same-size "
                 "sets of the layer? Entropy deficit = chance entropy minus the entropy of their distribution over "
                 "clusters (nats). Published (Pochinkov et al. with MoEfication): strongest in early and late layers.",
-                _img(png, "alignment by layer") + _table(["task", "layers tested", "layers p <= 0.05", "Fisher p"],
+                img(png, "alignment by layer") + table(["task", "layers tested", "layers p <= 0.05", "Fisher p"],
                                                          rows),
             ))
     return out

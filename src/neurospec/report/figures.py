@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from neurospec.record.layout import write_result_figure
 
-def _plt():
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -18,12 +21,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    from neurospec.record.layout import write_result_figure
-
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as ``path``.png and .svg (atomically), close it, and return the PNG path."""
     write_result_figure(fig, path.with_suffix(".png"), dpi=110, bbox_inches="tight")
     write_result_figure(fig, path.with_suffix(".svg"), bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path.with_suffix(".png")
 
 
@@ -35,7 +37,7 @@ def heatmaps(mats: Sequence[np.ndarray], titles: Sequence[str], labels: Sequence
     ``vmax=None`` scales colours to the largest shown value; ``mask_diagonal`` leaves the diagonal blank (for
     overlaps, where it is 1 by definition and would flatten the colour scale).
     """
-    plt = _plt()
+    plt = pyplot()
     shown = []
     for m in mats:
         m = np.array(m, dtype=float)
@@ -67,12 +69,12 @@ def heatmaps(mats: Sequence[np.ndarray], titles: Sequence[str], labels: Sequence
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_distribution(counts: Mapping[str, Mapping[str, int]], path: Path, title: str = "") -> Path:
     """Per-layer number of each task's selected neurons (one line per task)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for task, per_site in counts.items():
         layers = sorted((int(s.split(".")[1]), c) for s, c in per_site.items())
@@ -82,12 +84,12 @@ def layer_distribution(counts: Mapping[str, Mapping[str, int]], path: Path, titl
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pruning_curves(curves: Mapping[str, Sequence[dict]], path: Path, metric: str = "top1") -> Path:
     """Selective pruning: forget-task vs retain-task accuracy along the pruning steps, one curve per forget task."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for task, rows in curves.items():
         f = [r["forget"][metric] for r in rows]
@@ -105,4 +107,4 @@ def pruning_curves(curves: Mapping[str, Sequence[dict]], path: Path, metric: str
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -7,43 +7,21 @@ job's sub-directories, or one command's files at the top, or cluster directories
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from neurospec import __version__
 from neurospec.errors import RunStoreError
+from neurospec.record import layout
 from neurospec.report import figures as F
-
-
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _section(title: str, caption: str, body: str) -> str:
-    return f'<section><h2>{html.escape(title)}</h2><p class="cap">{html.escape(caption)}</p>{body}</section>'
-
-
-def _load(path: Path) -> Any | None:
-    return json.loads(path.read_text()) if path.exists() else None
+from neurospec.report.ablation import plot_ablation
+from neurospec.report.cluster_figures import cluster_sections
+from neurospec.report.parts import img, load_json, section, table
+from neurospec.report.skills_figures import skills_sections
 
 
 def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
@@ -58,12 +36,12 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
         png = F.heatmaps(mats, titles, names, figdir / f"overlap_{frac}", mask_diagonal=True,
                          suptitle=f"overlap |A∩B|/|A| of task-specific neurons, top {float(frac):.0%} "
                                   "(diagonal = 1, left blank)")
-        out.append(_section(
+        out.append(section(
             f"Overlap of task neurons at {float(frac):.0%}",
             "Row task A, column task B: the share of A's specific neurons that B also selected. Compare the trained "
             "model with the random-init copy and with chance (random sets of the same per-layer sizes). Related "
             "tasks should overlap more than unrelated ones and more than chance.",
-            _img(png, f"overlap heatmap at {frac}"),
+            img(png, f"overlap heatmap at {frac}"),
         ))
     if tm.get("selectivity") is not None:
         sel = np.array(tm["selectivity"])
@@ -74,22 +52,22 @@ def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
                                   "column task")
         base = tm["baseline"]
         rows = [[n, base[n]["top1"], base[n]["top10"], base[n]["skip_top1"], base[n]["loss"]] for n in names]
-        out.append(_section(
+        out.append(section(
             "Selectivity matrix",
             f"Row i: the model with task i's specific neurons pruned; column j: how much task j's {metric} drops. "
             "A dominant diagonal means pruning is selective: each task's neurons serve that task.",
-            _img(png, "selectivity matrix") + _table(["task", "top1", "top10", "skip top1", "loss"], rows),
+            img(png, "selectivity matrix") + table(["task", "top1", "top10", "skip top1", "loss"], rows),
         ))
     key = f"{tm['config']['select_frac']:g}" if f"{tm['config']['select_frac']:g}" in tm["layer_counts"] else next(iter(tm["layer_counts"]))
     png = F.layer_distribution(tm["layer_counts"][key], figdir / "layer_distribution",
                                title=f"where each task's top {float(key):.0%} neurons are")
-    out.append(_section("Per-layer distribution", "Number of each task's specific neurons in every layer.",
-                        _img(png, "per-layer distribution")))
+    out.append(section("Per-layer distribution", "Number of each task's specific neurons in every layer.",
+                        img(png, "per-layer distribution")))
     tables = []
     for t, top in tm["top_neurons"].items():
         tables.append(f"<div><h3>{html.escape(t)}</h3>"
-                      + _table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]) + "</div>")
-    out.append(_section("Top neurons per task", "The ten highest-scoring neurons of each task (score: "
+                      + table(["neuron", "score"], [[r["neuron"], r["score"]] for r in top[:10]]) + "</div>")
+    out.append(section("Top neurons per task", "The ten highest-scoring neurons of each task (score: "
                         f"{tm['config']['score']}).", '<div class="grid">' + "".join(tables) + "</div>"))
     return out
 
@@ -99,28 +77,25 @@ def _prune_sections(results: dict[str, dict], figdir: Path) -> list[str]:
     rows = [[t, r["retain"] if isinstance(r["retain"], str) else "+".join(r["retain"]), r["area"],
              r["steps"][0]["forget"]["top1"], r["steps"][-1]["forget"]["top1"], r["steps"][0]["retain"]["top1"],
              r["steps"][-1]["retain"]["top1"]] for t, r in results.items()]
-    return [_section(
+    return [section(
         "Selective pruning",
         "Left: retain-task vs forget-task top-1 along the pruning steps (each curve starts top right). A curve that "
         "drops left while staying high is selective. Area: under the curve, normalised so that 1 = both tasks fall "
         "together, 2 = only the forget task falls.",
-        _img(png, "pruning curves") + _table(
+        img(png, "pruning curves") + table(
             ["forget", "retain", "area", "forget top1 start", "forget top1 end", "retain top1 start", "retain top1 end"],
             rows),
     )]
 
 
 def _ablation_sections(ab: dict, figdir: Path) -> list[str]:
-    from neurospec.experiments.ablation import plot_ablation
-    from neurospec.record.layout import ABLATION_FIGURE
-
-    png = plot_ablation(ab["rows"], figdir / ABLATION_FIGURE)[0]
-    return [_section(
+    png = plot_ablation(ab["rows"], figdir / layout.ABLATION_FIGURE)[0]
+    return [section(
         "Ablation methods",
         "Loss increase as a growing random fraction of neurons is ablated, one line per method (band: spread over "
         "seeds). Lower is gentler. Published finding: resampling usually degrades most; the best of zero, mean and "
         "peak depends on the model.",
-        _img(Path(png), "ablation methods"),
+        img(Path(png), "ablation methods"),
     )]
 
 
@@ -138,12 +113,10 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunStoreError(f"no run directory {run_dir}")
-    from neurospec.record import layout
-
     figdir = run_dir / layout.FIGURES
     inputs = layout.report_inputs(run_dir)
     sections: list[str] = []
-    tm = _load(inputs["taskmap"]) if inputs["taskmap"] is not None else None
+    tm = load_json(inputs["taskmap"]) if inputs["taskmap"] is not None else None
     if tm:
         sections += _taskmap_sections(tm, figdir)
     prune = {}
@@ -152,12 +125,9 @@ def build_report(run_dir: str | Path) -> Path:
         prune[p.parent.name if inputs["layout"] == layout.MAIN_JOB else r["forget"]] = r
     if prune:
         sections += _prune_sections(prune, figdir)
-    ab = _load(inputs["ablation"]) if inputs["ablation"] is not None else None
+    ab = load_json(inputs["ablation"]) if inputs["ablation"] is not None else None
     if ab:
         sections += _ablation_sections(ab, figdir)
-    from neurospec.report.cluster_figures import cluster_sections
-    from neurospec.report.skills_figures import skills_sections
-
     sections += cluster_sections(run_dir, figdir, dirs=inputs["clusters"])
     sections += skills_sections(run_dir, figdir)
     if not sections:
@@ -167,7 +137,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"{inputs['layout']}`{'' if inputs['layout'] == layout.MAIN_JOB else ' or another single command'}); "
             "run `neurospec run`, `taskmap`, `prune`, `ablate`, `cluster` or `skills` into it first"
         )
-    main = (_load(inputs["main"]) if inputs["main"] is not None else None) or {}
+    main = (load_json(inputs["main"]) if inputs["main"] is not None else None) or {}
     prov = {
         "run": str(run_dir),
         "neurospec": __version__,
@@ -193,7 +163,7 @@ def build_report(run_dir: str | Path) -> Path:
     doc = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>neurospec report</title>"
         f"<style>{CSS}</style></head><body><h1>neurospec report</h1>"
-        + _section("Provenance", "Everything needed to reproduce these numbers (full record below).",
+        + section("Provenance", "Everything needed to reproduce these numbers (full record below).",
                    summary + "<details><summary>full provenance (JSON)</summary>"
                    f"<pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></details>")
         + "".join(sections) + "</body></html>"

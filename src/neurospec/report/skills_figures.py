@@ -15,7 +15,8 @@ import numpy as np
 
 from neurospec.models.sites import parse_site_name
 from neurospec.record.layout import SKILLS_RESULT
-from neurospec.report.figures import _plt, _save, heatmaps
+from neurospec.report.figures import heatmaps, pyplot, save_figure
+from neurospec.report.parts import img, section, table
 
 
 def load_skills_result(run_dir: Path) -> dict | None:
@@ -30,7 +31,7 @@ def load_skills_result(run_dir: Path) -> dict | None:
 
 def predictivity_per_layer(res: dict, path: Path) -> Path:
     """Per task: the mean predictivity of all neurons of a layer (dashed) and of its skill neurons (solid)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     sites = sorted(res["predictivity"], key=lambda s: parse_site_name(s)[0])
     layers = [parse_site_name(s)[0] for s in sites]
@@ -45,7 +46,7 @@ def predictivity_per_layer(res: dict, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("predictivity (mean)")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _curves(ax, xs, skill, mean, std, base, title, xlabel):
@@ -63,7 +64,7 @@ def _curves(ax, xs, skill, mean, std, base, title, xlabel):
 def perturbation_curves(rows_by_task: dict[str, list[dict]], path: Path, xlabel: str = "fraction perturbed per layer"
                         ) -> Path:
     """One panel per (task, method): accuracy with the skill neurons perturbed against random same-count sets."""
-    plt = _plt()
+    plt = pyplot()
     panels = [(t, m) for t, rows in rows_by_task.items() for m in dict.fromkeys(r["method"] for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.4 * max(1, len(panels)), 3.2), squeeze=False)
     for ax, (task, method) in zip(axes[0], panels, strict=False):
@@ -71,12 +72,12 @@ def perturbation_curves(rows_by_task: dict[str, list[dict]], path: Path, xlabel:
         _curves(ax, [r["p"] for r in rows], [r["skill_acc"] for r in rows], [r["random_acc_mean"] for r in rows],
                 [r.get("random_acc_std", 0.0) for r in rows], rows[0].get("base_acc"), f"{task}: {method}", xlabel)
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pruning_curve(rows: list[dict], path: Path) -> Path:
     """One panel per task: accuracy keeping the skill neurons against random kept sets, by kept fraction."""
-    plt = _plt()
+    plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -85,12 +86,11 @@ def pruning_curve(rows: list[dict], path: Path) -> Path:
                 [r.get("random_acc_std", 0.0) for r in rs], rs[0].get("base_acc"), task, "fraction kept per layer")
         ax.set_xscale("log")
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def skills_sections(run_dir: Path, figdir: Path) -> list[str]:
     """HTML sections (strings) of the skills result of ``run_dir``, or none when it has no such result."""
-    from neurospec.report.html import _img, _section, _table
 
     res = load_skills_result(run_dir)
     if res is None:
@@ -98,40 +98,40 @@ def skills_sections(run_dir: Path, figdir: Path) -> list[str]:
     out = []
     p = res["config"]["p"]
     png = predictivity_per_layer(res, figdir / "skills_predictivity")
-    out.append(_section(
+    out.append(section(
         "Skill neurons: predictivity per layer",
         f"Mean predictivity (max over prompt positions of max(Acc, 1 - Acc); 0.5 = chance) of all MLP neurons "
-        f"(dashed) and of the top {p:g} per layer (solid), per task.", _img(png, "predictivity per layer")))
+        f"(dashed) and of the top {p:g} per layer (solid), per task.", img(png, "predictivity per layer")))
     if res.get("perturbation"):
         png = perturbation_curves(res["perturbation"], figdir / "skills_perturbation")
-        out.append(_section(
+        out.append(section(
             "Skill neurons: perturbation",
             "Test accuracy when the skill neurons are perturbed (red) against random sets with the same count per "
-            "layer (grey band: mean ± std). Skill neurons should hurt much more.", _img(png, "perturbation")))
+            "layer (grey band: mean ± std). Skill neurons should hurt much more.", img(png, "perturbation")))
     sim = res.get("similarity")
     if sim and len(sim["tasks"]) > 1:
         png = heatmaps([np.array(sim["overlap"])], ["skill-set overlap"], sim["tasks"], figdir / "skills_similarity",
                        suptitle=f"|A∩B|/|A| of skill sets (chance {sim['chance']:.3f})", mask_diagonal=True)
-        out.append(_section("Skill neurons: task similarity",
+        out.append(section("Skill neurons: task similarity",
                             "Overlap of the tasks' skill sets; the layer-matched chance level is in the title.",
-                            _img(png, "similarity")))
+                            img(png, "similarity")))
     if res.get("pruning"):
         png = pruning_curve(res["pruning"], figdir / "skills_pruning")
         rows = [[r["task"], r["keep"], r["skill_acc"], r["random_acc_mean"], r["pvalue"]] for r in res["pruning"]]
-        out.append(_section(
+        out.append(section(
             "Skill neurons: pruning",
             "Test accuracy keeping only the top fraction of each layer (the other neurons set to their training "
             "means) against random kept sets of the same per-layer count.",
-            _img(png, "pruning") + _table(["task", "keep", "skill", "random mean", "p-value"], rows)))
+            img(png, "pruning") + table(["task", "keep", "skill", "random mean", "p-value"], rows)))
     if res.get("agreement"):
         rows = [[t, a["overlap"], a["chance"], a["pvalue"]] for t, a in res["agreement"].items()]
-        out.append(_section("Skill neurons and selective pruning",
+        out.append(section("Skill neurons and selective pruning",
                             "Fraction of skill neurons that are also selective-pruning neurons of the task (same "
                             "count per layer), its layer-matched chance level and hypergeometric p-value.",
-                            _table(["task", "overlap", "chance", "p-value"], rows)))
+                            table(["task", "overlap", "chance", "p-value"], rows)))
     if res.get("beyond"):
         png = perturbation_curves(res["beyond"], figdir / "skills_beyond")
-        out.append(_section("Skill neurons beyond prompt tuning",
+        out.append(section("Skill neurons beyond prompt tuning",
                             "The same skill neurons perturbed in a model that learned the task with its neurons "
-                            "frozen (LoRA on attention or attention biases).", _img(png, "beyond")))
+                            "frozen (LoRA on attention or attention biases).", img(png, "beyond")))
     return out

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from neurospec.report.figures import _plt, _save
+from neurospec.report.figures import pyplot, save_figure
 
 
 def w1_distributions(w1: Mapping[str, np.ndarray], path: Path, *, fraction: float = 0.03, bins: int = 40) -> Path:
     """One small histogram of W1 per module (``{module: W1 per neuron}``), with the top-``fraction`` threshold."""
-    plt = _plt()
+    plt = pyplot()
     names = list(w1)
     cols = min(4, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
@@ -30,13 +30,13 @@ def w1_distributions(w1: Mapping[str, np.ndarray], path: Path, *, fraction: floa
         ax.axis("off")
     fig.suptitle(f"W1 to N(0,1) per neuron (dashed: top {fraction:.0%})", fontsize=10)
     fig.supxlabel("W1", fontsize=9)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def error_vs_w1(w1: Mapping[str, np.ndarray], error: Mapping[str, np.ndarray], path: Path, *,
                 title: str = "") -> Path:
     """Scatter of the per-neuron relative output error after pruning against W1, one colour per module."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in w1:
         ax.scatter(np.asarray(w1[name], dtype=float), np.asarray(error[name], dtype=float), s=4, alpha=0.5,
@@ -46,4 +46,4 @@ def error_vs_w1(w1: Mapping[str, np.ndarray], error: Mapping[str, np.ndarray], p
     if len(w1) <= 8:
         ax.legend(fontsize=6, markerscale=3)
     ax.set_title(title or "per-neuron sparsification error vs W1", fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

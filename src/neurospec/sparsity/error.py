@@ -16,6 +16,7 @@ from torch import nn
 from neurospec.errors import NeurospecError
 from neurospec.models.linear import weight_out_in
 from neurospec.models.loading import LoadedModel
+from neurospec.sparsity.driver import list_linears
 from neurospec.sparsity.stats import InputHessian
 
 
@@ -60,8 +61,6 @@ def neuron_output_error(
     ``blocks`` (``LongTensor[n, seq]``), with the inputs the *dense* model gives that module (the layer's own error,
     not the error accumulated from earlier pruned layers). ``names``: module names as in
     :func:`~neurospec.sparsity.driver.list_linears`; default: every module whose weights differ."""
-    from neurospec.sparsity.driver import list_linears
-
     dense = dense.model if isinstance(dense, LoadedModel) else dense
     sparse = sparse.model if isinstance(sparse, LoadedModel) else sparse
     d_lin, s_lin = list_linears(dense), list_linears(sparse)

@@ -13,8 +13,11 @@ metrics) and :meth:`~LMEvaluator.ablate` ``(site, indices) -> {task: {metric: va
   an ablation of layer ``L`` is measured, blocks ``0 .. L-1`` are swapped for stand-ins that return it. The result
   is the same (to float rounding) as the full forward pass and costs only the blocks from ``L`` on plus the head;
   memory: one ``[batch, seq, d_model]`` output per cached layer and batch. It needs the blocks in one
-  ``nn.ModuleList`` (every supported family); otherwise the full pass runs.
-* :class:`ImageEvaluator` (zoo models): top-1 accuracy on the test split, overall (task ``all``) and per class
+  ``nn.ModuleList`` (every supported family); otherwise the full pass runs. The stand-ins go into a *shadow* of the
+  model: the modules on the path from the root to the block list are shallow copies with their own child tables,
+  sharing every parameter and every other module with the caller's model, so the caller's module tree is never
+  edited (not even for the duration of a measurement).
+* :class:`ImageEvaluator` (digits models): top-1 accuracy on the test split, overall (task ``all``) and per class
   (``digit-C``), hits as in :func:`~neurospec.evaluate.metrics.topk_hits`; damage = accuracy drop.
 
 Ablation: ``"zero"`` or ``"mean"`` (``offsets``: per-site means), folded into the site's linear module by
@@ -23,18 +26,21 @@ Ablation: ``"zero"`` or ``"mean"`` (``offsets``: per-site means), folded into th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+import copy
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from neurospec.data.digits import ALL_DIGITS, digits_split, parse_digit_tasks
 from neurospec.errors import NeurospecError
 from neurospec.evaluate.metrics import TokenCounts, causal_batch, hidden_path, topk_hits
 from neurospec.intervene.ablate import ablated
 from neurospec.intervene.neuronset import NeuronSet
+from neurospec.models.digits import image_logits
+from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import Sites
 
 ABLATIONS = ("zero", "mean")
@@ -70,22 +76,45 @@ class _Evaluator:
 # ---------------------------------------------------------------------------------------------- language models
 
 
-def block_list(model: nn.Module, sites: Sites) -> nn.ModuleList | None:
-    """The ``nn.ModuleList`` holding the blocks of every site (found from the sites' module paths), or ``None``."""
-    found: nn.ModuleList | None = None
+def block_list_path(model: nn.Module, sites: Sites) -> str | None:
+    """The dotted path of the ``nn.ModuleList`` holding the blocks of every site (found from the sites' module
+    paths), or ``None``."""
+    found: str | None = None
     for s in sites:
         parts = s.module.split(".")
         hit = None
         for i, p in enumerate(parts):
             if p == str(s.layer) and i > 0:
-                parent = model.get_submodule(".".join(parts[:i]))
-                if isinstance(parent, nn.ModuleList):
-                    hit = parent
+                path = ".".join(parts[:i])
+                if isinstance(model.get_submodule(path), nn.ModuleList):
+                    hit = path
                     break
-        if hit is None or (found is not None and hit is not found):
+        if hit is None or (found is not None and hit != found):
             return None
         found = hit
     return found
+
+
+def block_list(model: nn.Module, sites: Sites) -> nn.ModuleList | None:
+    """The ``nn.ModuleList`` holding the blocks of every site, or ``None`` (see :func:`block_list_path`)."""
+    path = block_list_path(model, sites)
+    return None if path is None else model.get_submodule(path)
+
+
+def _shadow(model: nn.Module, path: str, blocks: nn.ModuleList) -> nn.Module:
+    """A stand-in for ``model`` whose module at ``path`` is ``blocks``: every module from the root to ``path``'s parent
+    is a shallow copy with its own child table; parameters, buffers and all other modules are the model's own."""
+    names = path.split(".")
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    node, orig = root, model
+    for name in names[:-1]:
+        child = copy.copy(orig._modules[name])
+        child._modules = dict(orig._modules[name]._modules)
+        node._modules[name] = child
+        node, orig = child, orig._modules[name]
+    node._modules[names[-1]] = blocks
+    return root
 
 
 class _Replay(nn.Module):
@@ -109,7 +138,7 @@ class LMEvaluator(_Evaluator):
     """
 
     def __init__(
-        self, loaded: Any, blocks: Mapping[str, torch.Tensor], *, layers: Iterable[int] = (), batch_size: int = 8,
+        self, loaded: LoadedModel, blocks: Mapping[str, torch.Tensor], *, layers: Iterable[int] = (), batch_size: int = 8,
         method: str = "zero", offsets: Mapping[str, torch.Tensor] | None = None, prefix_cache: bool = True,
     ) -> None:
         if getattr(loaded, "head", None) != "causal-lm":
@@ -124,14 +153,17 @@ class LMEvaluator(_Evaluator):
             for lo in range(0, b.shape[0], batch_size):
                 self.batches.append((task, b[lo:lo + batch_size]))
         self.tasks = list(blocks)
-        self.blocks = block_list(self.model, self.sites) if prefix_cache else None
+        self._blocks_path = block_list_path(self.model, self.sites) if prefix_cache else None
+        self.blocks = None if self._blocks_path is None else self.model.get_submodule(self._blocks_path)
+        self._shadows: dict[int, tuple[nn.Module, Any]] = {}
         self._cache: dict[int, list[Any]] = {}
         self._batch = 0
         self.path = hidden_path(self.model)
         want = sorted({int(x) - 1 for x in layers if int(x) > 0}) if self.blocks is not None else []
         self.baseline = self._run(capture=want)
 
-    def _run(self, capture: list[int] = ()) -> dict[str, dict[str, float]]:
+    def _run(self, capture: list[int] = (), run: tuple[nn.Module, Any] | None = None) -> dict[str, dict[str, float]]:
+        model, path = (self.model, self.path) if run is None else run
         counts = {t: TokenCounts(1, None) for t in self.tasks}
         handles = []
         if capture:
@@ -147,7 +179,7 @@ class LMEvaluator(_Evaluator):
             with torch.no_grad():
                 for b, (task, ids) in enumerate(self.batches):
                     self._batch = b
-                    causal_batch(self.model, ids.to(self.device), counts[task], self.path)
+                    causal_batch(model, ids.to(self.device), counts[task], path)
         finally:
             for h in handles:
                 h.remove()
@@ -157,21 +189,18 @@ class LMEvaluator(_Evaluator):
             out[t] = {"loss": m["loss"], "top1": m["top1"], "tokens": m["tokens"], "nonfinite": m["nonfinite"]}
         return out
 
-    @contextmanager
-    def _skip_prefix(self, layer: int) -> Iterator[None]:
-        cached = self.blocks is not None and layer > 0 and (layer - 1) in self._cache
-        if not cached:
-            yield
-            return
-        assert self.blocks is not None
-        originals = [self.blocks[i] for i in range(layer)]
-        try:
-            for i in range(layer):
-                self.blocks[i] = _Replay(self, layer - 1)
-            yield
-        finally:
-            for i, m in enumerate(originals):
-                self.blocks[i] = m
+    def _model_for(self, layer: int) -> tuple[nn.Module, Any]:
+        """``(model, hidden path)`` to run for an ablation in ``layer``: a shadow whose blocks ``0 .. layer-1`` replay
+        the cached output of block ``layer - 1`` when that output is cached, else the model itself."""
+        if self.blocks is None or layer <= 0 or (layer - 1) not in self._cache:
+            return self.model, self.path
+        if layer not in self._shadows:
+            assert self._blocks_path is not None
+            replay = _Replay(self, layer - 1)
+            blocks = nn.ModuleList([replay if i < layer else b for i, b in enumerate(self.blocks)])
+            shadow = _shadow(self.model, self._blocks_path, blocks)
+            self._shadows[layer] = (shadow, hidden_path(shadow))
+        return self._shadows[layer]
 
     def measure(self) -> dict[str, dict[str, float]]:
         """Metrics of the model as it is now (e.g. inside another intervention's context)."""
@@ -179,8 +208,8 @@ class LMEvaluator(_Evaluator):
 
     def ablate(self, site: str, idx: Any) -> dict[str, dict[str, float]]:
         """Metrics with neurons ``idx`` of ``site`` ablated."""
-        with self._ablated(site, idx), self._skip_prefix(self.sites[site].layer):
-            return self._run()
+        with self._ablated(site, idx):
+            return self._run(run=self._model_for(self.sites[site].layer))
 
     def damage(self, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         """Loss increase over the baseline, per task."""
@@ -197,23 +226,19 @@ class ImageEvaluator(_Evaluator):
 
     metric = "top-1 accuracy drop"
 
-    def __init__(self, target: Any, tasks: Iterable[str], *, method: str = "zero",
+    def __init__(self, loaded: LoadedModel, tasks: Iterable[str], *, method: str = "zero",
                  offsets: Mapping[str, torch.Tensor] | None = None) -> None:
-        from neurospec.experiments import zoo
-
         self._check_method(method, offsets)
-        self.model, self.sites, self.method, self.offsets = target.model, target.sites, method, offsets
-        self.tasks = list(zoo.parse_digit_tasks(list(tasks)))
-        split = zoo.digits_split()
+        self.model, self.sites, self.method, self.offsets = loaded.model, loaded.sites, method, offsets
+        self.tasks = list(parse_digit_tasks(list(tasks)))
+        split = digits_split()
         self.x, self.y = split.x_test, split.y_test
         self.baseline = self._run()
 
     def _run(self) -> dict[str, dict[str, float]]:
-        from neurospec.experiments.zoo import ALL_DIGITS, logits
-
         with torch.no_grad():
             device = next(self.model.parameters()).device
-            lg = logits(self.model, self.x.to(device)).float()
+            lg = image_logits(self.model, self.x.to(device)).float()
         hit = topk_hits(lg, self.y.to(lg.device)).cpu()
         out = {}
         for t in self.tasks:
