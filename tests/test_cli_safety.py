@@ -3,7 +3,6 @@ and tells user errors (one line, exit code 2) from bugs (a traceback and a reque
 
 import errno
 import json
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -86,29 +85,38 @@ def test_unknown_scorer_lists_the_registry_and_fails_fast(no_load, tmp_path, mon
     from neurospec.score.selective import SCORERS
 
     monkeypatch.setitem(SCORERS, "mine", SCORERS["abs"])  # the list comes from the registry
-    t0 = time.perf_counter()
     r = invoke("prune", *M, "--forget", "prose", "--retain", "python", "--out", tmp_path / "p", "--score", "nope")
-    assert time.perf_counter() - t0 < 5
     one_line_error(r, f"choose one of {', '.join(SCORERS)}")
     assert "mine" in r.output and not (tmp_path / "p").exists()
 
 
 def test_unknown_scorer_fails_fast_in_a_fresh_process(tmp_path):
-    """`neurospec prune --score nope` in a new process: the list of scorers, exit code 2, within 5 s, no model
-    loaded (the model named does not exist, so loading it would fail with another message)."""
+    """`neurospec prune --score nope` in a new process: the list of scorers and exit code 2, before anything heavy
+    is imported (transformers, which loading a model needs, is never imported; the model named does not exist
+    either, so loading it would fail with another message). How long that takes is measured by the import time,
+    not asserted here."""
     import os
     import subprocess
     import sys
 
     from neurospec.score.selective import SCORERS
 
+    argv = ["neurospec", "prune", *M, "--forget", "prose", "--retain", "python", "--out", str(tmp_path / "p"),
+            "--score", "nope"]
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_module('neurospec', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "print('loaded transformers:', 'transformers' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
     env = {**os.environ, "NEUROSPEC_NO_PROGRESS": "1"}
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "neurospec", "prune", *M, "--forget", "prose", "--retain", "python",
-                        "--out", str(tmp_path / "p"), "--score", "nope"], capture_output=True, text=True, env=env,
-                       timeout=60)
-    assert time.perf_counter() - t0 < 5, p.stderr
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and f"choose one of {', '.join(SCORERS)}" in p.stderr, p.stderr
+    assert "loaded transformers: False" in p.stderr, p.stderr
     assert not (tmp_path / "p").exists()
 
 
