@@ -114,6 +114,7 @@ def test_every_method_and_graph_has_a_clusterer_and_dispatch_goes_through_it(mon
 
     class Target:
         spec = "stub"
+        analysis_kind = "lm"
 
         def mlp_sites(self, layers):
             return ["layers.0.mlp"]

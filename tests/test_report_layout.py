@@ -11,7 +11,10 @@ from neurospec.report.html import build_report
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "neurospec"
 NAMES = (layout.REPORT, layout.PRUNE_RESULT, layout.PRUNED_NEURONS, layout.TASKMAP, layout.MAIN, layout.ABLATION,
-         layout.CLUSTERS, layout.CLUSTER_LABELS, layout.SPECIALIZATION, layout.ALIGNMENT, layout.ROUTING, layout.ZOO)
+         layout.CLUSTERS, layout.CLUSTER_LABELS, layout.SPECIALIZATION, layout.ALIGNMENT, layout.ROUTING, layout.ZOO,
+         layout.WASSERSTEIN, layout.SKILLS_RESULT)
+# a digits model directory's zoo.json belongs to the model format: models/digits.py defines it, the layout re-exports it
+DEFINED_ELSEWHERE = {("models", "digits.py"): layout.ZOO}
 
 
 def test_result_file_names_are_spelled_only_in_the_layout():
@@ -20,7 +23,9 @@ def test_result_file_names_are_spelled_only_in_the_layout():
         if path.name == "layout.py" and path.parent.name == "record":
             continue
         text = path.read_text()
-        offenders += [f"{path.relative_to(SRC)}: {n}" for n in NAMES if f'"{n}"' in text or f"'{n}'" in text]
+        own = DEFINED_ELSEWHERE.get((path.parent.name, path.name))
+        offenders += [f"{path.relative_to(SRC)}: {n}" for n in NAMES
+                      if n != own and (f'"{n}"' in text or f"'{n}'" in text)]
     assert not offenders
 
 

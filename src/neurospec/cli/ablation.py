@@ -208,7 +208,7 @@ def ablate_cmd(
         return name if name in ref.tasks else ref.tasks[0]
 
     if neurons is not None:
-        from neurospec.intervene.ablate import fold_ablation
+        from neurospec.intervene.ablate import save_folded
         from neurospec.intervene.neuronset import NeuronSet
 
         ns = NeuronSet.load(neurons, loaded.sites)
@@ -216,10 +216,7 @@ def ablate_cmd(
         if method != "zero":
             offs, _ = reference_values(ref, ref_task_for(None), [method], sites=ns.site_names, **peak_opts)
             offsets = offs[method]
-        info = fold_ablation(loaded.model, loaded.sites, ns, offsets, method=method)
-        loaded.model.save_pretrained(save)
-        if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
-            loaded.tokenizer.save_pretrained(save)
+        info = save_folded(loaded.model, loaded.sites, ns, save, offsets, tokenizer=loaded.tokenizer, method=method)
         res = {"saved": str(save), "method": method, "n_ablated": len(ns), "ablation": info.to_dict()}
         emit(res, json_, lambda: out.print(f"ablated {len(ns)} neurons ({method}); model saved to {save}"))
         return

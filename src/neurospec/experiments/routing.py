@@ -14,11 +14,12 @@ from neurospec.data.build import build_tasks
 from neurospec.errors import NeurospecError, RunStoreError
 from neurospec.evaluate.site_ablation import ImageEvaluator, LMEvaluator
 from neurospec.models.loading import LoadedModel, load_model
+from neurospec.record import layout
 from neurospec.record.recorder import RecordConfig
 from neurospec.record.store import atomic_write_json
 from neurospec.runtime import limited_threads
 
-ROUTING_FILE = "routing.json"
+ROUTING_FILE = layout.ROUTING
 
 
 def routing(cluster_dir: str | Path, tasks: Sequence[str], ks: Sequence[int], *, target: LoadedModel | None = None,
@@ -29,7 +30,7 @@ def routing(cluster_dir: str | Path, tasks: Sequence[str], ks: Sequence[int], *,
 
     Metrics: next-token loss and top-1 on each task's evaluation blocks (language models), top-1 accuracy overall
     and per class (zoo models). With SiLU/GELU MLPs much more is lost than with ReLU ones (the known limit).
-    Writes ``routing.json`` in ``cluster_dir`` and returns it.
+    Writes ``routing.json`` (:data:`neurospec.record.layout.ROUTING`) in ``cluster_dir`` and returns it.
     """
 
     with limited_threads(threads):

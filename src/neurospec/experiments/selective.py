@@ -39,7 +39,7 @@ from neurospec.data.build import build_tasks
 from neurospec.data.tasks import parse_task_spec
 from neurospec.errors import NeurospecError
 from neurospec.evaluate.tasks import objective_of, skip_ids_for, task_metrics, task_references
-from neurospec.intervene.ablate import ablated, folded_copy
+from neurospec.intervene.ablate import ablated, save_folded
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import LoadedModel
 from neurospec.record.layout import PRUNED_NEURONS
@@ -235,11 +235,7 @@ def selective_pruning(
                          "n_pruned": len(pruned), **measure()})
     pruned.save(out / PRUNED_NEURONS)  # atomic, like every result file
     if save_dir is not None:
-        pruned_model, _ = folded_copy(loaded.model, sites, pruned, offsets, method=pcfg.ablation)
-        pruned_model.save_pretrained(save_dir)
-        del pruned_model
-        if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
-            loaded.tokenizer.save_pretrained(save_dir)
+        save_folded(loaded.model, sites, pruned, save_dir, offsets, tokenizer=loaded.tokenizer, method=pcfg.ablation)
     acc_f = [r["forget"]["top1"] for r in rows]
     acc_r = [r["retain"]["top1"] for r in rows]
     return {

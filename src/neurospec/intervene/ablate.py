@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -567,3 +569,24 @@ def folded_copy(
     given model (its weights, biases and config) is not changed. Memory: one full copy of the model."""
     out = copy.deepcopy(model)
     return out, fold_ablation(out, sites, neuron_set, offsets, method=method, missing_bias=missing_bias)
+
+
+def save_folded(
+    model: nn.Module,
+    sites: Sites,
+    neuron_set: NeuronSet,
+    directory: str | os.PathLike,
+    offsets: Mapping[str, torch.Tensor] | None = None,
+    *,
+    tokenizer: Any = None,
+    method: str | None = None,
+) -> AblationInfo:
+    """Fold ``neuron_set`` into a copy of ``model`` (:func:`folded_copy`) and write that copy, with ``tokenizer``
+    when given, to ``directory`` as a plain Hugging Face model (``save_pretrained``: safetensors and config). The
+    given model is not changed. Memory: one full copy of the model, freed on return."""
+    pruned, info = folded_copy(model, sites, neuron_set, offsets, method=method)
+    pruned.save_pretrained(directory)
+    del pruned
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+    return info

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from neurospec.errors import RunStoreError
+from neurospec.models.digits import ZOO_FILE
 from neurospec.record.store import MANIFEST, atomic_write_bytes, atomic_write_json
 
 CLAIM = "command.json"
@@ -49,7 +50,7 @@ CLUSTER_LABELS = "labels.safetensors"
 SPECIALIZATION = "specialization.json"
 ALIGNMENT = "alignment.json"
 ROUTING = "routing.json"
-ZOO = "zoo.json"
+ZOO = ZOO_FILE  # a digits model directory's own file: the model format defines it (models/digits.py)
 WASSERSTEIN = "wasserstein.json"
 SKILLS_RESULT = "skills.json"  # neurospec skills (its --out is not claimed; it holds no other command's results)
 

@@ -66,9 +66,11 @@ def register_method(method: PruningMethod, *, replace: bool = False) -> PruningM
 
 
 def methods() -> dict[str, PruningMethod]:
-    """The registered methods by name (magnitude, wanda, sparsegpt once :mod:`neurospec.sparsity` is imported)."""
+    """The registered methods by name: the built-in ones in the order of :data:`_BUILTIN` (whichever module was
+    imported first), then any others in the order they were registered."""
     _load_builtin()
-    return dict(_METHODS)
+    order = [n for n in _BUILTIN if n in _METHODS] + [n for n in _METHODS if n not in _BUILTIN]
+    return {n: _METHODS[n] for n in order}
 
 
 def get_method(name: str) -> PruningMethod:
