@@ -55,6 +55,10 @@ def test_ablation_study_json_contract(setup):
     for s in steps:
         assert {"fraction", "method", "task", "loss", "top1"} <= set(s)
     assert (tmp / "abl" / "report.html").exists() and (tmp / "abl" / "ablation_methods.png").exists()
+    written = json.loads((tmp / "abl" / "ablation.json").read_text())["study_config"]
+    assert written == {"type": "AblationStudyConfig", "version": 1, "kind": "attn", "frac_per_step": 0.25,
+                       "steps": 2, "methods": list(study_methods()), "seeds": [0, 1], "batch_size": 8,
+                       "metric": "auto", "per_neuron": False}
 
 
 def test_fold_given_neurons_and_save(setup):

@@ -307,6 +307,8 @@ def test_align_json_and_task_masks_match_the_task_map(ws):
     assert res["tasks"] == ["words", "prose"] and set(res["per_task"]) == {"words", "prose"}
     assert any(row["pvalue_entropy"] is not None for row in res["layers"])
     assert (moe / "alignment.json").is_file()
+    written = json.loads((moe / "alignment.json").read_text())["config"]
+    assert written == {"type": "AlignConfig", "version": 1, "n_perm": 99, "frac": None, "alpha": 0.05, "seed": 0}
     # planted clusters: in layer 0 the task's neurons form one cluster (entropy 0: no random set is as concentrated,
     # so p is at its minimum 1/(n_perm+1)); in layer 1 each task neuron has a cluster of its own (maximal entropy:
     # every random set is at most as spread, so p is 1)
@@ -427,7 +429,11 @@ def test_route_top_k_experts(ws):
     full, base = res["rows"][1]["metrics"]["prose"], res["baseline"]["prose"]
     assert full["loss"] == pytest.approx(base["loss"], abs=1e-6)  # keeping every expert changes nothing
     assert res["rows"][0]["metrics"]["prose"]["loss"] != base["loss"]
+    written = json.loads((moe / "routing.json").read_text())["config"]
+    assert written["type"] == "RoutingConfig" and written["ks"] == [1, 8] and written["tasks"] == ["prose"]
+    assert (written["eval_tokens"], written["seq_len"], written["score"]) == (64, 32, "sum")
     fails("route", moe, "--task", "prose", "--k", 9, match="between 1 and the number of experts 8")
+    fails("route", moe, "--task", "prose", "--k", "0,2", match="each k must be an integer >= 1")
     spec = ws["root"] / "route-spec"
     ok_json("cluster", "--model", ws["model"], "--method", "spectral", "--k", 4, "--out", spec)
     fails("route", spec, "--task", "prose", match="needs MoE experts")

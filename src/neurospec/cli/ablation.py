@@ -150,7 +150,7 @@ def ablate_cmd(
 ) -> None:
     """Ablation-method study on random neurons (--task), or fold an ablation of given neurons into the weights."""
     from neurospec.errors import NeurospecError
-    from neurospec.experiments.ablation import KINDS
+    from neurospec.experiments.ablation import KINDS, AblationStudyConfig
     from neurospec.intervene.references import reference_values
     from neurospec.record.histogram import PEAK_METHODS
     from neurospec.record.layout import ABLATION, ABLATION_FIGURE, write_result_json
@@ -192,6 +192,9 @@ def ablate_cmd(
         check_ablation_methods([m for m in methods.split(",") if m], "--methods", usable)
         seed_list = parse_seeds(seeds)
         resample = _resample_options([m for m in methods.split(",") if m], resample_align, resample_per_neuron)
+        study_cfg = AblationStudyConfig(kind=kind, frac_per_step=random_frac, steps=steps,
+                                        methods=tuple(m for m in methods.split(",") if m), seeds=tuple(seed_list),
+                                        batch_size=batch_size, per_neuron=resample_per_neuron)
         if out_dir is not None:
             claim_out(out_dir, "ablate", force, exclude=("neurons", "method"))
     loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -243,17 +246,16 @@ def ablate_cmd(
                                         f"{data.collect.shape[1]} tokens"
         elif resample is not None:
             resample["samples"][name] = f"reservoir of reference task {ref_task_for(name)}"
-        rows += ablation_study(loaded, loaded.sites, {name: data.eval}, kind=kind, frac_per_step=random_frac,
-                               steps=steps, methods=method_list, offsets_by_method=offs, samples=samples,
-                               seeds=seed_list, batch_size=batch_size, skip_ids=skip_ids_for(data.collect),
-                               per_neuron=resample_per_neuron)
+        rows += ablation_study(loaded, loaded.sites, {name: data.eval}, study_cfg, offsets_by_method=offs,
+                               samples=samples, skip_ids=skip_ids_for(data.collect))
     res = {"steps": [{k: r[k] for k in ("fraction", "method", "task", "loss", "top1", "seed", "loss_increase",
                                         "top1_drop", "n_ablated")} for r in rows],
            "summary": summarise(rows), "resample": resample}
     if out_dir is not None:
         from neurospec.report.html import build_report
 
-        write_result_json(out_dir / ABLATION, {"rows": rows, "resample": resample, "command": " ".join(sys.argv)})
+        write_result_json(out_dir / ABLATION, {"rows": rows, "resample": resample, "study_config": study_cfg.to_dict(),
+                                               "command": " ".join(sys.argv)})
         res["figure"] = str(plot_ablation(rows, out_dir / ABLATION_FIGURE)[0])
         res["report"] = str(build_report(out_dir))
 

@@ -194,11 +194,11 @@ def align_cmd(
     json_: bool = opt.json_(),
 ) -> None:
     """Are each task's specific neurons concentrated in fewer clusters than chance? Per layer, with p-values."""
-    from neurospec.experiments.clusters import ALIGNMENT_FILE, align
+    from neurospec.experiments.clusters import ALIGNMENT_FILE, AlignConfig, align
 
     check_seed(seed)
     check_int("--n-perm", n_perm)
-    res = align(cluster_dir, taskmap_dir, n_perm=n_perm, frac=frac, seed=seed)
+    res = align(cluster_dir, taskmap_dir, AlignConfig(n_perm=n_perm, frac=frac, seed=seed))
     keys = ("task", "site", "layer", "n_task", "n_clusters_hit", "null_clusters_hit_mean", "entropy",
             "null_entropy_mean", "entropy_deficit", "pvalue_clusters", "pvalue_entropy")
     payload = {
@@ -243,7 +243,7 @@ def route_cmd(
 ) -> None:
     """MoE routing: keep each token's top-k experts in every MLP; loss and top-1 against k."""
     from neurospec.errors import NeurospecError
-    from neurospec.experiments.routing import ROUTING_FILE, routing
+    from neurospec.experiments.routing import ROUTING_FILE, RoutingConfig, routing
 
     try:
         k_list = [int(x) for x in ks.split(",") if x.strip()]
@@ -251,8 +251,9 @@ def route_cmd(
         raise NeurospecError(f"--k must be comma-separated integers, got {ks!r}") from None
     check_tasks([t for t in task if t != "all"])
     check_int("--threads", threads, minimum=0)
-    res = routing(cluster_dir, list(task), k_list, eval_tokens=eval_tokens, seq_len=seq_len,
-                  batch_size=batch_size, score=score, threads=_threads(threads))
+    cfg = RoutingConfig(tasks=tuple(task), ks=tuple(k_list), eval_tokens=eval_tokens, seq_len=seq_len,
+                        batch_size=batch_size, score=score, threads=_threads(threads))
+    res = routing(cluster_dir, cfg=cfg)
     payload = {"n_experts": res["n_experts"], "tasks": res["tasks"], "baseline": res["baseline"],
                "rows": res["rows"], "results_file": str(Path(cluster_dir) / ROUTING_FILE)}
 

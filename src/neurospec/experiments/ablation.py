@@ -10,11 +10,16 @@ Metrics: models with an LM head use :func:`~neurospec.evaluate.evaluate_lm` (``l
 encoders use :func:`~neurospec.evaluate.evaluate_representation`: ``loss`` is then the mean cosine distance of the
 final hidden states to the unablated model's (0 at step 0) and ``top1`` is ``None`` (so do image classifiers: the
 study's tasks carry no class labels). Every row names what its ``loss`` is in ``loss_metric``.
+
+The settings are an :class:`AblationStudyConfig` (checked when it is made); the data (model, sites, tasks, offsets,
+samples, skip ids) are arguments.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -27,7 +32,8 @@ from neurospec.evaluate.metrics import (
     reference_states,
     unwrap_model,
 )
-from neurospec.intervene.ablate import ablated, get_ablation, study_methods
+from neurospec.experiments._settings import UNSET, config_from
+from neurospec.intervene.ablate import ablated, ablation_methods, get_ablation, study_methods
 from neurospec.intervene.neuronset import NeuronSet
 from neurospec.models.loading import head_of
 from neurospec.models.sites import Sites
@@ -42,28 +48,105 @@ def _sites_of(sites: Sites, kind: str):
     return sites.sites if kind == "both" else sites.of_kind(kind)
 
 
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise NeurospecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise NeurospecError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if v < minimum:
+        raise NeurospecError(f"{name} must be an integer >= {minimum}, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class AblationStudyConfig:
+    """Settings of :func:`ablation_study`. ``methods``: ``None`` means every method whose values come from a
+    reference run (:func:`~neurospec.intervene.ablate.study_methods`), resolved when the config is made."""
+
+    kind: str = "attn"
+    frac_per_step: float = 0.05
+    steps: int = 10
+    methods: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 8
+    metric: str = "auto"
+    per_neuron: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise NeurospecError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        steps = _int("steps", self.steps, 1)
+        try:
+            frac = float(self.frac_per_step)
+        except (TypeError, ValueError):
+            raise NeurospecError(f"frac_per_step must be a number in (0, 1], got {self.frac_per_step!r}") from None
+        if not 0.0 < frac <= 1.0:
+            raise NeurospecError(f"frac_per_step must be in (0, 1], got {self.frac_per_step}")
+        if frac * steps > 1.0 + 1e-9:
+            raise NeurospecError(f"{steps} steps of {frac} ablate more than every neuron: need frac_per_step * "
+                                 "steps <= 1; lower one of them")
+        if isinstance(self.methods, str):
+            raise NeurospecError(f"methods must be a sequence of method names, got the string {self.methods!r}")
+        methods = study_methods() if self.methods is None else tuple(self.methods)
+        if not methods:
+            raise NeurospecError(f"methods is empty; give at least one of {', '.join(ablation_methods())}")
+        for m in methods:
+            get_ablation(m)  # unknown names fail with the list of known ones
+        if len(set(methods)) != len(methods):
+            raise NeurospecError(f"methods names a method twice: {list(methods)}")
+        if isinstance(self.seeds, (str, int)):
+            raise NeurospecError(f"seeds must be a sequence of integers >= 0, got {self.seeds!r}")
+        seeds = tuple(_int("each seed", s, 0) for s in self.seeds)
+        if not seeds:
+            raise NeurospecError("seeds is empty; give at least one seed (an integer >= 0)")
+        if len(set(seeds)) != len(seeds):
+            raise NeurospecError(f"seeds names a seed twice: {list(seeds)}")
+        batch_size = _int("batch_size", self.batch_size, 1)
+        if self.metric not in METRICS:
+            raise NeurospecError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not isinstance(self.per_neuron, bool):
+            raise NeurospecError(f"per_neuron must be True or False, got {self.per_neuron!r}")
+        if self.per_neuron and not any(get_ablation(m).per_input for m in methods):
+            raise NeurospecError("per_neuron applies to methods that draw values per input (resample); add one "
+                                 "to methods or leave per_neuron False")
+        for name, value in (("steps", steps), ("frac_per_step", frac), ("methods", methods), ("seeds", seeds),
+                            ("batch_size", batch_size)):
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"] = list(self.methods or ())
+        d["seeds"] = list(self.seeds)
+        return {"type": "AblationStudyConfig", "version": 1, **d}
+
+
 def ablation_study(
     model: Any,
     sites: Sites,
     tasks: Mapping[str, torch.Tensor],
+    cfg: AblationStudyConfig | None = None,
     *,
-    kind: str = "attn",
-    frac_per_step: float = 0.05,
-    steps: int = 10,
-    methods: Sequence[str] | None = None,
     offsets_by_method: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     samples: Mapping[str, torch.Tensor] | None = None,
-    seeds: Sequence[int] = (0, 1, 2),
-    batch_size: int = 8,
     skip_ids: torch.Tensor | None = None,
-    metric: str = "auto",
     mask_token_id: int | None = None,
-    per_neuron: bool = False,
+    kind: str = UNSET,
+    frac_per_step: float = UNSET,
+    steps: int = UNSET,
+    methods: Sequence[str] | None = UNSET,
+    seeds: Sequence[int] = UNSET,
+    batch_size: int = UNSET,
+    metric: str = UNSET,
+    per_neuron: bool = UNSET,
 ) -> list[dict]:
     """Run the study; returns one row per ``(seed, step, method, task)``:
     ``{seed, step, fraction, method, task, loss, top1, loss_increase, top1_drop, n_ablated, loss_metric}``
     (``loss_metric`` names what ``loss`` measures).
 
+    ``cfg``: the settings (:class:`AblationStudyConfig`); or give them as keywords (``kind``, ``frac_per_step``,
+    ``steps``, ``methods``, ``seeds``, ``batch_size``, ``metric``, ``per_neuron``), which make the config, not both.
     ``tasks``: task name -> evaluation blocks (``LongTensor[n, seq]``, tokens not used to compute the offsets).
     ``kind``: which sites to ablate (``"both"``: MLP and attention, each site ``fraction`` of its width).
     ``offsets_by_method``: per-neuron constants for each method that needs them (``mean``, ``peak``, ``value``).
@@ -75,19 +158,18 @@ def ablation_study(
     ``metric``: ``"lm"``, ``"representation"`` or ``"auto"`` (LM metrics when the model has an LM head).
     Cost: ``1 + len(seeds) * steps * len(methods)`` evaluations of every task.
     """
+    cfg = config_from(AblationStudyConfig, cfg, {
+        "kind": kind, "frac_per_step": frac_per_step, "steps": steps, "methods": methods, "seeds": seeds,
+        "batch_size": batch_size, "metric": metric, "per_neuron": per_neuron,
+    }, "ablation_study")
+    kind, frac_per_step, steps, seeds, batch_size = cfg.kind, cfg.frac_per_step, cfg.steps, cfg.seeds, cfg.batch_size
+    methods, metric, per_neuron = tuple(cfg.methods or ()), cfg.metric, cfg.per_neuron
+    if not tasks:
+        raise NeurospecError("no tasks given: pass {task name: evaluation blocks}")
     model, tokenizer = unwrap_model(model)
     site_list = _sites_of(sites, kind)
     if not site_list:
         raise NeurospecError(f"the model has no {kind} sites")
-    if steps < 1 or not 0.0 < frac_per_step or frac_per_step * steps > 1.0 + 1e-9:
-        raise NeurospecError(
-            f"need steps >= 1 and 0 < frac_per_step * steps <= 1, got {steps} steps of {frac_per_step}"
-        )
-    if not tasks:
-        raise NeurospecError("no tasks given: pass {task name: evaluation blocks}")
-    if not seeds:
-        raise NeurospecError("no seeds given")
-    methods = study_methods() if methods is None else tuple(methods)
     offsets_by_method = dict(offsets_by_method or {})
     for m in methods:
         needs = get_ablation(m).needs
@@ -100,8 +182,6 @@ def ablation_study(
     extra = set(offsets_by_method) - set(methods)
     if extra:
         raise NeurospecError(f"offsets_by_method has entries for methods that are not run: {sorted(extra)}")
-    if metric not in METRICS:
-        raise NeurospecError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "auto":
         metric = "lm" if has_lm_head(model) else "representation"
     if mask_token_id is None and tokenizer is not None:

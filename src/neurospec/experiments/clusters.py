@@ -30,6 +30,8 @@ Everything is seeded. The result is a :class:`~neurospec.cluster.result.Clusteri
 
 from __future__ import annotations
 
+import math
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -60,6 +62,7 @@ from neurospec.cluster.spectral import (
 )
 from neurospec.data.digits import digits_split
 from neurospec.errors import NeurospecError, RunStoreError
+from neurospec.experiments._settings import UNSET, config_from
 from neurospec.experiments.taskmap import task_masks
 from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import parse_site_name
@@ -386,18 +389,56 @@ def _spectral_correlation(target: LoadedModel, sites, cfg: ClusterConfig):
 ALIGNMENT_FILE = layout.ALIGNMENT
 
 
-def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 1000, frac: float | None = None,
-          alpha: float = 0.05, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class AlignConfig:
+    """Settings of :func:`align`: ``n_perm`` random same-size sets per task and layer; ``frac``: fraction of
+    neurons per task (``None``: the task map's selection fraction); ``alpha``: the level a layer's p-value is
+    called significant at; ``seed`` of the random sets."""
+
+    n_perm: int = 1000
+    frac: float | None = None
+    alpha: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("n_perm", 1), ("seed", 0)):
+            v = getattr(self, name)
+            try:
+                iv = None if isinstance(v, bool) else operator.index(v)
+            except TypeError:
+                iv = None
+            if iv is None or iv < minimum:
+                raise NeurospecError(f"{name} must be an integer >= {minimum}, got {v!r}")
+            object.__setattr__(self, name, iv)
+        for name, high_open in (("frac", False), ("alpha", True)):
+            v = getattr(self, name)
+            if v is None and name == "frac":
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1
+            if not ok or (high_open and v == 1):
+                interval = "(0, 1)" if high_open else "(0, 1]"
+                hint = " (or None: the task map's selection fraction)" if name == "frac" else ""
+                raise NeurospecError(f"{name} must be a number in {interval}{hint}, got {v!r}")
+            object.__setattr__(self, name, float(v))
+
+    def to_dict(self) -> dict:
+        return {"type": "AlignConfig", "version": 1, **asdict(self)}
+
+
+def align(cluster_dir: str | Path, taskmap_dir: str | Path, cfg: AlignConfig | None = None, *, n_perm: int = UNSET,
+          frac: float | None = UNSET, alpha: float = UNSET, seed: int = UNSET) -> dict:
     """Are each task's specific neurons concentrated in fewer clusters than chance, layer by layer?
 
+    ``cfg``: the settings (:class:`AlignConfig`); or give them as keywords (``n_perm``, ``frac``, ``alpha``,
+    ``seed``), which make the config, not both.
     Task neurons: the task map's selection (:func:`neurospec.experiments.taskmap.task_masks`; ``frac`` overrides
     its fraction). Per task and site with at least two clustered task neurons: the number of clusters hit and the
     entropy of the hit distribution against ``n_perm`` random same-size sets of the site's clustered neurons
     (:func:`neurospec.analyze.importance.alignment`); one-sided p-values; Fisher's combination over layers (of the
-    entropy p-values). Writes ``alignment.json`` in ``cluster_dir`` and returns it.
+    entropy p-values). Writes ``alignment.json`` (with the config) in ``cluster_dir`` and returns it.
     """
-    if n_perm < 1:
-        raise NeurospecError(f"n_perm must be >= 1, got {n_perm}")
+    cfg = config_from(AlignConfig, cfg, {"n_perm": n_perm, "frac": frac, "alpha": alpha, "seed": seed}, "align")
+    n_perm, frac, alpha, seed = cfg.n_perm, cfg.frac, cfg.alpha, cfg.seed
     cl = load_clustering(cluster_dir)
     masks, tm = task_masks(taskmap_dir, frac)
     if tm["model"]["fingerprint"] != cl.fingerprint:
@@ -442,6 +483,7 @@ def align(cluster_dir: str | Path, taskmap_dir: str | Path, *, n_perm: int = 100
                      "entropy_deficit = null mean entropy - entropy (nats; > 0 = more concentrated than chance)",
         "per_task": per_task,
         "rows": rows,
+        "config": cfg.to_dict(),
     }
     atomic_write_json(Path(cluster_dir) / ALIGNMENT_FILE, result)
     return result

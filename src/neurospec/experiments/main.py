@@ -20,7 +20,7 @@ from typing import Any
 from neurospec.data.build import build_tasks
 from neurospec.errors import NeurospecError
 from neurospec.evaluate.tasks import skip_ids_for
-from neurospec.experiments.ablation import KINDS, ablation_study
+from neurospec.experiments.ablation import KINDS, AblationStudyConfig, ablation_study
 from neurospec.experiments.selective import PruneConfig, selective_pruning
 from neurospec.experiments.taskmap import TaskMapConfig, task_map
 from neurospec.intervene.ablate import get_ablation, study_methods
@@ -143,14 +143,17 @@ def main_job(
         record(loaded, [tasks[t] for t in ab_tasks], out / "ablation" / "reference", ref_cfg, force=force,
                progress=progress)
         ref = open_run(out / "ablation" / "reference")
+        study_cfg = AblationStudyConfig(kind=cfg.ablation_kind, frac_per_step=cfg.ablation_frac,
+                                        steps=cfg.ablation_steps, methods=cfg.ablation_methods,
+                                        seeds=cfg.ablation_seeds, batch_size=cfg.batch_size)
         for t in ab_tasks:
             offsets, samples = reference_values(ref, t, cfg.ablation_methods)
             ab_rows += ablation_study(
-                loaded, loaded.sites, {t: tasks[t].eval}, kind=cfg.ablation_kind, frac_per_step=cfg.ablation_frac,
-                steps=cfg.ablation_steps, methods=cfg.ablation_methods, offsets_by_method=offsets, samples=samples,
-                seeds=cfg.ablation_seeds, batch_size=cfg.batch_size, skip_ids=skip_ids_for(tasks[t].collect),
+                loaded, loaded.sites, {t: tasks[t].eval}, study_cfg, offsets_by_method=offsets, samples=samples,
+                skip_ids=skip_ids_for(tasks[t].collect),
             )
-        layout.write_result_json(out / layout.ABLATION_DIR / layout.ABLATION, {"rows": ab_rows, "config": cfg.to_dict()})
+        layout.write_result_json(out / layout.ABLATION_DIR / layout.ABLATION,
+                                 {"rows": ab_rows, "config": cfg.to_dict(), "study_config": study_cfg.to_dict()})
     timings["ablation"] = time.perf_counter() - t2
 
     say("4/4 report")
