@@ -158,3 +158,12 @@ def test_configs_normalise_their_settings():
     assert AblationStudyConfig(seeds=[1, 2], methods=["zero"]).seeds == (1, 2)
     assert RoutingConfig(ks=[8, 1, 8]).ks == (1, 8)
     assert AlignConfig(frac=1).frac == 1.0 and isinstance(AlignConfig(frac=1).frac, float)
+
+
+def test_routing_config_takes_parsed_task_specs_and_records_their_names():
+    from neurospec.data.tasks import parse_task_spec
+
+    cfg = RoutingConfig(tasks=(parse_task_spec("python"), "prose"))
+    assert cfg.to_dict()["tasks"] == ["python", "prose"]
+    with pytest.raises(NeurospecError, match="tasks names a task twice"):
+        RoutingConfig(tasks=(parse_task_spec("python"), "python"))

@@ -39,9 +39,14 @@ def _int(name: str, value: Any, minimum: int) -> int:
     return v
 
 
+def _task_names(tasks: Sequence[Any]) -> list[str]:
+    return [t if isinstance(t, str) else str(t.name) for t in tasks]
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
-    """Settings of :func:`routing`. ``tasks``: task specs (zoo models: ``all`` or ``digit-C``; none = all);
+    """Settings of :func:`routing`. ``tasks``: task specs, as strings or parsed (zoo models: ``all`` or ``digit-C``;
+    none = all; :meth:`to_dict` records their names);
     ``ks``: experts kept per token (each at most the number of experts, checked against the clustering);
     ``threads``: torch/BLAS threads while it runs (``None``: unchanged)."""
 
@@ -54,10 +59,13 @@ class RoutingConfig:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
-            raise NeurospecError(f"tasks must be a sequence of task names (e.g. ('python',)), got {self.tasks!r}")
-        if len(set(self.tasks)) != len(tuple(self.tasks)):
-            raise NeurospecError(f"tasks names a task twice: {list(self.tasks)}")
+        if isinstance(self.tasks, str) or not all((isinstance(t, str) and t) or hasattr(t, "name")
+                                                  for t in self.tasks):
+            raise NeurospecError(f"tasks must be a sequence of task names or specs (e.g. ('python',)), got "
+                                 f"{self.tasks!r}")
+        names = _task_names(self.tasks)
+        if len(set(names)) != len(names):
+            raise NeurospecError(f"tasks names a task twice: {names}")
         if isinstance(self.ks, (str, int)):
             raise NeurospecError(f"ks must be a sequence of integers >= 1 (experts kept per token), got {self.ks!r}")
         ks = tuple(sorted({_int("each k", k, 1) for k in self.ks}))
@@ -74,7 +82,7 @@ class RoutingConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["tasks"], d["ks"] = list(self.tasks), list(self.ks)
+        d["tasks"], d["ks"] = _task_names(self.tasks), list(self.ks)
         return {"type": "RoutingConfig", "version": 1, **d}
 
 
