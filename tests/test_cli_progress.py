@@ -30,6 +30,26 @@ def test_log_lines_say_done_total_and_time_left(monkeypatch):
     ]
 
 
+def test_counted_steps_keep_one_timer_while_their_label_changes(monkeypatch):
+    """Steps whose label names the current step (``skills TASK``, ``ablation METHOD``): every new label is shown,
+    and elapsed time and time left cover the whole count, not the current label."""
+    clock = iter([0.0, 300.0, 600.0, 900.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    lines = []
+    monkeypatch.setattr(common.err, "print", lambda text, **kw: lines.append(text))
+    log = common.LogLines(every=60)
+    log("skills a", 0, 3, key="steps")
+    log("skills b", 1, 3, key="steps")
+    log("skills c", 2, 3, key="steps")
+    log("skills c", 3, 3, key="steps")
+    assert lines == [
+        "skills a: 0/3 (0%), 0s elapsed",
+        "skills b: 1/3 (33%), 5m00s elapsed, about 10m00s left",
+        "skills c: 2/3 (67%), 10m00s elapsed, about 5m00s left",
+        "skills c: 3/3 (100%), 15m00s elapsed, done",
+    ]
+
+
 def test_record_reports_progress_on_stderr_when_it_is_not_a_terminal(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
     monkeypatch.setenv("NEUROSPEC_PROGRESS_EVERY", "0")

@@ -335,17 +335,22 @@ class LogLines:
         self.every = float(os.environ.get("NEUROSPEC_PROGRESS_EVERY", 60)) if every is None else every
         self._start: dict[str, tuple[float, int]] = {}
         self._last: dict[str, float] = {}
+        self._label: dict[str, str] = {}
 
-    def __call__(self, label: str, done: int, total: int) -> None:
+    def __call__(self, label: str, done: int, total: int, key: str | None = None) -> None:
+        """``key``: what the timer follows (default: the label); counted steps whose label names the current step
+        pass one key for all of them, so elapsed time and time left cover the whole count."""
         import time
 
         now = time.monotonic()
-        if label not in self._start:
-            self._start[label] = (now, done)
-        elif done < total and now - self._last.get(label, 0.0) < self.every:
+        key = label if key is None else key
+        if key not in self._start:
+            self._start[key] = (now, done)
+        elif done < total and now - self._last.get(key, 0.0) < self.every and label == self._label.get(key):
             return
-        self._last[label] = now
-        t0, d0 = self._start[label]
+        self._last[key] = now
+        self._label[key] = label
+        t0, d0 = self._start[key]
         elapsed = now - t0
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         line = f"{label}: {done:,}/{total:,}{' ' + self.unit if self.unit else ''}{pct}, {_duration(elapsed)} elapsed"
@@ -427,7 +432,7 @@ class Steps(_Bar):
         if not self.enabled:
             return
         if self.log is not None:
-            return self.log(label, done, total)
+            return self.log(label, done, total, key="steps")
         if self._task is None:
             self._task = self._bar.add_task(label, total=total, completed=done)
         else:
