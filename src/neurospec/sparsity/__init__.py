@@ -5,7 +5,8 @@
 - ``registry`` + ``magnitude``, ``wanda``, ``sparsegpt``: the per-layer methods (:func:`methods`);
 - ``layer``: :func:`prune_weight`, one matrix or some of its rows;
 - ``driver``: :func:`sparsify`, the whole model, block by block on calibration tokens;
-- ``error``: per-neuron relative output error; ``save``: a plain Hugging Face directory.
+- ``error``: per-neuron relative output error; ``save``: a plain Hugging Face directory;
+- ``expansion``: sparse expansion (:func:`expand`), one SparseGPT copy of each MLP linear per input cluster.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ _LAZY = {
     "relative_output_error": "neurospec.sparsity.error",
     "neuron_output_error": "neurospec.sparsity.error",
     "save_sparse": "neurospec.sparsity.save",
+    "ExpandedLinear": "neurospec.sparsity.expansion",
+    "ExpansionResult": "neurospec.sparsity.expansion",
+    "expand": "neurospec.sparsity.expansion",
+    "expansion_error": "neurospec.sparsity.expansion",
+    "expansion_memory": "neurospec.sparsity.expansion",
+    "mlp_linears": "neurospec.sparsity.expansion",
 }
 
 

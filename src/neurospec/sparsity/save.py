@@ -13,6 +13,14 @@ from neurospec.errors import NeurospecError
 def save_sparse(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """``model.save_pretrained(directory)`` with safetensors, and the tokenizer beside it when given. The zeros are
     stored densely: the directory loads with ``load_model`` or ``from_pretrained`` like the original."""
+    from neurospec.models.linear import is_expanded
+
+    if any(is_expanded(m) for m in model.modules()):
+        raise NeurospecError(
+            "a sparse-expanded model cannot be saved as a Hugging Face model: its expanded layers hold one weight per "
+            "input cluster and a router, which no transformers class loads; save the plain SparseGPT model instead, "
+            "or keep the expanded model in memory"
+        )
     if not hasattr(model, "save_pretrained"):
         raise NeurospecError(f"{type(model).__name__} is not a Hugging Face model: it cannot be saved as one")
     directory = Path(directory)
