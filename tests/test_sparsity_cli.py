@@ -69,3 +69,42 @@ def test_sparsify_errors_are_one_clear_line(model_dir, args, message):
         from neurospec.sparsity import methods
 
         assert all(f"'{name}'" in text for name in methods())  # the choices come from the registry
+
+
+def test_sparsify_expand_json_contract(model_dir):
+    r = invoke("sparsify", "--model", model_dir, "--method", "sparsegpt", "--expand", "--clusters", 2,
+               "--calib-tokens", 256, "--eval-tokens", 64, "--seq-len", 16, "--batch-size", 8, "--layers", "1",
+               "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert {"method", "sparsity", "pattern", "layers", "perplexity", "seconds", "expansion", "expansion_error"} <= set(res)
+    assert (res["method"], res["sparsity"], res["pattern"]) == ("sparsegpt", 0.5, "unstructured")
+    mlp = ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
+    assert sorted(res["layers"]) == sorted(mlp) and all(v == pytest.approx(0.5) for v in res["layers"].values())
+    ex = res["expansion"]
+    assert ex["clusters"] == 2 and ex["pca_dims"] == {mlp[0]: 2, mlp[1]: 2, mlp[2]: 3}
+    assert all(s["min"] + s["max"] == 256 for s in ex["cluster_tokens"].values())  # two clusters share the tokens
+    assert ex["extra_parameters"] == 3 * 64 * 96
+    p = res["perplexity"]["prose"]
+    assert {"dense", "sparse", "plain_sparsegpt"} == set(p) and p["sparse"] != p["plain_sparsegpt"]
+    errs = res["expansion_error"]["modules"]
+    assert sorted(errs) == sorted(mlp)
+    assert all({"error_plain", "error_expanded", "spearman", "reduction_top", "reduction_rest"} <= set(e)
+               for e in errs.values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "wanda", "--expand"], "does not work with --method wanda"),
+    (["--method", "sparsegpt", "--expand", "--clusters", 0], "clusters must be a positive integer"),
+    (["--method", "sparsegpt", "--expand", "--clusters", 64, "--calib-tokens", 32], "at least as many calibration"),
+    (["--method", "sparsegpt", "--expand", "--save", "x"], "--save does not work with --expand"),
+    (["--method", "sparsegpt", "--expand", "--pca-div", 65, "--calib-tokens", 128], "pca_div 65 is larger than the "
+                                                                                     "input width 64"),
+    (["--method", "sparsegpt", "--expand", "--calib-tokens", 128, "--layers", "layers.0.self_attn.q_proj"],
+     "not an MLP linear module"),
+])
+def test_sparsify_expand_errors_are_one_clear_line(model_dir, args, message):
+    r = invoke("sparsify", "--model", model_dir, "--seq-len", 16, "--eval-tokens", 16, *args)
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.replace("│", " ").split())
+    assert message in text and "Traceback" not in text

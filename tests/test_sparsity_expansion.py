@@ -70,7 +70,7 @@ def test_forward_equals_a_per_token_loop(bias):
     labels = layer.route(x).reshape(-1)
     assert len(set(labels.tolist())) > 1  # several clusters are used
     want = torch.stack([layer.weights[k] @ xt + (layer.bias if bias else 0)
-                        for xt, k in zip(x.reshape(-1, 6), labels.tolist())])
+                        for xt, k in zip(x.reshape(-1, 6), labels.tolist(), strict=True)])
     torch.testing.assert_close(layer(x), want.reshape(3, 7, 5), rtol=1e-6, atol=1e-6)
     assert is_linear(layer) and linear_dims(layer) == (6, 5)
     with pytest.raises(NeurospecError, match="one weight per input cluster"):
@@ -222,7 +222,7 @@ def test_expansion_error_equals_direct_outputs_and_one_cluster_equals_plain(expa
     mod = list_linears(res.model)[n].module
     W = weight_out_in(list_linears(model)[n].module).detach().double()
     y = x @ W.t()
-    y_exp = torch.stack([mod.weights[k].double() @ xt for xt, k in zip(x, mod.route(x).tolist())])
+    y_exp = torch.stack([mod.weights[k].double() @ xt for xt, k in zip(x, mod.route(x).tolist(), strict=True)])
     want = (y - y_exp).norm(dim=0) / y.norm(dim=0)
     row = errs[n]
     torch.testing.assert_close(row["per_neuron"]["expanded"], want, rtol=1e-6, atol=1e-9)
