@@ -53,7 +53,18 @@ def skills_cmd(
     methods: str = typer.Option("noise,zero", help="perturbations: noise (std --noise-std), zero"),
     n_random: int = typer.Option(20, "--n-random", help="random same-per-layer-count sets per fraction (>= 20)"),
     noise_std: float = typer.Option(0.1, "--noise-std"),
+    perturb_examples: int = typer.Option(100, "--perturb-examples", help="test examples per class used by the "
+                                         "perturbation study (balanced, seeded; 0 = the whole test split). It "
+                                         "costs (1 + --n-random) x len(--ps) x len(--methods) + 1 evaluations of "
+                                         "them per task: 169 with the defaults"),
+    sets_per_forward: int = typer.Option(4, "--sets-per-forward", help="neuron sets perturbed together in one "
+                                         "forward pass of the perturbation study (same results; more memory)"),
+    random_baseline: bool = typer.Option(False, "--random-baseline", help="run the same prompts and predictivity "
+                                         "on a randomly initialised copy of the model (soft prompts are trained "
+                                         "on it too) and compare: JSON key random_baseline"),
+    random_seed: int = typer.Option(0, "--random-seed", help="seed of the --random-baseline copy's weights"),
     epochs: int = typer.Option(4, help="soft prompt training epochs"),
+    prompt_lr: float = typer.Option(1e-3, "--prompt-lr", help="soft prompt learning rate (Adam)"),
     prompt_length: int = typer.Option(16, "--prompt-length", help="soft prompt vectors"),
     batch_size: int = opt.batch_size(16),
     max_tokens: int = typer.Option(64, "--max-tokens", help="tokens kept of each text"),
@@ -85,7 +96,9 @@ def skills_cmd(
                        aggregate=aggregate, p=p, ps=_floats(ps, "--ps"),
                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_random=n_random,
                        noise_std=noise_std, batch_size=batch_size, max_tokens=max_tokens, task_seed=seed,
-                       soft=SoftPromptConfig(length=prompt_length, epochs=epochs, batch_size=batch_size),
+                       perturb_examples=perturb_examples, sets_per_forward=sets_per_forward,
+                       random_baseline=random_baseline, random_seed=random_seed,
+                       soft=SoftPromptConfig(length=prompt_length, epochs=epochs, lr=prompt_lr, batch_size=batch_size),
                        prune_keeps=_floats(prune_keeps, "--prune-keeps") if prune else (),
                        save_pruned=None if save_pruned is None else str(save_pruned), agreement=agreement,
                        agreement_score=agreement_score, beyond=beyond,
@@ -96,7 +109,8 @@ def skills_cmd(
         res = run_skills(loaded, list(task), out_dir, cfg, progress=steps)
     payload = {k: res[k] for k in ("tasks", "readout", "accuracy", "predictivity", "skill_neurons", "perturbation",
                                    "similarity", "notes")}
-    payload.update({k: res[k] for k in ("pruning", "pruned_model", "agreement", "beyond") if k in res})
+    payload.update({k: res[k] for k in ("pruning", "pruned_model", "agreement", "beyond", "random_baseline")
+                    if k in res})
     payload["run"] = str(out_dir)
 
     def human():
@@ -133,6 +147,18 @@ def _extra_tables(res: dict) -> None:
         for r in res["pruning"]:
             t.add_row(r["task"], f"{r['keep']:g}", str(r["n_kept"]), f"{r['skill_acc']:.3f}",
                       f"{r['random_acc_mean']:.3f}", f"{r['pvalue']:.3f}")
+        out.print(t)
+    if res.get("random_baseline"):
+        rb = res["random_baseline"]
+        t = Table(title=f"predictivity against a randomly initialised copy (seed {rb['seed']}, top {rb['p']:g} "
+                  "per layer; one-sided Mann-Whitney U)")
+        for c in ("task", "site", "mean", "random mean", "top mean", "random top mean", "p-value"):
+            t.add_column(c, justify="right")
+        for name, tr in rb["tasks"].items():
+            for site, r in [*tr["sites"].items(), ("all", tr["all"])]:
+                t.add_row(name, site, *(f"{r[k]:.3f}" if r[k] is not None else "-" for k in
+                                        ("mean", "random_mean", "top_mean", "random_top_mean")),
+                          f"{r['pvalue']:.3g}" if r["pvalue"] is not None else "-")
         out.print(t)
     if res.get("pruned_model"):
         pm = res["pruned_model"]

@@ -24,12 +24,14 @@ import torch
 
 from neurospec.data.labelled import LabelledTask, load_labelled
 from neurospec.errors import NeurospecError
-from neurospec.models.loading import LoadedModel
+from neurospec.models.loading import LoadedModel, random_init_copy
 from neurospec.models.sites import NeuronId
 from neurospec.record import layout
 from neurospec.record.store import atomic_write_json, save_tensors
 from neurospec.score.selective import SCORERS
 from neurospec.skills.agreement import class_statistics, overlap_test, selective_scores
+from neurospec.skills.baseline import TEST as BASELINE_TEST
+from neurospec.skills.baseline import compare_with_random
 from neurospec.skills.collect import prompt_statistics
 from neurospec.skills.perturb import METHODS, MIN_RANDOM, perturbation_study, similarity
 from neurospec.skills.predictivity import AGGREGATES, aggregate, predictivity, select_top_p, task_scores
@@ -39,6 +41,7 @@ from neurospec.skills.soft import SoftPromptConfig, train_soft_prompt
 from neurospec.skills.tuning import TUNING_METHODS, TuningConfig, check_tunable, tune_model
 
 PROMPT_KINDS = ("hard", "soft")
+RANDOM_DIR = "random_init"  # outputs of the random-init baseline, laid out like the main ones
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class SkillsConfig:
     methods: tuple[str, ...] = METHODS
     n_random: int = MIN_RANDOM
     noise_std: float = 0.1
+    # Perturbation cost: at most this many test examples per class (balanced, seeded; 0 = all), and the number of
+    # neuron sets stacked in one forward pass (same accuracies, fewer and larger passes).
+    perturb_examples: int = 100
+    sets_per_forward: int = 4
     batch_size: int = 16
     max_tokens: int = 64
     task_seed: int = 0
@@ -71,8 +78,15 @@ class SkillsConfig:
     agreement_score: str = "abs"
     beyond: str | None = None
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    # Control of predictivity: the same pipeline on a randomly initialised copy of the model (seeded).
+    random_baseline: bool = False
+    random_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.perturb_examples < 0:
+            raise NeurospecError(f"perturb_examples must be 0 (all) or positive, got {self.perturb_examples}")
+        if self.sets_per_forward < 1:
+            raise NeurospecError(f"sets_per_forward must be at least 1, got {self.sets_per_forward}")
         if self.beyond is not None and self.beyond not in TUNING_METHODS:
             raise NeurospecError(f"--beyond must be one of {TUNING_METHODS}, got {self.beyond!r}")
         if self.agreement_score not in SCORERS:
@@ -135,6 +149,29 @@ def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: Skill
     return runs
 
 
+def _task_predictivity(loaded: LoadedModel, task: LabelledTask, cfg: SkillsConfig, out: Path):
+    """Prompt runs and predictivity of one task on one model: ``(pm, runs, per_run, scores, accuracies)`` with
+    ``per_run`` ``{site: [per-sub-task predictivity [S, width] per run]}`` and ``scores`` ``{site: [width]}``."""
+    sites = loaded.sites.of_kind("mlp")
+    lm = task.kind == "text" and loaded.head in ("causal-lm", "masked-lm")
+    pm = PromptedModel(loaded, task.n_classes, max_tokens=cfg.max_tokens,
+                       verbaliser=_verbaliser(loaded, task, cfg.verbaliser) if lm else None)
+    runs = _runs(loaded, pm, task, cfg, out)
+    per_run: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    accs = []
+    for prompt, info in runs:
+        if info.get("probe") is not None:
+            pm.probe.load_state_dict(info["probe"])
+        counts = prompt_statistics(pm, task, prompt, sites, batch_size=cfg.batch_size)
+        for s in sites:
+            per_run[s.name].append(predictivity(counts[s.name].compute()["accuracy"]).float())
+        accs.append({k: v for k, v in info.items() if k != "probe"} | {
+            "test_accuracy": pm.accuracy(*task.split("test"), prompt, cfg.batch_size)})
+    scores = {s: aggregate([task_scores(r, cfg.class_reduce) for r in runs_], cfg.aggregate)
+              for s, runs_ in per_run.items()}
+    return pm, runs, per_run, scores, accs
+
+
 def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: str | Path,
                config: SkillsConfig | None = None, *, progress: Callable[[str, int, int], None] | None = None
                ) -> dict[str, Any]:
@@ -153,36 +190,26 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
         raise NeurospecError(f"--save-pruned writes the model pruned for one task; {len(built)} tasks were given")
     if cfg.beyond is not None:
         check_tunable(loaded, cfg.beyond)
+    if cfg.random_baseline and getattr(loaded.model, "config", None) is None:
+        raise NeurospecError("--random-baseline rebuilds the model from its Hugging Face config, and this model has "
+                             "none; run without --random-baseline")
     sites = loaded.sites.of_kind("mlp")
     widths = {s.name: s.width for s in sites}
     result: dict[str, Any] = {"model": loaded.describe(), "config": cfg.to_dict(), "tasks": {}, "readout": {},
                               "accuracy": {}, "predictivity": {s.name: {} for s in sites}, "skill_neurons": {},
                               "perturbation": {}, "notes": []}
     skill_sets = {}
+    rnd: LoadedModel | None = None
     for n_done, task in enumerate(built):
         if progress is not None:
             progress(f"skills {task.name}", n_done, len(built))
-        pm = PromptedModel(loaded, task.n_classes, max_tokens=cfg.max_tokens,
-                           verbaliser=_verbaliser(loaded, task, cfg.verbaliser) if task.kind == "text" and loaded.head in ("causal-lm", "masked-lm") else None)
+        pm, runs, per_run, scores, accs = _task_predictivity(loaded, task, cfg, out)
         if pm.readout == "probe":
             result["notes"].append(
                 f"{task.name}: the model has no LM head usable here ({loaded.head}); predictions come from a linear "
                 "head on the final hidden state at the read position, " +
                 ("trained with each soft prompt" if cfg.prompt == "soft" and task.kind == "text" else
                  "fit on frozen features of the training split"))
-        runs = _runs(loaded, pm, task, cfg, out)
-        per_run: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
-        accs = []
-        for prompt, info in runs:
-            if info.get("probe") is not None:
-                pm.probe.load_state_dict(info["probe"])
-            counts = prompt_statistics(pm, task, prompt, sites, batch_size=cfg.batch_size)
-            for s in sites:
-                per_run[s.name].append(predictivity(counts[s.name].compute()["accuracy"]).float())
-            accs.append({k: v for k, v in info.items() if k != "probe"} | {
-                "test_accuracy": pm.accuracy(*task.split("test"), prompt, cfg.batch_size)})
-        scores = {s: aggregate([task_scores(r, cfg.class_reduce) for r in runs_], cfg.aggregate)
-                  for s, runs_ in per_run.items()}
         tensors = {f"{s}/score": v for s, v in scores.items()}
         tensors.update({f"{s}/subtasks": torch.stack(r) for s, r in per_run.items()})
         save_tensors(out / "scores" / f"{task.name}.safetensors", tensors, {"task": task.name})
@@ -203,10 +230,23 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
             pm.probe.load_state_dict(info["probe"])
         rows = perturbation_study(pm, *task.split("test"), prompt, scores, cfg.ps, methods=cfg.methods,
                                   n_random=cfg.n_random, std=cfg.noise_std, key=task.name,
-                                  batch_size=cfg.batch_size)
+                                  batch_size=cfg.batch_size, per_class=cfg.perturb_examples,
+                                  sets_per_forward=cfg.sets_per_forward, progress=progress)
         result["perturbation"][task.name] = rows
         result["tasks"][task.name]["licence"] = task.licence
         _extra_studies(result, loaded, pm, task, prompt, scores, chosen, widths, cfg)
+        if cfg.random_baseline:
+            if rnd is None:
+                rnd = random_init_copy(loaded, seed=cfg.random_seed)
+                result["random_baseline"] = {"seed": cfg.random_seed, "p": cfg.p, "test": BASELINE_TEST,
+                                             "tasks": {}}
+            if progress is not None:
+                progress(f"skills {task.name} (random copy)", n_done, len(built))
+            _, _, _, rscores, raccs = _task_predictivity(rnd, task, cfg, out / RANDOM_DIR)
+            save_tensors(out / RANDOM_DIR / "scores" / f"{task.name}.safetensors",
+                         {f"{s}/score": v for s, v in rscores.items()}, {"task": task.name})
+            result["random_baseline"]["tasks"][task.name] = {"accuracy": raccs} | compare_with_random(
+                scores, rscores, cfg.p, key=task.name)
     if progress is not None:
         progress("skills", len(built), len(built))
     result["similarity"] = similarity(skill_sets, widths) | {"p": cfg.p}

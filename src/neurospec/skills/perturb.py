@@ -18,8 +18,9 @@ neurons in layer ``l``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,34 +34,52 @@ MIN_RANDOM = 20
 
 
 @contextlib.contextmanager
-def perturbed(model: torch.nn.Module, sites: Mapping[str, Site], neurons: Mapping[str, Tensor], method: str,
-              *, std: float = 0.1, seed: int = 0) -> Iterator[None]:
-    """While open, the ``neurons`` (``{site: indices}``) are perturbed by ``method`` in every forward pass."""
+def perturbed(model: torch.nn.Module, sites: Mapping[str, Site], neurons: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+              method: str, *, std: float = 0.1, seed: int = 0) -> Iterator[None]:
+    """While open, the ``neurons`` (``{site: indices}``) are perturbed by ``method`` in every forward pass.
+
+    ``neurons`` may also be a list of ``S`` sets with equal counts per site: every batch is then read as ``S``
+    stacked copies of the same examples (set-major, ``[S * b, ...]``) and copy ``s`` gets set ``s``. The noise of a
+    batch is drawn once per site (``[b, k]``) and applied to every copy, so stacked sets see exactly the draws they
+    would see one at a time with the same ``seed``."""
     if method not in METHODS:
         raise NeurospecError(f"perturbation method must be one of {METHODS}, got {method!r}")
+    sets = [neurons] if isinstance(neurons, Mapping) else list(neurons)
+    if not sets:
+        raise NeurospecError("no neuron set to perturb")
+    names = [n for n in sets[0] if sets[0][n].numel()]
+    for other in sets[1:]:
+        if any(int(other.get(n, torch.empty(0)).numel()) != int(sets[0][n].numel()) for n in names):
+            raise NeurospecError("stacked neuron sets must have the same number of neurons in every site")
     gens: dict[str, torch.Generator] = {}
     handles = []
+    n_sets = len(sets)
 
     def make(name: str, idx: Tensor):
         def hook(_module, args):
             x = args[0]
+            if x.shape[0] % n_sets:
+                raise NeurospecError(f"a batch of {x.shape[0]} rows cannot hold {n_sets} stacked copies")
+            b, k = x.shape[0] // n_sets, idx.shape[1]
             i = idx.to(x.device)
             x = x.clone()
+            view = x.view(n_sets, b, -1, x.shape[-1])  # [S, b, positions, width]
             if method == "zero":
-                x[..., i] = 0
+                view.scatter_(-1, i[:, None, None, :].expand(n_sets, b, view.shape[2], k), 0.0)
             else:
                 g = gens.setdefault(name, torch.Generator(device=x.device).manual_seed(seed_of(seed, name)))
-                eps = torch.randn(x.shape[0], i.numel(), generator=g, device=x.device, dtype=x.dtype) * std
-                shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (i.numel(),)
-                x[..., i] += eps.view(shape)
+                eps = torch.randn(b, k, generator=g, device=x.device, dtype=x.dtype) * std
+                delta = torch.zeros(n_sets, b, x.shape[-1], device=x.device, dtype=x.dtype)
+                delta.scatter_(-1, i[:, None, :].expand(n_sets, b, k), eps.expand(n_sets, b, k))
+                view += delta[:, :, None, :]
             return (x, *args[1:])
 
         return hook
 
     try:
-        for name, idx in neurons.items():
-            if idx.numel():
-                handles.append(model.get_submodule(sites[name].module).register_forward_pre_hook(make(name, idx)))
+        for name in names:
+            idx = torch.stack([s[name].long().flatten() for s in sets])  # [S, k]
+            handles.append(model.get_submodule(sites[name].module).register_forward_pre_hook(make(name, idx)))
         yield
     finally:
         for h in handles:
@@ -73,34 +92,109 @@ def pvalue(skill_acc: float, random_accs: Sequence[float]) -> float:
     return (r + 1) / (len(random_accs) + 1)
 
 
+def balanced_subset(labels, per_class: int | None, *, key: str = "") -> np.ndarray:
+    """Indices (sorted) of at most ``per_class`` examples of each class, drawn with a seed from ``key``; all
+    indices when ``per_class`` is None or 0."""
+    labels = np.asarray(labels)
+    if not per_class:
+        return np.arange(len(labels))
+    if per_class < 0:
+        raise NeurospecError(f"examples per class must be positive (0 = all), got {per_class}")
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > per_class:
+            g = torch.Generator().manual_seed(seed_of("perturb-examples", key, int(c)))
+            idx = np.sort(idx[torch.randperm(len(idx), generator=g)[:per_class].numpy()])
+        keep.append(idx)
+    return np.sort(np.concatenate(keep))
+
+
+def _take(items, idx: np.ndarray):
+    if isinstance(items, Tensor):
+        return items[torch.as_tensor(idx, dtype=torch.long)]
+    return [items[int(i)] for i in idx]
+
+
+def by_length(pm: PromptedModel, items) -> np.ndarray:
+    """An order of ``items`` by token count (texts; stable), so that batches hold texts of similar length and
+    carry little padding; images keep their order."""
+    if isinstance(items, Tensor):
+        return np.arange(len(items))
+    lengths = [len(ids) for ids in pm.loaded.tokenizer(list(items), add_special_tokens=True, truncation=True,
+                                                        max_length=pm.max_tokens)["input_ids"]]
+    return np.argsort(np.asarray(lengths), kind="stable")
+
+
+@torch.no_grad()
+def stacked_accuracy(pm: PromptedModel, items, labels, prompt: Prompt | None, n_sets: int,
+                     batch_size: int = 16) -> list[float]:
+    """Accuracy of each of ``n_sets`` stacked copies (under :func:`perturbed` with ``n_sets`` sets): every batch
+    of ``batch_size`` examples runs as one forward of ``n_sets * batch_size`` rows."""
+    labels = torch.as_tensor(np.asarray(labels))
+    correct = torch.zeros(n_sets, dtype=torch.long)
+    for i in range(0, len(labels), batch_size):
+        batch = items[i : i + batch_size]
+        if isinstance(batch, Tensor):
+            rows = batch.repeat(n_sets, *([1] * (batch.ndim - 1)))
+        else:
+            rows = list(batch) * n_sets
+        pred = pm.logits(rows, prompt).argmax(-1).cpu().view(n_sets, -1)
+        correct += (pred == labels[i : i + batch_size]).sum(1)
+    return (correct.double() / max(1, len(labels))).tolist()
+
+
+def perturbation_cost(n_examples: int, ps: Sequence[float], methods: Sequence[str], n_random: int) -> int:
+    """Example forwards of :func:`perturbation_study`: one unperturbed pass plus ``1 + n_random`` sets per fraction
+    and method."""
+    return n_examples * (1 + sum(1 for p in ps if p > 0) * len(methods) * (1 + n_random))
+
+
 def perturbation_study(pm: PromptedModel, items, labels, prompt: Prompt | None, scores: Mapping[str, Tensor],
                        ps: Sequence[float], *, methods: Sequence[str] = METHODS, n_random: int = MIN_RANDOM,
-                       std: float = 0.1, key: str = "", batch_size: int = 16) -> list[dict]:
-    """Rows ``{p, method, n_neurons, skill_acc, random_acc_mean, random_acc_std, pvalue, base_acc}``."""
+                       std: float = 0.1, key: str = "", batch_size: int = 16, per_class: int | None = None,
+                       sets_per_forward: int = 1,
+                       progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    """Rows ``{p, method, n_neurons, n_examples, skill_acc, random_acc_mean, random_acc_std, pvalue, base_acc}``.
+
+    ``per_class``: evaluate on a balanced seeded subset of at most that many examples per class (None or 0: all).
+    Examples run in order of length (less padding); ``sets_per_forward`` sets (the skill set and random sets) are
+    stacked in one forward pass (same accuracies, fewer and larger forwards). ``progress(label, done, total)`` is
+    called after every group of sets."""
     if n_random < MIN_RANDOM:
         raise NeurospecError(f"n_random must be at least {MIN_RANDOM} for a meaningful p-value, got {n_random}")
+    if sets_per_forward < 1:
+        raise NeurospecError(f"sets_per_forward must be at least 1, got {sets_per_forward}")
     sites = pm.loaded.sites.by_name
     model = pm.loaded.model
+    keep = balanced_subset(labels, per_class, key=key)
+    items, labels = _take(items, keep), np.asarray(labels)[keep]
+    order = by_length(pm, items)
+    items, labels = _take(items, order), labels[order]
     base = pm.accuracy(items, labels, prompt, batch_size)
+    todo = [p for p in ps if p > 0]
+    total, done = len(todo) * len(methods) * (1 + n_random), 0
     rows = []
-    for p in ps:
-        if p <= 0:
-            continue
+    for p in todo:
         skill = select_top_p(scores, p, key=key)
         counts = {s: (int(v.numel()), int(scores[s].numel())) for s, v in skill.items()}
+        sets = [skill] + [random_same_counts(counts, key=f"{key}|{p}|{r}") for r in range(n_random)]
         for method in methods:
             seed = seed_of("perturb", key, p, method)
-            with perturbed(model, sites, skill, method, std=std, seed=seed):
-                acc = pm.accuracy(items, labels, prompt, batch_size)
-            rand = []
-            for r in range(n_random):
-                rset = random_same_counts(counts, key=f"{key}|{p}|{r}")
-                with perturbed(model, sites, rset, method, std=std, seed=seed):
-                    rand.append(pm.accuracy(items, labels, prompt, batch_size))
+            accs: list[float] = []
+            for g in range(0, len(sets), sets_per_forward):
+                group = sets[g : g + sets_per_forward]
+                with perturbed(model, sites, group, method, std=std, seed=seed):
+                    accs += stacked_accuracy(pm, items, labels, prompt, len(group), batch_size)
+                done += len(group)
+                if progress is not None:
+                    progress(f"perturb {key} p={p:g} {method}", done, total)
+            acc, rand = accs[0], accs[1:]
             t = torch.tensor(rand, dtype=torch.float64)
             rows.append({"p": float(p), "method": method, "n_neurons": sum(c[0] for c in counts.values()),
-                         "base_acc": base, "skill_acc": acc, "random_acc_mean": float(t.mean()),
-                         "random_acc_std": float(t.std()) if len(rand) > 1 else 0.0, "pvalue": pvalue(acc, rand)})
+                         "n_examples": len(labels), "base_acc": base, "skill_acc": acc,
+                         "random_acc_mean": float(t.mean()), "random_acc_std": float(t.std()) if len(rand) > 1 else 0.0,
+                         "pvalue": pvalue(acc, rand)})
     return rows
 
 
