@@ -112,6 +112,32 @@ def test_spectral_weight_graph_with_clusterability(ws):
     assert cb["pvalue"] == pytest.approx((1 + sum(v <= res["ncut"] for v in null)) / (1 + len(null)))
 
 
+def test_weight_graph_default_top_k_sparsifies_only_large_graphs(ws, monkeypatch):
+    """Unset --top-k keeps every edge of a small graph and each neuron's 32 strongest beyond the edge limit; the
+    bundled model's 30 layers are beyond it, one or two of its layer pairs are not; --top-k 0 keeps every edge."""
+    from neurospec.cluster.spectral import weight_graph
+    from neurospec.experiments import clusters as C
+    from neurospec.models.loading import load_model
+
+    assert C.weight_graph_top_k(None, [1536] * 30) == 32
+    assert C.weight_graph_top_k(None, [1536] * 3) is None and C.weight_graph_top_k(0, [1536] * 30) is None
+    assert C.weight_graph_top_k(8, [96, 96]) == 8
+    loaded = load_model(str(ws["model"]))
+    args = ("cluster", "--model", ws["model"], "--method", "spectral", "--graph", "weights", "--k", 4)
+    dense = ok_json(*args, "--out", ws["root"] / "w-dense")
+    assert dense["top_k"] is None
+    m = json.loads((ws["root"] / "w-dense" / "clusters.json").read_text())
+    assert m["extra"]["n_edges"] == weight_graph(loaded).adjacency.nnz // 2 == 96 * 96
+    monkeypatch.setattr(C, "DENSE_EDGE_LIMIT", 96 * 96 - 1)
+    monkeypatch.setattr(C, "DEFAULT_TOP_K", 5)
+    sparse = ok_json(*args, "--out", ws["root"] / "w-sparse")
+    m = json.loads((ws["root"] / "w-sparse" / "clusters.json").read_text())
+    assert sparse["top_k"] == 5 and m["extra"]["n_edges"] == weight_graph(loaded, top_k=5).adjacency.nnz // 2
+    assert m["extra"]["n_edges"] < 96 * 96
+    every = ok_json(*args, "--top-k", 0, "--out", ws["root"] / "w-every")
+    assert every["top_k"] is None and every["ncut"] == pytest.approx(dense["ncut"])
+
+
 def test_spectral_correlation_graph_from_reference_run(ws):
     out = ws["root"] / "spec-c"
     res = ok_json("cluster", "--model", ws["model"], "--method", "spectral", "--graph", "correlation",

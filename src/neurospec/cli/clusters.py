@@ -49,7 +49,10 @@ def cluster_cmd(
     k: int = typer.Option(16, "--k", help="spectral: number of clusters"),
     layers: str = typer.Option(None, help="MLP layers to cluster, e.g. 0-29 or 0,5,10 (default all)"),
     top_k: int = typer.Option(None, "--top-k", help="weight graph: keep each neuron's N strongest edges per "
-                                                    "neighbouring layer (default all edges)"),
+                                                    "neighbouring layer; 0 keeps every edge (default: every edge up "
+                                                    "to 5M edges, e.g. one or two layer pairs of SmolLM2, else 32: "
+                                                    "all of SmolLM2 in seconds instead of 1.5 minutes, with the "
+                                                    "same n-cut on the dense graph within 1%)"),
     reference: str = typer.Option(None, help="reference run (`neurospec record ... --comoments mlp`) for the "
                                              "correlation/co-activation graphs; with the weight graph it marks dead "
                                              "neurons"),
