@@ -250,6 +250,36 @@ def test_specialization_json_contract_and_p_values(ws):
     assert full["n_evaluations"] == 1 + 4 * (1 + n_random)
 
 
+def test_specialization_default_layers_and_ablation_cost():
+    from neurospec.experiments.specialization import ablation_cost, evenly_spaced
+
+    assert evenly_spaced(list(range(30)), 4) == (0, 10, 19, 29)
+    assert evenly_spaced([3, 7], 4) == (3, 7) and evenly_spaced([0, 1, 2, 3, 4], 4) == (0, 1, 3, 4)
+    # 2 units in layer 0 of 30 (full passes) and 1 unit in layer 29 (one block of 30), 1 + 4 evaluations each
+    assert ablation_cost({"layers.0.mlp": [1, 2], "layers.29.mlp": [0]}, 4, 30) == pytest.approx(5 * (2 + 1 / 30))
+
+
+def test_specialization_prints_an_estimate_and_progress_lines(ws, monkeypatch):
+    import neurospec.cli.common as common
+
+    d = ws["root"] / "spec-est"
+    ok_json("cluster", "--model", ws["model"], "--method", "spectral", "--k", 4, "--out", d)
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("NEUROSPEC_PROGRESS_EVERY", "1000")
+    monkeypatch.setattr(common, "ESTIMATE_ABOVE_S", 0.0)
+    r = invoke("specialization", d, "--task", ws["words"], "--task", "prose", "--n-random", 2, "--tokens", 128,
+               "--eval-tokens", 64, "--seq-len", 32, "--per-layer", 1, "--n-random-coherence", 9, "--json")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    est = [i for i, x in enumerate(lines) if x.startswith("specialization: this takes about ")]
+    assert len(est) == 1 and "6 ablations of 64 tokens per task" in lines[est[0]]
+    first = next(i for i, x in enumerate(lines) if x.startswith("ablations: "))
+    assert est[0] < first  # said before the ablations start
+    assert any(x.startswith("ablations: 6/6 (100%)") and x.endswith("done") for x in lines)
+    assert any(x.startswith("prose: ") for x in lines[:est[0]])  # the recording's progress came first
+    assert json.loads(r.stdout)["n_units"] == 2
+
+
 def test_specialization_uses_the_reference_for_correlation_coherence(ws):
     d = ws["root"] / "spec-c"
     if not (d / "clusters.json").exists():

@@ -325,6 +325,21 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+ESTIMATE_ABOVE_S = 30.0  # estimates of shorter work are not printed
+
+
+def print_estimate(command: str, seconds: float, detail: str) -> None:
+    """Say on stderr, before long work starts, how long it will take (off with ``NEUROSPEC_NO_PROGRESS``, and for
+    work expected to take under :data:`ESTIMATE_ABOVE_S` seconds)."""
+    if os.environ.get("NEUROSPEC_NO_PROGRESS") or seconds < ESTIMATE_ABOVE_S:
+        return
+    minutes = seconds / 60
+    about = f"{max(1, round(minutes))} minute{'s' if round(minutes) > 1 else ''}" if minutes < 90 else \
+        f"{minutes / 60:.1f} hours"
+    err.print(f"{command}: this takes about {about} on this machine ({detail})", highlight=False, markup=False,
+              soft_wrap=True)
+
+
 class LogLines:
     """Progress as plain lines on stderr, for when stderr is not a terminal (batch jobs write logs): one line when a
     label starts, when it finishes, and at most every ``every`` seconds in between (``NEUROSPEC_PROGRESS_EVERY``,
