@@ -107,6 +107,17 @@ def test_cli_json_contract_and_figures(model_dir, tmp_path):
     assert {"magnitude", "wanda", "sparsegpt"} == set(res["methods"]["patterns"]["2:4"])
     assert (tmp_path / "w" / "w1_distribution.png").exists() and (tmp_path / "w" / "error_vs_w1.png").exists()
     assert json.loads((tmp_path / "w" / "wasserstein.json").read_text())["scores"] == res["scores"]
+    # `neurospec report` of the directory: W1 per layer, the experiment with the error scatter, the method ordering
+    r = invoke("report", tmp_path / "w")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "w" / "report.html").read_text()
+    for title in ("Wasserstein neurons: W1 per layer", "Wasserstein neurons: sparsifying the selected rows",
+                  "Sparsification methods: perplexity"):
+        assert f"<h2>{title}</h2>" in html
+    assert html.count("data:image/png;base64,") == 3  # W1 histograms, error vs W1, perplexity per method
+    ppl = res["methods"]["patterns"]["2:4"]
+    assert f"<td>2:4</td><td>{ppl['magnitude']:.4g}</td><td>{ppl['wanda']:.4g}</td>" in html
+    assert f"<td>wasserstein</td><td>{res['experiment']['wasserstein']['delta_loss']:.4g}</td>" in html
 
 
 @pytest.mark.parametrize("args, message", [

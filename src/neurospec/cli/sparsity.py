@@ -11,7 +11,7 @@ from rich.table import Table
 
 from neurospec.cli import options as opt
 from neurospec.cli.app import command
-from neurospec.cli.common import Steps, emit, err, handle_errors
+from neurospec.cli.common import Steps, claim_out, emit, err, handle_errors
 
 out = Console()
 
@@ -47,6 +47,8 @@ def sparsify_cmd(
     seq_len: int = opt.seq_len(),
     batch_size: int = opt.batch_size(),
     save: Path = typer.Option(None, help="write the sparse model here (a plain Hugging Face directory)"),
+    out_dir: Path = opt.out("write the result (sparsify.json) here, for `neurospec report`", default=None),
+    force: bool = opt.force(),
     seed: int = opt.seed("seed of the task splits"),
     device: str = opt.device(),
     dtype: str = opt.dtype(),
@@ -56,9 +58,12 @@ def sparsify_cmd(
     from neurospec.data.tasks import build_task_data
     from neurospec.evaluate import evaluate_lm
     from neurospec.models.loading import load_model
+    from neurospec.record.layout import SPARSIFY, write_result_json
     from neurospec.sparsity import make_pattern, save_sparse, sparsify
 
     pat = make_pattern(sparsity, pattern)  # bad input fails before the model loads
+    if out_dir is not None:
+        claim_out(out_dir, "sparsify", force)
     t0 = time.perf_counter()
     loaded = load_model(model, device=device, dtype=dtype)
     calib = build_task_data(calib_task, loaded.tokenizer, seq_len=seq_len, collect_tokens=calib_tokens,
@@ -85,6 +90,8 @@ def sparsify_cmd(
     if save is not None:
         result["saved"] = str(save_sparse(loaded.model, save, loaded.tokenizer))
     result["total_seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        write_result_json(out_dir / SPARSIFY, result)
     if not calib.collect_info.complete:
         err.print(f"[yellow]note[/]: task {calib.name!r} holds only {res.calibration_tokens} calibration tokens")
 

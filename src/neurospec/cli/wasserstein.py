@@ -78,7 +78,12 @@ def wasserstein_cmd(
         row_experiment,
         wasserstein_scores,
     )
-    from neurospec.record.layout import WASSERSTEIN, write_result_json
+    from neurospec.record.layout import (
+        WASSERSTEIN,
+        WASSERSTEIN_ERROR_FIGURE,
+        WASSERSTEIN_W1_FIGURE,
+        write_result_json,
+    )
 
     check_model_options(device, dtype)
     check_int("--tokens", tokens)
@@ -124,10 +129,10 @@ def wasserstein_cmd(
 
         out_dir.mkdir(parents=True, exist_ok=True)
         w1 = {n: s.w1.numpy() for n, s in scores.items()}
-        figs = [str(w1_distributions(w1, out_dir / "w1_distribution", fraction=top))]
+        figs = [str(w1_distributions(w1, out_dir / WASSERSTEIN_W1_FIGURE, fraction=top))]
         if corr is not None:
             err = {n: e.cpu().numpy() for n, e in corr["error"].items()}
-            figs.append(str(error_vs_w1(w1, err, out_dir / "error_vs_w1", title=f"SparseGPT {corr['pattern']}")))
+            figs.append(str(error_vs_w1(w1, err, out_dir / WASSERSTEIN_ERROR_FIGURE, title=f"SparseGPT {corr['pattern']}")))
         result["figures"] = figs
     result["total_seconds"] = time.perf_counter() - t0
     result = _finite(result)
