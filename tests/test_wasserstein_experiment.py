@@ -90,11 +90,23 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_cli_json_contract_and_figures(model_dir, tmp_path):
+def test_cli_json_contract_and_figures(model_dir, tmp_path, monkeypatch):
+    import neurospec.cli.common as common
+    from neurospec.experiments.wasserstein import experiment_tokens
+
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(common, "ESTIMATE_ABOVE_S", 0.0)
+    counted = []  # every forward pass's tokens, counted at the embedding (the estimate's own pass included)
+    embed = torch.nn.Embedding.forward
+    monkeypatch.setattr(torch.nn.Embedding, "forward", lambda self, x: counted.append(x.numel()) or embed(self, x))
     r = invoke("wasserstein", "--model", model_dir, "--task", "prose", "--tokens", 128, "--seq-len", 16,
                "--batch-size", 4, "--layers", "1", "--experiment", "--patterns", "2:4", "--draws", 2,
                "--eval-tokens", 32, "--out", tmp_path / "w", "--json")
     assert r.exit_code == 0, r.output
+    want = experiment_tokens(128, 32, 16, 1, 2)
+    assert sum(counted) - 16 == want  # the estimate is exact in forward-pass tokens (16: its own timing pass)
+    line = next(x for x in r.stderr.splitlines() if x.startswith("wasserstein: this takes about "))
+    assert f"about {want:,} forward-pass tokens" in line and "6 sparsified models of the row experiment" in line
     res = json.loads(r.stdout)
     assert set(res["scores"]) == {"layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"}
     for s in res["scores"].values():

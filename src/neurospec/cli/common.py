@@ -340,6 +340,40 @@ def print_estimate(command: str, seconds: float, detail: str) -> None:
               soft_wrap=True)
 
 
+def forward_throughput(loaded: Any, seq_len: int) -> float | None:
+    """Tokens per second of the model's forward pass, timed on one sequence of ``seq_len`` random token ids (the
+    machine as it is now, load included); ``None`` for a model that does not read token ids."""
+    import time
+
+    import torch
+
+    config = getattr(loaded.model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab or getattr(loaded, "analysis_kind", None) == "image":
+        return None
+    device = next(loaded.model.parameters()).device
+    ids = torch.randint(0, int(vocab), (1, max(2, int(seq_len))), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        loaded.model(input_ids=ids.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+    return ids.numel() / max(seconds, 1e-9)
+
+
+def estimate_forward(command: str, loaded: Any, seq_len: int, tokens: int, detail: str = "") -> None:
+    """:func:`print_estimate` of work that costs about ``tokens`` forward-pass tokens, at the throughput
+    :func:`forward_throughput` measures now (nothing measured or printed with ``NEUROSPEC_NO_PROGRESS``)."""
+    if os.environ.get("NEUROSPEC_NO_PROGRESS"):
+        return
+    rate = forward_throughput(loaded, seq_len)
+    if rate is None:
+        return
+    print_estimate(command, tokens / rate, f"about {tokens:,} forward-pass tokens at {rate:,.0f} tokens/s"
+                   + (f"; {detail}" if detail else ""))
+
+
 class LogLines:
     """Progress as plain lines on stderr, for when stderr is not a terminal (batch jobs write logs): one line when a
     label starts, when it finishes, and at most every ``every`` seconds in between (``NEUROSPEC_PROGRESS_EVERY``,
