@@ -41,12 +41,23 @@ def test_evaluate_json_contract(setup):
         assert 0 <= m["top1"] <= m["top10"] <= 1
 
 
-def test_ablation_study_json_contract(setup):
+def test_ablation_study_json_contract(setup, monkeypatch):
+    import neurospec.cli.common as common
+
     d, tmp = setup
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(common, "ESTIMATE_ABOVE_S", 0.0)
+    counted = []  # every forward pass's tokens, counted at the embedding (the estimate's own passes included)
+    embed = torch.nn.Embedding.forward
+    monkeypatch.setattr(torch.nn.Embedding, "forward", lambda self, x: counted.append(x.numel()) or embed(self, x))
     r = invoke("ablate", "--model", d, "--reference", tmp / "ref", "--task", "prose", "--task", "dialog",
                "--kind", "attn", "--random-frac", 0.25, "--steps", 2, "--methods", ",".join(study_methods()),
                "--seeds", "0,1", "--tokens", 128, "--seq-len", 32, "--out", tmp / "abl", "--json")
     assert r.exit_code == 0, r.output
+    want = (1 + 2 * len(study_methods()) * 2) * 2 * 128  # (baseline + steps x methods x seeds) x 2 tasks x 128
+    assert sum(counted) - 2 - 32 == want  # exact in forward-pass tokens (2 + 32: the estimate's own passes)
+    line = next(x for x in r.stderr.splitlines() if x.startswith("ablate: this takes about "))
+    assert f"about {want:,} forward-pass tokens" in line
     res = json.loads(r.stdout)
     steps = res["steps"]
     assert {s["method"] for s in steps} == set(study_methods())

@@ -112,6 +112,32 @@ def test_spectral_weight_graph_with_clusterability(ws):
     assert cb["pvalue"] == pytest.approx((1 + sum(v <= res["ncut"] for v in null)) / (1 + len(null)))
 
 
+def test_weight_graph_default_top_k_sparsifies_only_large_graphs(ws, monkeypatch):
+    """Unset --top-k keeps every edge of a small graph and each neuron's 32 strongest beyond the edge limit; the
+    bundled model's 30 layers are beyond it, one or two of its layer pairs are not; --top-k 0 keeps every edge."""
+    from neurospec.cluster.spectral import weight_graph
+    from neurospec.experiments import clusters as C
+    from neurospec.models.loading import load_model
+
+    assert C.weight_graph_top_k(None, [1536] * 30) == 32
+    assert C.weight_graph_top_k(None, [1536] * 3) is None and C.weight_graph_top_k(0, [1536] * 30) is None
+    assert C.weight_graph_top_k(8, [96, 96]) == 8
+    loaded = load_model(str(ws["model"]))
+    args = ("cluster", "--model", ws["model"], "--method", "spectral", "--graph", "weights", "--k", 4)
+    dense = ok_json(*args, "--out", ws["root"] / "w-dense")
+    assert dense["top_k"] is None
+    m = json.loads((ws["root"] / "w-dense" / "clusters.json").read_text())
+    assert m["extra"]["n_edges"] == weight_graph(loaded).adjacency.nnz // 2 == 96 * 96
+    monkeypatch.setattr(C, "DENSE_EDGE_LIMIT", 96 * 96 - 1)
+    monkeypatch.setattr(C, "DEFAULT_TOP_K", 5)
+    sparse = ok_json(*args, "--out", ws["root"] / "w-sparse")
+    m = json.loads((ws["root"] / "w-sparse" / "clusters.json").read_text())
+    assert sparse["top_k"] == 5 and m["extra"]["n_edges"] == weight_graph(loaded, top_k=5).adjacency.nnz // 2
+    assert m["extra"]["n_edges"] < 96 * 96
+    every = ok_json(*args, "--top-k", 0, "--out", ws["root"] / "w-every")
+    assert every["top_k"] is None and every["ncut"] == pytest.approx(dense["ncut"])
+
+
 def test_spectral_correlation_graph_from_reference_run(ws):
     out = ws["root"] / "spec-c"
     res = ok_json("cluster", "--model", ws["model"], "--method", "spectral", "--graph", "correlation",
@@ -222,6 +248,36 @@ def test_specialization_json_contract_and_p_values(ws):
             assert p * (n_random + 1) == pytest.approx(round(p * (n_random + 1)))
         assert r["coherence_task"]["top_task"] in ("words", "prose")
     assert full["n_evaluations"] == 1 + 4 * (1 + n_random)
+
+
+def test_specialization_default_layers_and_ablation_cost():
+    from neurospec.experiments.specialization import ablation_cost, evenly_spaced
+
+    assert evenly_spaced(list(range(30)), 4) == (0, 10, 19, 29)
+    assert evenly_spaced([3, 7], 4) == (3, 7) and evenly_spaced([0, 1, 2, 3, 4], 4) == (0, 1, 3, 4)
+    # 2 units in layer 0 of 30 (full passes) and 1 unit in layer 29 (one block of 30), 1 + 4 evaluations each
+    assert ablation_cost({"layers.0.mlp": [1, 2], "layers.29.mlp": [0]}, 4, 30) == pytest.approx(5 * (2 + 1 / 30))
+
+
+def test_specialization_prints_an_estimate_and_progress_lines(ws, monkeypatch):
+    import neurospec.cli.common as common
+
+    d = ws["root"] / "spec-est"
+    ok_json("cluster", "--model", ws["model"], "--method", "spectral", "--k", 4, "--out", d)
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("NEUROSPEC_PROGRESS_EVERY", "1000")
+    monkeypatch.setattr(common, "ESTIMATE_ABOVE_S", 0.0)
+    r = invoke("specialization", d, "--task", ws["words"], "--task", "prose", "--n-random", 2, "--tokens", 128,
+               "--eval-tokens", 64, "--seq-len", 32, "--per-layer", 1, "--n-random-coherence", 9, "--json")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    est = [i for i, x in enumerate(lines) if x.startswith("specialization: this takes about ")]
+    assert len(est) == 1 and "6 ablations of 64 tokens per task" in lines[est[0]]
+    first = next(i for i, x in enumerate(lines) if x.startswith("ablations: "))
+    assert est[0] < first  # said before the ablations start
+    assert any(x.startswith("ablations: 6/6 (100%)") and x.endswith("done") for x in lines)
+    assert any(x.startswith("prose: ") for x in lines[:est[0]])  # the recording's progress came first
+    assert json.loads(r.stdout)["n_units"] == 2
 
 
 def test_specialization_uses_the_reference_for_correlation_coherence(ws):

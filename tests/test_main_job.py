@@ -11,7 +11,11 @@ _register()
 
 
 
-def test_run_writes_every_result_and_the_report(model_dir, tmp_path):
+def test_run_writes_every_result_and_the_report(model_dir, tmp_path, monkeypatch):
+    import neurospec.cli.common as common
+
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)  # progress lines and the time estimate on stderr
+    monkeypatch.setattr(common, "ESTIMATE_ABOVE_S", 0.0)
     out = tmp_path / "main"
     args = ["run", "--model", str(model_dir), "--task", "prose", "--task", "python", "--task", "dialog",
             "--tokens", "256", "--eval-tokens", "64", "--seq-len", "32", "--batch-size", "4", "--out", str(out),
@@ -28,6 +32,12 @@ def test_run_writes_every_result_and_the_report(model_dir, tmp_path):
     assert html.count("data:image/png;base64,") >= 9
     main = json.loads((out / "main.json").read_text())
     assert main["config"]["tasks"] == ["prose", "python", "dialog"] and main["budget"]["tasks"] == 3
+    lines = r.stderr.splitlines()
+    est = [i for i, x in enumerate(lines) if x.startswith("run: this takes about ")]
+    tokens = main["budget"]["record_tokens"] + main["budget"]["eval_tokens"]
+    assert len(est) == 1 and f"about {tokens:,} forward-pass tokens" in lines[est[0]]
+    assert est[0] < next(i for i, x in enumerate(lines) if x.startswith("1/4 task map"))
+    assert any(x.startswith("prose: ") and "tokens" in x for x in lines[est[0]:])  # progress lines follow
     ab = json.loads((out / "ablation" / "ablation.json").read_text())
     assert {r["method"] for r in ab["rows"]} == set(study_methods())
     # the report can be rebuilt on its own

@@ -12,7 +12,7 @@ from neurospec.report.html import build_report
 SRC = Path(__file__).resolve().parents[1] / "src" / "neurospec"
 NAMES = (layout.REPORT, layout.PRUNE_RESULT, layout.PRUNED_NEURONS, layout.TASKMAP, layout.MAIN, layout.ABLATION,
          layout.CLUSTERS, layout.CLUSTER_LABELS, layout.SPECIALIZATION, layout.ALIGNMENT, layout.ROUTING, layout.ZOO,
-         layout.WASSERSTEIN, layout.SKILLS_RESULT)
+         layout.WASSERSTEIN, layout.SKILLS_RESULT, layout.SPARSIFY)
 # a digits model directory's zoo.json belongs to the model format: models/digits.py defines it, the layout re-exports it
 DEFINED_ELSEWHERE = {("models", "digits.py"): layout.ZOO}
 

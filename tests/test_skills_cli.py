@@ -20,12 +20,26 @@ def _invoke(*args):
     return runner.invoke(app, ["skills", *[str(a) for a in args]])
 
 
-def test_skills_json_contract_and_soft_prompt_reuse(model_dir, tmp_path):
+def test_skills_json_contract_and_soft_prompt_reuse(model_dir, tmp_path, monkeypatch):
+    import neurospec.cli.common as cli_common
+
     one, two = _csv(tmp_path / "one.csv", "apple", "zebra"), _csv(tmp_path / "two.csv", "moon", "rock")
     common = ["--model", model_dir, "--task", f"fruit={one}", "--task", f"space={two}", "--p", 0.1, "--ps", "0.1",
               "--methods", "zero", "--batch-size", 8, "--json"]
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(cli_common, "ESTIMATE_ABOVE_S", 0.0)
     r = _invoke(*common, "--out", tmp_path / "hard")
     assert r.exit_code == 0, r.output
+    # the estimate before the work: per task 12 + 4 examples once, the 4 test examples 1 + 1 x 1 x (1 + 20) times
+    line = next(x for x in r.stderr.splitlines() if x.startswith("skills: this takes about "))
+    assert "forward-pass tokens" in line
+    from neurospec.cli.skills import skills_examples
+    from neurospec.data.labelled import load_labelled
+    from neurospec.experiments.skills import SkillsConfig
+
+    assert skills_examples(SkillsConfig(ps=(0.1,), methods=("zero",)), load_labelled(f"fruit={one}")) == 12 + 4 + 4 * 22
+    assert r.stderr.index(line) < r.stderr.index("skills fruit")  # said before the first task starts
+    monkeypatch.setenv("NEUROSPEC_NO_PROGRESS", "1")
     res = json.loads(r.stdout)
     assert res["tasks"]["fruit"] | {"licence": None} == {"classes": ["apple", "zebra"], "train": 12, "dev": 4,
                                                          "test": 4, "licence": None}

@@ -44,6 +44,34 @@ def test_sparsify_json_contract_and_saved_model(model_dir, tmp_path):
         assert res["perplexity"]["prose"][key] == pytest.approx(ppl, rel=1e-5)
 
 
+def test_sparsify_out_writes_a_result_the_report_shows(model_dir, tmp_path):
+    """--out claims the directory and writes sparsify.json (the printed JSON); another configuration there is refused
+    without --force; `neurospec report` draws a perplexity section from it."""
+    from neurospec.record import layout
+
+    out = tmp_path / "sp"
+    args = ["sparsify", "--model", model_dir, "--method", "magnitude", "--sparsity", 0.5, "--calib-tokens", 32,
+            "--eval-task", "prose", "--eval-task", "dialog", "--eval-tokens", 32, "--seq-len", 16, "--out", out]
+    r = invoke(*args, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert json.loads((out / layout.SPARSIFY).read_text()) == res
+    assert layout.read_claim(out)["command"] == "sparsify"
+    r = invoke(*args[:-2], "--sparsity", 0.3, "--out", out)
+    assert r.exit_code == 2 and "--force" in r.output
+    r = invoke("report", out)
+    assert r.exit_code == 0, r.output
+    html = (out / layout.REPORT).read_text()
+    assert "Sparsification: perplexity" in html and "magnitude unstructured" in html
+    assert html.count("data:image/png;base64,") == 1 and (out / layout.FIGURES / "sparsify_perplexity.svg").exists()
+    for task in ("prose", "dialog"):
+        p = res["perplexity"][task]
+        assert f"<td>{task}</td><td>{p['dense']:.4g}</td><td>{p['sparse']:.4g}</td>" in html
+    r = invoke(*args[:-2], "--sparsity", 0.3, "--out", out, "--force", "--json")
+    assert r.exit_code == 0, r.output
+    assert not (out / layout.REPORT).exists() and json.loads((out / layout.SPARSIFY).read_text())["sparsity"] == 0.3
+
+
 def test_sparsify_magnitude_unstructured_human_output(model_dir):
     r = invoke("sparsify", "--model", model_dir, "--method", "magnitude", "--sparsity", 0.3, "--calib-tokens", 32,
                "--eval-tokens", 32, "--seq-len", 16, "--layers", "layers.0.mlp.down_proj,layers.1.self_attn.o_proj")
@@ -71,12 +99,15 @@ def test_sparsify_errors_are_one_clear_line(model_dir, args, message):
         assert all(f"'{name}'" in text for name in methods())  # the choices come from the registry
 
 
-def test_sparsify_expand_json_contract(model_dir):
+def test_sparsify_expand_json_contract(model_dir, tmp_path):
+    from neurospec.record import layout
+
     r = invoke("sparsify", "--model", model_dir, "--method", "sparsegpt", "--expand", "--clusters", 2,
                "--calib-tokens", 256, "--eval-tokens", 64, "--seq-len", 16, "--batch-size", 8, "--layers", "1",
-               "--json")
+               "--out", tmp_path / "ex", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
+    assert json.loads((tmp_path / "ex" / layout.SPARSIFY).read_text()) == res  # --out also with --expand
     assert {"method", "sparsity", "pattern", "layers", "perplexity", "seconds", "expansion", "expansion_error"} <= set(res)
     assert (res["method"], res["sparsity"], res["pattern"]) == ("sparsegpt", 0.5, "unstructured")
     mlp = ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]

@@ -90,11 +90,23 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_cli_json_contract_and_figures(model_dir, tmp_path):
+def test_cli_json_contract_and_figures(model_dir, tmp_path, monkeypatch):
+    import neurospec.cli.common as common
+    from neurospec.experiments.wasserstein import experiment_tokens
+
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(common, "ESTIMATE_ABOVE_S", 0.0)
+    counted = []  # every forward pass's tokens, counted at the embedding (the estimate's own pass included)
+    embed = torch.nn.Embedding.forward
+    monkeypatch.setattr(torch.nn.Embedding, "forward", lambda self, x: counted.append(x.numel()) or embed(self, x))
     r = invoke("wasserstein", "--model", model_dir, "--task", "prose", "--tokens", 128, "--seq-len", 16,
                "--batch-size", 4, "--layers", "1", "--experiment", "--patterns", "2:4", "--draws", 2,
                "--eval-tokens", 32, "--out", tmp_path / "w", "--json")
     assert r.exit_code == 0, r.output
+    want = experiment_tokens(128, 32, 16, 1, 2)
+    assert sum(counted) - 2 - 16 == want  # the estimate is exact in forward-pass tokens (2 + 16: its own passes)
+    line = next(x for x in r.stderr.splitlines() if x.startswith("wasserstein: this takes about "))
+    assert f"about {want:,} forward-pass tokens" in line and "6 sparsified models of the row experiment" in line
     res = json.loads(r.stdout)
     assert set(res["scores"]) == {"layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"}
     for s in res["scores"].values():
@@ -107,6 +119,17 @@ def test_cli_json_contract_and_figures(model_dir, tmp_path):
     assert {"magnitude", "wanda", "sparsegpt"} == set(res["methods"]["patterns"]["2:4"])
     assert (tmp_path / "w" / "w1_distribution.png").exists() and (tmp_path / "w" / "error_vs_w1.png").exists()
     assert json.loads((tmp_path / "w" / "wasserstein.json").read_text())["scores"] == res["scores"]
+    # `neurospec report` of the directory: W1 per layer, the experiment with the error scatter, the method ordering
+    r = invoke("report", tmp_path / "w")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "w" / "report.html").read_text()
+    for title in ("Wasserstein neurons: W1 per layer", "Wasserstein neurons: sparsifying the selected rows",
+                  "Sparsification methods: perplexity"):
+        assert f"<h2>{title}</h2>" in html
+    assert html.count("data:image/png;base64,") == 3  # W1 histograms, error vs W1, perplexity per method
+    ppl = res["methods"]["patterns"]["2:4"]
+    assert f"<td>2:4</td><td>{ppl['magnitude']:.4g}</td><td>{ppl['wanda']:.4g}</td>" in html
+    assert f"<td>wasserstein</td><td>{res['experiment']['wasserstein']['delta_loss']:.4g}</td>" in html
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,6 +21,7 @@ from neurospec.cli.common import (
     check_tasks,
     claim_out,
     emit,
+    estimate_forward,
     handle_errors,
     load_model_cli,
     parse_seeds,
@@ -231,6 +232,9 @@ def ablate_cmd(
 
     method_list = [m for m in methods.split(",") if m]
     tasks = _task_data(loaded, task, eval_tokens, seq_len, collect=seq_len * 16)
+    evaluations = 1 + steps * len(method_list) * len(seed_list)  # per task: the baseline, then every ablated model
+    estimate_forward("ablate", loaded, seq_len, evaluations * sum(int(d.eval.numel()) for d in tasks.values()),
+                     f"{evaluations} evaluations per task: --steps x --methods x --seeds, and the baseline")
     rows = []
     for name, data in tasks.items():
         aligned = resample is not None and resample["align"] == "position"

@@ -20,6 +20,7 @@ from neurospec.cli.common import (
     claim_out,
     emit,
     err,
+    estimate_forward,
     handle_errors,
     load_model_cli,
 )
@@ -66,6 +67,8 @@ def run_cmd(
               f"with the random-init control and the ablation reference), {b['eval_tokens']:,} evaluation tokens. "
               "Raise it with --tokens / --eval-tokens.")
     loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    estimate_forward("run", loaded, seq_len, b["record_tokens"] + b["eval_tokens"],
+                     "recording adds its statistics on top")
     with Progress() as progress:
         res = main_job(loaded, out_dir, cfg, force=force, progress=progress, command=" ".join(["neurospec", *sys.argv[1:]]),
                        log=lambda m: err.print(f"[cyan]{m}[/]"))

@@ -10,7 +10,14 @@ from rich.table import Table
 
 from neurospec.cli import options as opt
 from neurospec.cli.app import command
-from neurospec.cli.common import Steps, check_model_options, emit, handle_errors, load_model_cli
+from neurospec.cli.common import (
+    Steps,
+    check_model_options,
+    emit,
+    estimate_forward,
+    handle_errors,
+    load_model_cli,
+)
 
 out = Console()
 
@@ -105,8 +112,15 @@ def skills_cmd(
                        tuning=TuningConfig(epochs=beyond_epochs, batch_size=batch_size))
     check_model_options(device, dtype)
     loaded = load_model_cli(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    from neurospec.data.labelled import load_labelled
+
+    built = [load_labelled(t, seed=seed) for t in task]
+    tokens = sum(skills_examples(cfg, t) * _mean_tokens(loaded, t, max_tokens) for t in built)
+    estimate_forward("skills", loaded, max_tokens, int(tokens),
+                     "mostly the perturbation study: test split x (1 + --ps x --methods x (1 + --n-random)); the "
+                     "extra studies come on top")
     with Steps() as steps:
-        res = run_skills(loaded, list(task), out_dir, cfg, progress=steps)
+        res = run_skills(loaded, built, out_dir, cfg, progress=steps)
     payload = {k: res[k] for k in ("tasks", "readout", "accuracy", "predictivity", "skill_neurons", "perturbation",
                                    "similarity", "notes")}
     payload.update({k: res[k] for k in ("pruning", "pruned_model", "agreement", "beyond", "random_baseline")
@@ -136,6 +150,24 @@ def skills_cmd(
         out.print(f"written to {out_dir / SKILLS_RESULT}")
 
     emit(payload, json_, human)
+
+
+def skills_examples(cfg, task) -> int:
+    """Examples passed forward for one task (the basic pipeline, extra studies left out): the train and dev splits
+    once (predictivity), the soft prompt's training (three passes' worth per example and epoch), and the test split
+    unperturbed and for each perturbation (``ps`` x ``methods`` x (skill set + ``n_random`` random sets))."""
+    n = {name: len(task.split(name)[1]) for name in ("train", "dev", "test")}
+    soft = 3 * cfg.seeds * cfg.soft.epochs * n["train"] if cfg.prompt == "soft" else 0
+    perturbations = sum(1 for q in cfg.ps if q > 0) * len(cfg.methods) * (1 + cfg.n_random)
+    return n["train"] + n["dev"] + soft + n["test"] * (1 + perturbations)
+
+
+def _mean_tokens(loaded, task, max_tokens: int) -> float:
+    """Mean tokens of a task's texts (cut at ``max_tokens``); ``max_tokens`` for images or without a tokenizer."""
+    if not isinstance(task.items, tuple) or getattr(loaded, "tokenizer", None) is None:
+        return float(max_tokens)
+    lengths = [min(len(loaded.tokenizer(text)["input_ids"]), max_tokens) for text in task.items]
+    return sum(lengths) / max(1, len(lengths))
 
 
 def _extra_tables(res: dict) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from neurospec.cli import options as opt
 from neurospec.cli.app import command
-from neurospec.cli.common import Steps, emit, err, handle_errors
+from neurospec.cli.common import Steps, claim_out, emit, err, handle_errors
 
 out = Console()
 
@@ -48,6 +48,8 @@ def sparsify_cmd(
     batch_size: int = opt.batch_size(),
     save: Path = typer.Option(None, help="write the sparse model here (a plain Hugging Face directory; not with "
                                          "--expand)"),
+    out_dir: Path = opt.out("write the result (sparsify.json) here, for `neurospec report`", default=None),
+    force: bool = opt.force(),
     expand: bool = typer.Option(False, "--expand", help="sparse expansion (sparsegpt only): one SparseGPT copy of "
                                                         "each MLP linear per k-means cluster of its PCA-projected "
                                                         "inputs; reports plain SparseGPT beside it"),
@@ -65,11 +67,14 @@ def sparsify_cmd(
     from neurospec.data.tasks import build_task_data
     from neurospec.evaluate import evaluate_lm
     from neurospec.models.loading import load_model
+    from neurospec.record.layout import SPARSIFY, write_result_json
     from neurospec.sparsity import make_pattern, save_sparse, sparsify
 
     pat = make_pattern(sparsity, pattern)  # bad input fails before the model loads
     if expand:
         _check_expand(method, clusters, pca_div, calib_tokens, save)
+    if out_dir is not None:
+        claim_out(out_dir, "sparsify", force)
     t0 = time.perf_counter()
     loaded = load_model(model, device=device, dtype=dtype)
     calib = build_task_data(calib_task, loaded.tokenizer, seq_len=seq_len, collect_tokens=calib_tokens,
@@ -83,7 +88,7 @@ def sparsify_cmd(
     dense = {name: evaluate_lm(loaded, blocks, batch_size=batch_size)["perplexity"] for name, blocks in evals.items()}
     if expand:
         _run_expand(loaded, model, pat, calib, evals, dense, chosen, clusters, pca_div, min_cluster_tokens, seed,
-                    seq_len, batch_size, t0, json_)
+                    seq_len, batch_size, t0, json_, out_dir)
         return
     with Steps() as steps:
         res = sparsify(loaded, method, pattern=pat, calibration=calib.collect, layers=chosen, batch_size=batch_size,
@@ -100,6 +105,8 @@ def sparsify_cmd(
     if save is not None:
         result["saved"] = str(save_sparse(loaded.model, save, loaded.tokenizer))
     result["total_seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        write_result_json(out_dir / SPARSIFY, result)
     if not calib.collect_info.complete:
         err.print(f"[yellow]note[/]: task {calib.name!r} holds only {res.calibration_tokens} calibration tokens")
 
@@ -138,7 +145,7 @@ def _check_expand(method: str, clusters: int, pca_div: int, calib_tokens: int, s
 
 
 def _run_expand(loaded, model, pat, calib, evals, dense, chosen, clusters, pca_div, min_cluster_tokens, seed,
-                seq_len, batch_size, t0, json_) -> None:
+                seq_len, batch_size, t0, json_, out_dir=None) -> None:
     """Plain SparseGPT on the chosen blocks' MLP linears, then sparse expansion of the same modules, perplexity of
     both beside the dense model, and the per-neuron error and W1 comparison on the first evaluation task."""
     from neurospec.evaluate import evaluate_lm
@@ -183,6 +190,10 @@ def _run_expand(loaded, model, pat, calib, evals, dense, chosen, clusters, pca_d
     }
     result.pop("layer_details")
     result["total_seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        from neurospec.record.layout import SPARSIFY, write_result_json
+
+        write_result_json(out_dir / SPARSIFY, result)
     if not calib.collect_info.complete:
         err.print(f"[yellow]note[/]: task {calib.name!r} holds only {res.calibration_tokens} calibration tokens")
 

@@ -20,6 +20,7 @@ from neurospec.cli.common import (
     check_model_options,
     claim_out,
     emit,
+    estimate_forward,
     handle_errors,
     load_model_cli,
 )
@@ -72,13 +73,20 @@ def wasserstein_cmd(
     pattern, every pattern under ``experiment_patterns``)."""
     from neurospec.data.tasks import build_task_data
     from neurospec.experiments.wasserstein import (
+        SELECTIONS,
         error_correlation,
+        experiment_tokens,
         method_ordering,
         parse_pattern,
         row_experiment,
         wasserstein_scores,
     )
-    from neurospec.record.layout import WASSERSTEIN, write_result_json
+    from neurospec.record.layout import (
+        WASSERSTEIN,
+        WASSERSTEIN_ERROR_FIGURE,
+        WASSERSTEIN_W1_FIGURE,
+        write_result_json,
+    )
 
     check_model_options(device, dtype)
     check_int("--tokens", tokens)
@@ -94,6 +102,12 @@ def wasserstein_cmd(
     data = build_task_data(task, loaded.tokenizer, seq_len=seq_len, collect_tokens=tokens,
                            eval_tokens=eval_tokens if experiment else 0, seed=seed)
     chosen = [item.strip() for text in layers or [] for item in text.split(",") if item.strip()] or None
+    if experiment:
+        t, e = int(data.collect.numel()), int(data.eval.numel())
+        runs = len(pats) * (draws + len(SELECTIONS))  # sparsified models of the row experiment
+        estimate_forward("wasserstein", loaded, seq_len, experiment_tokens(t, e, seq_len, len(pats), draws),
+                         f"{runs} sparsified models of the row experiment and {2 * len(pats)} of the method "
+                         "ordering, each calibrated and evaluated; the SparseGPT solves come on top")
     scores = wasserstein_scores(loaded, data.collect, layers=chosen, scope="all" if all_linear else "mlp_in",
                                 batch_size=batch_size, pairs=pairs, seed=seed, normalise=normalise)
     result: dict = {
@@ -124,10 +138,10 @@ def wasserstein_cmd(
 
         out_dir.mkdir(parents=True, exist_ok=True)
         w1 = {n: s.w1.numpy() for n, s in scores.items()}
-        figs = [str(w1_distributions(w1, out_dir / "w1_distribution", fraction=top))]
+        figs = [str(w1_distributions(w1, out_dir / WASSERSTEIN_W1_FIGURE, fraction=top))]
         if corr is not None:
             err = {n: e.cpu().numpy() for n, e in corr["error"].items()}
-            figs.append(str(error_vs_w1(w1, err, out_dir / "error_vs_w1", title=f"SparseGPT {corr['pattern']}")))
+            figs.append(str(error_vs_w1(w1, err, out_dir / WASSERSTEIN_ERROR_FIGURE, title=f"SparseGPT {corr['pattern']}")))
         result["figures"] = figs
     result["total_seconds"] = time.perf_counter() - t0
     result = _finite(result)

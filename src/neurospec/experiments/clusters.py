@@ -18,7 +18,12 @@ Methods and graphs (the registry :data:`neurospec.cluster.METHODS`):
 * ``spectral`` / ``weights``: one normalised spectral clustering of all chosen MLP layers' neurons joined through the
   residual stream (:func:`neurospec.cluster.spectral.weight_graph`; plain MLPs: ``|W|`` between hidden layers). Dead
   neurons (constant on the reference run's tokens, or on the training images for zoo models) are excluded when that
-  data is available. ``shuffles`` adds the clusterability baseline: the same clustering of ``shuffles`` networks
+  data is available. ``top_k``: each neuron keeps its ``top_k`` strongest edges per neighbouring layer; unset, every
+  edge is kept while the dense graph holds at most :data:`DENSE_EDGE_LIMIT` edges (one or two pairs of 1536-wide
+  layers, every plain MLP of the zoo) and :data:`DEFAULT_TOP_K` beyond (all 30 layers of SmolLM2: 3.7 s instead of
+  81 s on 2 cores; on six layers of SmolLM2 the sparse graph's partition has the dense partition's n-cut on the
+  dense graph within 0.6%, although the two partitions differ: the modular structure is weak); ``0`` keeps every
+  edge. ``shuffles`` adds the clusterability baseline: the same clustering of ``shuffles`` networks
   whose weight matrices are permuted entry-wise (seeded), with z-score and one-sided p-value.
 * ``spectral`` / ``correlation``: spectral clustering of ``rho^2`` (Pearson) activation correlations. Language models:
   per layer, from a reference run's co-moments (co-moments are recorded per site, so correlations *between* layers
@@ -74,6 +79,18 @@ from neurospec.runtime import limited_threads
 
 StepFn = Callable[[str, int, int], None]
 CONFIG_VERSION = 1
+DENSE_EDGE_LIMIT = 5_000_000  # weight graph: above this many edges, --top-k defaults to DEFAULT_TOP_K
+DEFAULT_TOP_K = 32
+
+
+def weight_graph_top_k(top_k: int | None, widths: Sequence[int]) -> int | None:
+    """The edges kept per neuron and neighbouring layer of a weight graph over layers of ``widths``: ``top_k`` when
+    given (``0``: every edge, returned as ``None``); unset: ``None`` (every edge) while the dense graph holds at most
+    :data:`DENSE_EDGE_LIMIT` edges, else :data:`DEFAULT_TOP_K`."""
+    if top_k is not None:
+        return None if top_k == 0 else int(top_k)
+    dense = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+    return None if dense <= DENSE_EDGE_LIMIT else DEFAULT_TOP_K
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -143,8 +160,8 @@ class ClusterConfig:
             raise NeurospecError(f"experts must be >= 1, got {self.experts}")
         if self.k < 2:
             raise NeurospecError(f"k must be >= 2 clusters, got {self.k}")
-        if self.top_k is not None and (graph != "weights" or self.top_k < 1):
-            raise NeurospecError("--top-k (>= 1) applies to the weight graph only")
+        if self.top_k is not None and (graph != "weights" or self.top_k < 0):
+            raise NeurospecError("--top-k (>= 1, or 0 for every edge) applies to the weight graph only")
         if self.shuffles < 0 or (self.shuffles and graph != "weights"):
             raise NeurospecError("--shuffles (the clusterability baseline) applies to --graph weights only")
         if self.n_init < 1:
@@ -206,8 +223,10 @@ def cluster_to_dir(target: LoadedModel, cfg: ClusterConfig, out: str | Path, *, 
     labels_file = res.save(out)
     cb = res.extra.get("clusterability")
     coact = {k: res.extra[k] for k in ("coactivation", "threshold", "edges_kept") if k in res.extra}
+    top_k = {"top_k": res.extra["top_k"]} if "top_k" in res.extra else {}
     return {
         **coact,
+        **top_k,
         "method": res.method,
         "graph": res.graph,
         "labels_file": str(labels_file),
@@ -324,9 +343,10 @@ def _spectral_weights(target: LoadedModel, sites, cfg: ClusterConfig, step: Step
         raise NeurospecError(str(e)) from None
     if step:
         step("weight graph", 0, 1 + cfg.shuffles)
-    graph = chain.graph(cfg.top_k)
+    top_k = weight_graph_top_k(cfg.top_k, chain.widths)
+    graph = chain.graph(top_k)
     dead = None
-    extra: dict[str, Any] = {"dead_from": None}
+    extra: dict[str, Any] = {"dead_from": None, "top_k": top_k}
     if cfg.reference is not None:
         dead = reference_dead(reference_run(cfg.reference, target), list(graph.sites))
         extra["dead_from"] = str(Path(cfg.reference).resolve())
@@ -344,7 +364,7 @@ def _spectral_weights(target: LoadedModel, sites, cfg: ClusterConfig, step: Step
         for i, s in enumerate(shuffle_seeds(cfg.seed, cfg.shuffles)):
             if step:
                 step("shuffled weights", 1 + i, 1 + cfg.shuffles)
-            g = chain.shuffled(s).graph(cfg.top_k)
+            g = chain.shuffled(s).graph(top_k)
             lab = _spectral(g.adjacency, cfg, mask)
             null.append(ncut(g.adjacency, lab))
         arr = np.asarray(null)

@@ -157,7 +157,7 @@ def _selectivity(accs: dict[str, dict[str, Any]], names: list[str], score: str, 
     return {s: np.stack(v, axis=1) for s, v in cols.items()}
 
 
-def _image_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str]) -> _TaskData:
+def _image_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str], timing: dict) -> _TaskData:
     try:
         tasks = parse_digit_tasks(cfg.tasks) if cfg.tasks else (ALL_DIGITS, *DIGIT_TASKS)
     except ValueError as e:
@@ -178,13 +178,15 @@ def _image_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str]
             sc = score_neurons(cfg.score, {s: f.compute()}, {s: r.compute()}, task=classes[c])[s]
             sel[s].append(np.abs(sc.double().numpy()))
     corr = {s: v["corr"] for s, v in comoments_of(acts).items()}
+    t0 = time.perf_counter()
     evaluator = ImageEvaluator(target, tasks, method=cfg.ablation, offsets=offsets)
+    timing["baseline"] = time.perf_counter() - t0
     return _TaskData(evaluator, {s: np.stack(v, axis=1) for s, v in sel.items()}, classes, corr,
                      "pearson correlation over the training images")
 
 
 def _lm_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str], layers: set[int], cl: Clustering,
-             work: Path, progress: Any) -> _TaskData:
+             work: Path, progress: Any, timing: dict) -> _TaskData:
     if target.analysis_kind != "causal-lm":
         raise NeurospecError(
             f"specialization measures next-token loss: it needs a causal LM or a zoo model; {target.name} is "
@@ -216,30 +218,58 @@ def _lm_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str], l
             source = f"pearson correlation from the co-moments of {ref} (tasks {', '.join(used)})"
         elif cfg.reference is not None:
             reference_comoments(run_ref, sites)  # raises with how to record them
+    t0 = time.perf_counter()
     evaluator = LMEvaluator(loaded, {t: d.eval for t, d in tasks.items()}, layers=layers,
                             batch_size=cfg.batch_size, method=cfg.ablation, offsets=offsets)
+    timing["baseline"] = time.perf_counter() - t0  # one unablated evaluation (it also fills the prefix cache)
     return _TaskData(evaluator, sel, names, corr, source)
 
 
 # ------------------------------------------------------------------------------------------------- pipeline
 
 
+def spread_layers(cluster_dir: str | Path, n: int = 4) -> tuple[int, ...]:
+    """``n`` evenly spaced layers of a cluster directory's clustered layers, first and last included (all of them
+    when there are at most ``n``): the command line's default, since every tested unit costs ``1 + n_random``
+    evaluations."""
+    return evenly_spaced(sorted({parse_site_name(s)[0] for s in load_clustering(cluster_dir).labels}), n)
+
+
+def evenly_spaced(found: list[int], n: int) -> tuple[int, ...]:
+    """``n`` evenly spaced items of the sorted list ``found``, first and last included (all when at most ``n``)."""
+    if len(found) <= n:
+        return tuple(found)
+    picks = np.unique(np.round(np.linspace(0, len(found) - 1, n)).astype(int))
+    return tuple(found[i] for i in picks)
+
+
+def ablation_cost(units: dict[str, list[int]], n_random: int, n_layers: int) -> float:
+    """The ablations' cost in full evaluations of every task: ``1 + n_random`` per unit, each a forward pass from
+    the unit's layer on (the prefix below it is cached), so a unit in layer ``L`` costs ``(n_layers - L) / n_layers``
+    of one."""
+    n_layers = max(1, n_layers)
+    return float(sum((1 + n_random) * len(ids) * max(1, n_layers - parse_site_name(site)[0]) / n_layers
+                     for site, ids in units.items()))
+
+
 def specialization(cluster_dir: str | Path, cfg: SpecializationConfig, *, target: LoadedModel | None = None,
-                   progress: Any = None, step: Any = None, threads: int | None = 1) -> dict:
+                   progress: Any = None, step: Any = None, estimate: Any = None, threads: int | None = 1) -> dict:
     """Importance and coherence of the clusters in ``cluster_dir`` (see the module docstring).
 
     ``target``: the clustered model if already loaded (else reloaded from the directory's manifest; its fingerprint
     must match). ``progress(label, done, total)``: recording progress (tokens); ``step(label, done, total)``:
     ablations done. Cost: ``units * (1 + n_random)`` evaluations of every task's evaluation blocks.
+    ``estimate(seconds, evaluations)``: called once before the ablations with their expected time, from the time of
+    the unablated evaluation and :func:`ablation_cost`, and the number of ablations.
     ``threads``: torch, BLAS and OpenMP threads (see :func:`~neurospec.runtime.limited_threads`).
     Writes ``specialization.json`` in ``cluster_dir`` and returns it.
     """
     with limited_threads(threads):
-        return _specialization(Path(cluster_dir), cfg, target, progress, step)
+        return _specialization(Path(cluster_dir), cfg, target, progress, step, estimate)
 
 
 def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: LoadedModel | None, progress: Any,
-                    step: Any) -> dict:
+                    step: Any, estimate: Any) -> dict:
     t0 = time.perf_counter()
     cl = load_clustering(cluster_dir)
     target = target or load_model(cl.model_spec)
@@ -252,15 +282,19 @@ def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: Loaded
     sites = list(units)
     layers = {parse_site_name(s)[0] for s in sites}
     labels = {s: tested_labels(cl.labels[s], units[s]) for s in sites}
+    timing: dict[str, float] = {}
     if target.analysis_kind == "image":
-        data = _image_data(target, cfg, sites)
+        data = _image_data(target, cfg, sites, timing)
     else:
-        data = _lm_data(target, cfg, sites, layers, cl, cluster_dir / "specialization-run", progress)
+        data = _lm_data(target, cfg, sites, layers, cl, cluster_dir / "specialization-run", progress, timing)
     ev = data.evaluator
     tasks = list(ev.tasks)
 
     n_units = sum(len(v) for v in units.values())
     total = n_units * (1 + cfg.n_random)
+    if estimate is not None:
+        n_layers = len({s.layer for s in target.sites})
+        estimate(timing["baseline"] * ablation_cost(units, cfg.n_random, n_layers), total)
     cache: dict[tuple[str, bytes], dict[str, float]] = {}
 
     def damage(site: str, idx: np.ndarray) -> dict[str, float]:
@@ -273,6 +307,8 @@ def _specialization(cluster_dir: Path, cfg: SpecializationConfig, target: Loaded
 
     importance = {t: cluster_importance(labels, lambda s, i, _t=t: damage(s, i)[_t], n_random=cfg.n_random,
                                         min_size=cfg.min_size, seed=cfg.seed) for t in tasks}
+    if step is not None:
+        step("ablations", total, total)  # random sets can repeat (a unit that fills its layer): the count ends here
     coh_corr = coh_task = None
     if data.corr is not None:
         coh_corr = [x for s in sites for x in coherence_correlation(

@@ -111,6 +111,17 @@ def make_selections(model, scores: Mapping[str, ModuleScores], *, fraction: floa
     return Selections(fixed, random, counts)
 
 
+def experiment_tokens(collect: int, eval_: int, seq_len: int, patterns: int, draws: int) -> int:
+    """Forward-pass tokens of the scores plus the experiment (:func:`row_experiment`, :func:`error_correlation` and
+    :func:`method_ordering` with its three methods) on ``collect`` calibration and ``eval_`` evaluation tokens in
+    sequences of ``seq_len``: every sparsified model is calibrated (``collect + seq_len`` tokens; magnitude
+    excepted) and evaluated once."""
+    calib = collect + seq_len
+    rows = eval_ + patterns * (draws + len(SELECTIONS)) * (calib + eval_)
+    methods = eval_ + patterns * (2 * calib + 3 * eval_)
+    return collect + rows + (calib + eval_) + methods
+
+
 def random_pvalue(value: float, draws: Sequence[float]) -> float:
     """``(r + 1) / (n + 1)``: ``r`` of the ``n`` random draws have a loss increase at least ``value``."""
     if not draws:

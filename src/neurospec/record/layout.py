@@ -52,6 +52,9 @@ ALIGNMENT = "alignment.json"
 ROUTING = "routing.json"
 ZOO = ZOO_FILE  # a digits model directory's own file: the model format defines it (models/digits.py)
 WASSERSTEIN = "wasserstein.json"
+WASSERSTEIN_W1_FIGURE = "w1_distribution"  # .png and .svg, drawn by `neurospec wasserstein --out`
+WASSERSTEIN_ERROR_FIGURE = "error_vs_w1"  # .png and .svg, with --experiment
+SPARSIFY = "sparsify.json"
 SKILLS_RESULT = "skills.json"  # neurospec skills (its --out is not claimed; it holds no other command's results)
 
 # sub-directories of the main job
@@ -77,7 +80,9 @@ RESULT_FILES: dict[str, tuple[str, ...]] = {
     # the analyses of a cluster directory (specialization, align, route) derive from its labels: stale with them
     "cluster": (CLUSTERS, CLUSTER_LABELS, SPECIALIZATION, ALIGNMENT, ROUTING, REPORT, *_FIGURE_FILES),
     "zoo train": (ZOO, "model.safetensors", "config.json"),
-    "wasserstein": (WASSERSTEIN, "w1_distribution.png", "w1_distribution.svg", "error_vs_w1.png", "error_vs_w1.svg"),
+    "wasserstein": (WASSERSTEIN, f"{WASSERSTEIN_W1_FIGURE}.png", f"{WASSERSTEIN_W1_FIGURE}.svg",
+                    f"{WASSERSTEIN_ERROR_FIGURE}.png", f"{WASSERSTEIN_ERROR_FIGURE}.svg", REPORT, *_FIGURE_FILES),
+    "sparsify": (SPARSIFY, REPORT, *_FIGURE_FILES),
 }
 
 
@@ -226,12 +231,14 @@ def report_inputs(path: str | os.PathLike) -> dict[str, Any]:
 
     ``taskmap``, ``ablation``, ``main``: a path or ``None``; ``prune``: a list of prune result paths; ``clusters``:
     the cluster directories (``path`` itself when it holds :data:`CLUSTERS`, else its sub-directories that do).
+    ``wasserstein``, ``sparsify``: the result of that command at the top of ``path``, or ``None``.
     A single command's directory is read for that command's results only (all of them when it has no claim)."""
     root = Path(path)
     if layout_of(root) == MAIN_JOB:
         return {"layout": MAIN_JOB, "taskmap": root / TASKMAP_DIR / TASKMAP,
                 "prune": sorted(root.glob(f"{PRUNE_DIR}/*/{PRUNE_RESULT}")),
-                "ablation": root / ABLATION_DIR / ABLATION, "main": root / MAIN, "clusters": []}
+                "ablation": root / ABLATION_DIR / ABLATION, "main": root / MAIN, "clusters": [],
+                "wasserstein": None, "sparsify": None}
     claim = read_claim(root)
     command = None if claim is None else claim.get("command")
 
@@ -244,4 +251,6 @@ def report_inputs(path: str | os.PathLike) -> dict[str, Any]:
         clusters = sorted(d for d in root.glob("*") if d.is_dir() and (d / CLUSTERS).is_file())
     return {"layout": SINGLE, "taskmap": root / TASKMAP if mine("taskmap") else None,
             "prune": [root / PRUNE_RESULT] if mine("prune") and (root / PRUNE_RESULT).is_file() else [],
-            "ablation": root / ABLATION if mine("ablate") else None, "main": None, "clusters": clusters}
+            "ablation": root / ABLATION if mine("ablate") else None, "main": None, "clusters": clusters,
+            "wasserstein": root / WASSERSTEIN if mine("wasserstein") else None,
+            "sparsify": root / SPARSIFY if mine("sparsify") else None}

@@ -22,6 +22,7 @@ from neurospec.report.ablation import plot_ablation
 from neurospec.report.cluster_figures import cluster_sections
 from neurospec.report.parts import img, load_json, section, table
 from neurospec.report.skills_figures import skills_sections
+from neurospec.report.wasserstein_figures import sparsify_sections, wasserstein_sections
 
 
 def _taskmap_sections(tm: dict, figdir: Path) -> list[str]:
@@ -99,6 +100,11 @@ def _ablation_sections(ab: dict, figdir: Path) -> list[str]:
     )]
 
 
+def _model_name(res: dict | None) -> dict | None:
+    """The model entry of a result that names its model by the command line's alias or path only."""
+    return {"name": res["model"]} if res and isinstance(res.get("model"), str) else None
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
@@ -130,19 +136,27 @@ def build_report(run_dir: str | Path) -> Path:
         sections += _ablation_sections(ab, figdir)
     sections += cluster_sections(run_dir, figdir, dirs=inputs["clusters"])
     sections += skills_sections(run_dir, figdir)
+    ws = load_json(inputs["wasserstein"]) if inputs["wasserstein"] is not None else None
+    if ws:
+        sections += wasserstein_sections(ws, run_dir, figdir)
+    sp = load_json(inputs["sparsify"]) if inputs["sparsify"] is not None else None
+    if sp:
+        sections += sparsify_sections(sp, figdir)
     if not sections:
         raise RunStoreError(
             f"{run_dir} holds no results to report (looked for {layout.TASKMAP}, {layout.PRUNE_RESULT}, "
-            f"{layout.ABLATION}, {layout.CLUSTERS}, {layout.SKILLS_RESULT}, in the layout of `neurospec "
+            f"{layout.ABLATION}, {layout.CLUSTERS}, {layout.SKILLS_RESULT}, {layout.WASSERSTEIN}, {layout.SPARSIFY}, in "
+            f"the layout of `neurospec "
             f"{inputs['layout']}`{'' if inputs['layout'] == layout.MAIN_JOB else ' or another single command'}); "
-            "run `neurospec run`, `taskmap`, `prune`, `ablate`, `cluster` or `skills` into it first"
+            "run `neurospec run`, `taskmap`, `prune`, `ablate`, `cluster`, `skills`, `wasserstein` or `sparsify` into it "
+            "first"
         )
     main = (load_json(inputs["main"]) if inputs["main"] is not None else None) or {}
     prov = {
         "run": str(run_dir),
         "neurospec": __version__,
         "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "model": (tm or {}).get("model") or main.get("model"),
+        "model": (tm or {}).get("model") or main.get("model") or _model_name(ws or sp),
         "tasks": (tm or {}).get("task_info") or main.get("tasks"),
         "config": main.get("config") or (tm or {}).get("config"),
         "command": main.get("command"),
