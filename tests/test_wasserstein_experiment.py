@@ -143,3 +143,37 @@ def test_cli_bad_input_is_one_clear_line(model_dir, args, message):
     r = invoke("wasserstein", "--model", model_dir, "--task", "prose", "--seq-len", 16, "--tokens", 64, *args)
     assert r.exit_code == 2, r.output
     assert message in r.output
+
+
+def test_headless_encoder_is_judged_by_representation_distance(monkeypatch):
+    """An encoder without a language-model head: the row experiment and the method ordering measure the cosine
+    distance of the final hidden states to the dense model's (checked directly), not a loss it cannot compute."""
+    import neurospec.experiments.wasserstein as W
+
+    model = tiny_model("bert", head=False)
+    calib, ev = _blocks(8), _blocks(2, seed=1)
+    scores = wasserstein_scores(model, calib, layers=[1])
+    pruned = []
+    real = W.sparsify
+
+    def spy(*args, **kw):
+        res = real(*args, **kw)
+        pruned.append(res.model)
+        return res
+
+    monkeypatch.setattr(W, "sparsify", spy)
+    out = row_experiment(model, scores, calib, ev, patterns=["50%"], fraction=0.5, draws=2)
+    assert out["metric"] == "cosine_distance" and out["dense_loss"] == pytest.approx(0.0, abs=1e-6)
+
+    def distance(net):
+        with torch.no_grad():
+            a, b = model(input_ids=ev).last_hidden_state, net(input_ids=ev).last_hidden_state
+        return float((1 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)).mean())
+
+    r = out["patterns"]["50%"]
+    expected = [distance(m) for m in pruned]
+    assert r["random"]["draws"] == pytest.approx(expected[:2], rel=1e-4, abs=1e-9)
+    assert [r[s]["delta_loss"] for s in SELECTIONS] == pytest.approx(expected[2:], rel=1e-4, abs=1e-9)
+    assert min(expected) > 1e-6  # pruning moved the representation (float32 rounding is about 1e-7)
+    order = W.method_ordering(model, calib, ev, patterns=["50%"], methods=("magnitude",))
+    assert order["metric"] == "cosine_distance" and order["patterns"]["50%"]["magnitude"] > 1e-6

@@ -70,7 +70,9 @@ def wasserstein_cmd(
 ) -> None:
     """Score each output neuron by the W1 distance of its z-scored outputs to N(0,1) (JSON: ``scores``: module ->
     {mean, max, top, ...}; with --experiment, ``experiment``: selection -> {delta_loss, pvalue} at the first
-    pattern, every pattern under ``experiment_patterns``)."""
+    pattern, every pattern under ``experiment_patterns``, and ``metric``: ``loss``, or ``cosine_distance`` of the
+    final hidden states to the dense model's for an encoder without a language-model head; delta_loss is its
+    change)."""
     from neurospec.data.tasks import build_task_data
     from neurospec.experiments.wasserstein import (
         SELECTIONS,
@@ -126,6 +128,7 @@ def wasserstein_cmd(
         result["experiment"] = {sel: {"delta_loss": r["delta_loss"], "pvalue": r["pvalue"]}
                                 for sel, r in rows["patterns"][first].items()}
         result["experiment_pattern"] = first
+        result["metric"] = rows["metric"]
         result["experiment_patterns"] = rows["patterns"]
         result["experiment_counts"] = rows["counts"]
         result["dense_loss"] = rows["dense_loss"]
@@ -159,8 +162,9 @@ def wasserstein_cmd(
                       "-" if rho is None else f"{rho:.3f}")
         out.print(t)
         if "experiment" in result:
-            e = Table(title=f"SparseGPT {result['experiment_pattern']} on the selected rows: loss change")
-            for c in ("selection", "delta loss", "p (vs random)"):
+            what = "loss" if result["metric"] == "loss" else "cosine distance to the dense model"
+            e = Table(title=f"SparseGPT {result['experiment_pattern']} on the selected rows: change of the {what}")
+            for c in ("selection", f"delta {what}", "p (vs random)"):
                 e.add_column(c, justify="right")
             for sel, r in result["experiment"].items():
                 e.add_row(sel, f"{r['delta_loss']:+.5f}", "-" if r["pvalue"] is None else f"{r['pvalue']:.3f}")

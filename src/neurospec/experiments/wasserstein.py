@@ -11,12 +11,14 @@ Steps (each a function, the CLI ``neurospec wasserstein`` runs them in order):
    L2 norm of the weight row) and ``random`` (``draws`` seeded uniform draws without replacement).
 3. :func:`row_experiment`: for each selection and pattern (50% unstructured and 2:4 by default), SparseGPT prunes
    only the selected rows of the chosen modules (the sparsify driver's ``rows``), and the loss on held-out blocks is
-   compared with the dense loss. A selection's p-value against the random draws is ``(r + 1) / (n + 1)`` with ``r``
+   compared with the dense loss (for an encoder without a language-model head, MiniLM: the mean cosine distance of
+   the final hidden states to the dense model's, :func:`~neurospec.evaluate.evaluate_representation`; the results
+   name their ``metric``). A selection's p-value against the random draws is ``(r + 1) / (n + 1)`` with ``r``
    the number of the ``n`` draws whose loss increase is at least the selection's (one-sided: "hurts more").
 4. :func:`error_correlation`: every row of the chosen modules pruned (SparseGPT), the per-neuron relative output
    error on held-out blocks (:func:`~neurospec.sparsity.error.neuron_output_error`) and its Spearman correlation
    with W1, per module and pooled.
-5. :func:`method_ordering`: dense perplexity beside magnitude, Wanda and SparseGPT over every linear module of the
+5. :func:`method_ordering`: dense perplexity (head-less encoders: cosine distance to the dense model) beside magnitude, Wanda and SparseGPT over every linear module of the
    blocks at each pattern (the published ordering: SparseGPT and Wanda far below magnitude).
 """
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from neurospec.errors import NeurospecError
-from neurospec.evaluate.metrics import evaluate_lm
+from neurospec.evaluate.metrics import evaluate_lm, evaluate_representation, has_lm_head, reference_states
 from neurospec.models.linear import weight_out_in
 from neurospec.models.loading import LoadedModel
 from neurospec.sparsity.driver import LinearRef, sparsify
@@ -130,16 +132,31 @@ def random_pvalue(value: float, draws: Sequence[float]) -> float:
     return (r + 1) / (len(draws) + 1)
 
 
-def _loss(model, blocks: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    res = evaluate_lm(model, blocks, batch_size=batch_size)
-    return float(res["loss"]), float(res["perplexity"])
+class _Judge:
+    """The damage measure of a sparsified model on held-out ``blocks``: ``(loss, perplexity)`` of a language model,
+    or, for an encoder without a language-model head, ``(d, d)`` with ``d`` the mean cosine distance of its final
+    hidden states to the dense model's (taken once, here)."""
+
+    def __init__(self, model, blocks: torch.Tensor, batch_size: int) -> None:
+        self.blocks, self.batch_size = blocks, batch_size
+        self.lm = has_lm_head(_net(model))
+        self.metric = "loss" if self.lm else "cosine_distance"
+        self.reference = None if self.lm else reference_states(_net(model), blocks, batch_size=batch_size)
+
+    def __call__(self, model) -> tuple[float, float]:
+        if self.lm:
+            res = evaluate_lm(model, self.blocks, batch_size=self.batch_size)
+            return float(res["loss"]), float(res["perplexity"])
+        d = float(evaluate_representation(_net(model), self.blocks, self.reference,
+                                          batch_size=self.batch_size)["cosine_distance"])
+        return d, d
 
 
 def _pruned_loss(loaded, refs: Mapping[str, LinearRef], rows: Mapping[str, torch.Tensor], pattern: SparsityPattern,
-                 calibration: torch.Tensor, eval_blocks: torch.Tensor, batch_size: int, method: str) -> float:
+                 calibration: torch.Tensor, judge: _Judge, batch_size: int, method: str) -> float:
     res = sparsify(_net(loaded), method, pattern=pattern, calibration=calibration, layers=list(refs), rows=rows,
                    batch_size=batch_size)
-    return _loss(_with_model(loaded, res.model), eval_blocks, batch_size)[0]
+    return judge(_with_model(loaded, res.model))[0]
 
 
 def row_experiment(model, scores: Mapping[str, ModuleScores], calibration: torch.Tensor, eval_blocks: torch.Tensor, *,
@@ -147,21 +164,25 @@ def row_experiment(model, scores: Mapping[str, ModuleScores], calibration: torch
                    draws: int = 10, seed: int = 0, batch_size: int = 8, method: str = "sparsegpt") -> dict:
     """Loss increase of pruning each selection's rows, per pattern, with p-values against the random draws.
 
-    Returns ``{"dense_loss", "counts": {module: k}, "patterns": {key: {selection: {"delta_loss", "pvalue"}, "random":
-    {"delta_loss" (mean), "draws": [...]}}}}``; ``pvalue`` is None for the random selection itself."""
+    Returns ``{"metric", "dense_loss", "counts": {module: k}, "patterns": {key: {selection: {"delta_loss", "pvalue"},
+    "random": {"delta_loss" (mean), "draws": [...]}}}}``; ``pvalue`` is None for the random selection itself.
+    ``metric`` is ``loss`` (language models) or ``cosine_distance`` (encoders without a language-model head; the
+    dense model's is 0), see :class:`_Judge`."""
     if draws < 1:
         raise NeurospecError(f"the random baseline needs at least 1 draw (10 or more advised), got {draws}")
     refs = choose_linears(_net(model), list(scores), scope="all")
     sel = make_selections(model, scores, fraction=fraction, draws=draws, seed=seed)
-    dense, _ = _loss(model, eval_blocks, batch_size)
-    out: dict = {"dense_loss": dense, "counts": sel.counts, "fraction": fraction, "draws": draws, "patterns": {}}
+    judge = _Judge(model, eval_blocks, batch_size)
+    dense, _ = judge(model)
+    out: dict = {"metric": judge.metric, "dense_loss": dense, "counts": sel.counts, "fraction": fraction,
+                 "draws": draws, "patterns": {}}
     for p in patterns:
         pat = parse_pattern(p)
-        rnd = [_pruned_loss(model, refs, rows, pat, calibration, eval_blocks, batch_size, method) - dense
+        rnd = [_pruned_loss(model, refs, rows, pat, calibration, judge, batch_size, method) - dense
                for rows in sel.random]
         res = {}
         for name, rows in sel.fixed.items():
-            delta = _pruned_loss(model, refs, rows, pat, calibration, eval_blocks, batch_size, method) - dense
+            delta = _pruned_loss(model, refs, rows, pat, calibration, judge, batch_size, method) - dense
             res[name] = {"delta_loss": delta, "pvalue": random_pvalue(delta, rnd)}
         res["random"] = {"delta_loss": sum(rnd) / len(rnd), "pvalue": None, "draws": rnd}
         out["patterns"][pattern_key(pat)] = res
@@ -186,15 +207,17 @@ def method_ordering(model, calibration: torch.Tensor, eval_blocks: torch.Tensor,
                     patterns: Sequence[str | SparsityPattern] = DEFAULT_PATTERNS,
                     methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"), batch_size: int = 8) -> dict:
     """Perplexity of the dense model and of each method over every linear module of the blocks, per pattern:
-    ``{"dense": ppl, "patterns": {key: {method: ppl}}}``."""
-    _, dense = _loss(model, eval_blocks, batch_size)
-    out: dict = {"dense": dense, "patterns": {}}
+    ``{"metric": "perplexity", "dense": ppl, "patterns": {key: {method: ppl}}}``; for an encoder without a
+    language-model head the cosine distance to the dense model instead (``metric``: ``cosine_distance``)."""
+    judge = _Judge(model, eval_blocks, batch_size)
+    _, dense = judge(model)
+    out: dict = {"metric": "perplexity" if judge.lm else "cosine_distance", "dense": dense, "patterns": {}}
     for p in patterns:
         pat = parse_pattern(p)
         row = {}
         for m in methods:
             res = sparsify(_net(model), m, pattern=pat, calibration=calibration, batch_size=batch_size)
-            row[m] = _loss(_with_model(model, res.model), eval_blocks, batch_size)[1]
+            row[m] = judge(_with_model(model, res.model))[1]
         out["patterns"][pattern_key(pat)] = row
     return out
 

@@ -109,23 +109,26 @@ def wasserstein_sections(res: dict, run_dir: Path, figdir: Path) -> list[str]:
         prow = [[sel, *[_num(pats[p][sel]["delta_loss"]) if sel in pats[p] else "-" for p in pats],
                  *["-" if pats[p].get(sel, {}).get("pvalue") is None else float(pats[p][sel]["pvalue"])
                    for p in pats]] for sel in sels]
+        measure = ("cosine distance of the final hidden states to the dense model's" if
+                   res.get("metric") == "cosine_distance" else f"loss (dense {_num(res.get('dense_loss')):.4g})")
         out.append(section(
             "Wasserstein neurons: sparsifying the selected rows",
-            "SparseGPT on the selected output rows of every scored module only; loss change on held-out tokens "
-            f"(dense loss {_num(res.get('dense_loss')):.4g}) and the p-value against random selections of the same "
-            "size. The scatter shows each neuron's relative output error after pruning against its W1.",
+            f"SparseGPT on the selected output rows of every scored module only; change of the {measure} on "
+            "held-out tokens and the p-value against random selections of the same size. The scatter shows each "
+            "neuron's relative output error after pruning against its W1.",
             body + table(["selection", *[f"delta loss {p}" for p in pats], *[f"p {p}" for p in pats]], prow)))
     methods = res.get("methods")
     if methods:
+        what = "cosine distance to the dense model" if methods.get("metric") == "cosine_distance" else "perplexity"
         png = perplexity_bars(methods["patterns"], figdir / "wasserstein_methods", dense=_num(methods["dense"]),
-                              title="perplexity per method and sparsity (every linear module of the blocks)")
+                              title=f"{what} per method and sparsity (every linear module of the blocks)")
         mnames = list(dict.fromkeys(m for v in methods["patterns"].values() for m in v))
         rows = [[p, *[_num(v.get(m)) for m in mnames]] for p, v in methods["patterns"].items()]
         out.append(section(
-            "Sparsification methods: perplexity",
-            f"Perplexity on {res['task']}'s held-out tokens after each method prunes every linear module of the "
-            f"blocks, per pattern (dashed: dense, {_num(methods['dense']):.4g}). Lower is better.",
-            img(png, "perplexity per method") + table(["pattern", *mnames], rows)))
+            f"Sparsification methods: {what}",
+            f"{what.capitalize()} on {res['task']}'s held-out tokens after each method prunes every linear module "
+            f"of the blocks, per pattern (dashed: dense, {_num(methods['dense']):.4g}). Lower is better.",
+            img(png, f"{what} per method") + table(["pattern", *mnames], rows)))
     return out
 
 
