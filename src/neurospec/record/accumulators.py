@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from neurospec.errors import NeurospecError
+from neurospec.record import kernels
 from neurospec.record.base import (
     Accumulator,
     accumulator_class,
@@ -76,6 +77,12 @@ def _raise_to(grid: Grid, level: Tensor, bins: int) -> Grid:
     return fit_grid(moved, none, -none, bins)
 
 
+def _shift_of(x: Tensor) -> Tensor:
+    """The per-batch shift ``[width]`` (x's dtype): the mean of about ``_SHIFT_ROWS`` evenly spaced rows of ``x``."""
+    sample = x[:: max(1, x.shape[0] // _SHIFT_ROWS)]
+    return sample.sum(0) / sample.shape[0]
+
+
 def _fast_partials(x: Tensor) -> Tensor:
     """Per-neuron partial results ``[8, width]`` (x's dtype and device) of a batch ``x`` ``[tokens, width]``.
 
@@ -84,10 +91,10 @@ def _fast_partials(x: Tensor) -> Tensor:
     mean to keep the variance accurate for neurons whose mean is large compared with their spread. The result
     depends on this batch only, so merged partial states equal sequential ones exactly. Any non-finite input
     makes some partial non-finite, so one cheap check of this small result detects it. Cost: 5 elementwise
-    passes, 5 sums, min and max over ``x``, in one reused scratch buffer.
+    passes, 5 sums, min and max over ``x``, in one reused scratch buffer. (CPU batches use
+    :func:`neurospec.record.kernels.moments` instead: the same partials, in float64, in one pass.)
     """
-    sample = x[:: max(1, x.shape[0] // _SHIFT_ROWS)]
-    shift = sample.sum(0) / sample.shape[0]
+    shift = _shift_of(x)
     w = scratch("work", tuple(x.shape), x.dtype, x.device)
     torch.sub(x, shift, out=w)
     sum_c = w.sum(0)
@@ -269,19 +276,27 @@ class NeuronStats(Accumulator):
         x = as_rows(x, self.width, "NeuronStats")
         if x.shape[0] == 0:
             return
-        part = _fast_partials(x).to("cpu", torch.float64)
+        sampled = None  # (min, max) over the rows the histogram sees, when already known
+        if kernels.usable(x):  # one fused pass on the CPU (float64 partials)
+            shift = _shift_of(x).double()
+            part = kernels.moments(x, shift, self.hist_sample_every)
+            sampled = (part[kernels.MOMENT_ROWS - 2], part[kernels.MOMENT_ROWS - 1])
+        else:
+            part = _fast_partials(x).to("cpu", torch.float64)
+            shift = part[_SHIFT]
         keep = None
         if bool(torch.isfinite(part).all()):
-            self._add_fast(part, x.shape[0])
+            self._add_fast(part, shift, x.shape[0])
             batch_min, batch_max = part[_MIN], part[_MAX]
         else:
             keep = torch.isfinite(x)
             batch_min, batch_max = self._add_exact(_masked_partials(x, keep))
-        self._add_histogram(x, keep, batch_min, batch_max)
+            sampled = None
+        self._add_histogram(x, keep, batch_min, batch_max, sampled)
 
-    def _add_fast(self, part: Tensor, n: int) -> None:
+    def _add_fast(self, part: Tensor, shift: Tensor, n: int) -> None:
         s = self._state
-        shift, sum_c = part[_SHIFT], part[_SUM_C]
+        sum_c = part[_SUM_C]
         batch_sum = n * shift + sum_c
         s["sum"] += batch_sum
         s["sum_sq"] += part[_SUM_SQ_C] + 2.0 * shift * sum_c + n * shift * shift
@@ -310,17 +325,27 @@ class NeuronStats(Accumulator):
                 torch.maximum(s[name], value, out=s[name])
         return moved[names.index("min")], moved[names.index("max")]
 
-    def _add_histogram(self, x: Tensor, keep: Tensor | None, batch_min: Tensor, batch_max: Tensor) -> None:
-        """Widen the grid to the extremes of the rows the histogram sees, then bin those rows."""
+    def _add_histogram(
+        self,
+        x: Tensor,
+        keep: Tensor | None,
+        batch_min: Tensor,
+        batch_max: Tensor,
+        sampled: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Widen the grid to the extremes of the rows the histogram sees (``sampled``, when known), then bin those
+        rows."""
         k = self.hist_sample_every
-        if k > 1:
-            x = x[::k]
-            keep = None if keep is None else keep[::k]
+        if k > 1 and sampled is not None:
+            batch_min, batch_max = sampled
+        elif k > 1:
+            xs = x[::k]
             if keep is None:
-                batch_min, batch_max = x.amin(0), x.amax(0)
+                batch_min, batch_max = xs.amin(0), xs.amax(0)
             else:
-                batch_min = torch.where(keep, x, math.inf).amin(0)
-                batch_max = torch.where(keep, x, -math.inf).amax(0)
+                ks = keep[::k]
+                batch_min = torch.where(ks, xs, math.inf).amin(0)
+                batch_max = torch.where(ks, xs, -math.inf).amax(0)
             both = torch.stack([batch_min, batch_max]).to("cpu", torch.float64)  # one transfer
             batch_min, batch_max = both[0], both[1]
         old = self.grid()
@@ -335,8 +360,7 @@ class NeuronStats(Accumulator):
         self._grid = new
         if self._binner is None:
             self._binner = Binner(new, self.hist_bins)
-        counts = self._binner.counts(x, keep)
-        s["hist"].view(-1).add_(counts.to("cpu"))
+        self._binner.add_to(s["hist"].view(-1), x, keep, k)
 
     # --------------------------------------------------------------------------------------------- merge
     @classmethod
