@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neurospec.record import kernels
-from neurospec.record.accumulators import NeuronStats, _fast_partials, _shift_of
+from neurospec.record.accumulators import NeuronStats, _fast_partials
 from neurospec.record.histogram import MIN_LEVEL, Binner, Grid, fit_grid
 
 pytestmark = pytest.mark.skipif(not kernels.usable(torch.zeros(1, 1)), reason="numba is not available")
@@ -143,9 +143,10 @@ def test_binner_counts_uses_the_kernel_and_falls_back(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ moments
-def reference_moments(x: torch.Tensor, shift: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+def reference_moments(x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
     d = x.double()
-    c = d - shift.double()
+    shift = d[:: max(1, x.shape[0] // 64)].mean(0)
+    c = d - shift
     return {
         "sum_c": c.sum(0),
         "sum_sq_c": (c * c).sum(0),
@@ -154,6 +155,7 @@ def reference_moments(x: torch.Tensor, shift: torch.Tensor, step: int) -> dict[s
         "pos": (d > 0).sum(0).double(),
         "min": d.amin(0),
         "max": d.amax(0),
+        "shift": shift,
         "smin": d[::step].amin(0),
         "smax": d[::step].amax(0),
     }
@@ -163,16 +165,17 @@ def reference_moments(x: torch.Tensor, shift: torch.Tensor, step: int) -> dict[s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_moments_kernel_against_float64_reference(name, dtype, threads):
     x = adversarial_cases()[name][1].to(dtype)
-    shift = _shift_of(x).double()
     step = 3
-    got = kernels.moments(x, shift, step)
-    ref = reference_moments(x, shift, step)
+    got = kernels.moments(x, step)
+    ref = reference_moments(x, step)
     assert got.shape == (kernels.MOMENT_ROWS, x.shape[1]) and got.dtype == torch.float64
     sqrt_tol = 1e-6 if dtype == torch.float32 else 1e-13  # sqrt taken in x's dtype
     scale = x.double().abs().sum(0) + 1e-300
     for row, key in enumerate(ref):
         if key in ("min", "max", "smin", "smax", "pos"):
             assert torch.equal(got[row], ref[key]), key
+        elif key == "shift":
+            torch.testing.assert_close(got[row], ref[key], rtol=1e-15, atol=0.0)
         elif key == "sum_sqrt":
             torch.testing.assert_close(got[row], ref[key], rtol=sqrt_tol, atol=0.0)
         elif key == "sum_sq_c":
@@ -181,7 +184,10 @@ def test_moments_kernel_against_float64_reference(name, dtype, threads):
             assert bool(((got[row] - ref[key]).abs() <= 1e-12 * scale).all()), key
     # the torch path's partials (in x's dtype) agree to its own rounding
     fast = _fast_partials(x).double()
-    torch.testing.assert_close(got[:7], fast[:7], rtol=1e-4, atol=1e-4 * float(scale.max()) / x.shape[0])
+    torch.testing.assert_close(got[2:7], fast[2:7], rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(got[7], fast[7], rtol=1e-5, atol=1e-5 * float(got[2].max()) / x.shape[0])
+    sums = fast[1] + 2 * (fast[7] - got[7]) * fast[0] + x.shape[0] * (fast[7] - got[7]) ** 2  # to the kernel's shift
+    torch.testing.assert_close(got[1], sums, rtol=1e-4, atol=1e-4 * float(got[1].max()))
 
 
 def test_moments_kernel_flags_non_finite_input():
@@ -189,7 +195,7 @@ def test_moments_kernel_flags_non_finite_input():
     for value in (math.nan, math.inf, -math.inf):
         bad = x.clone()
         bad[17, 2] = value  # not a row of the shift's sample
-        got = kernels.moments(bad, _shift_of(bad).double(), 1)
+        got = kernels.moments(bad, 1)
         assert not bool(torch.isfinite(got).all())
         assert bool(torch.isfinite(got[:, [0, 1, 3, 4]]).all())  # only that neuron
 

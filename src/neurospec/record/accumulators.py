@@ -63,7 +63,7 @@ _LEGACY_META = ("calib_margin",)  # written by earlier versions, no longer used
 
 # Rows of the per-batch partials computed by _fast_partials.
 _SUM_C, _SUM_SQ_C, _SUM_ABS, _SUM_SQRT, _POS_COUNT, _MIN, _MAX, _SHIFT = range(8)
-_SHIFT_ROWS = 64  # rows averaged for the per-batch shift
+_SHIFT_ROWS = kernels.SHIFT_ROWS  # rows averaged for the per-batch shift
 
 
 def _raise_to(grid: Grid, level: Tensor, bins: int) -> Grid:
@@ -77,12 +77,6 @@ def _raise_to(grid: Grid, level: Tensor, bins: int) -> Grid:
     return fit_grid(moved, none, -none, bins)
 
 
-def _shift_of(x: Tensor) -> Tensor:
-    """The per-batch shift ``[width]`` (x's dtype): the mean of about ``_SHIFT_ROWS`` evenly spaced rows of ``x``."""
-    sample = x[:: max(1, x.shape[0] // _SHIFT_ROWS)]
-    return sample.sum(0) / sample.shape[0]
-
-
 def _fast_partials(x: Tensor) -> Tensor:
     """Per-neuron partial results ``[8, width]`` (x's dtype and device) of a batch ``x`` ``[tokens, width]``.
 
@@ -94,7 +88,8 @@ def _fast_partials(x: Tensor) -> Tensor:
     passes, 5 sums, min and max over ``x``, in one reused scratch buffer. (CPU batches use
     :func:`neurospec.record.kernels.moments` instead: the same partials, in float64, in one pass.)
     """
-    shift = _shift_of(x)
+    sample = x[:: max(1, x.shape[0] // _SHIFT_ROWS)]
+    shift = sample.sum(0) / sample.shape[0]
     w = scratch("work", tuple(x.shape), x.dtype, x.device)
     torch.sub(x, shift, out=w)
     sum_c = w.sum(0)
@@ -278,15 +273,13 @@ class NeuronStats(Accumulator):
             return
         sampled = None  # (min, max) over the rows the histogram sees, when already known
         if kernels.usable(x):  # one fused pass on the CPU (float64 partials)
-            shift = _shift_of(x).double()
-            part = kernels.moments(x, shift, self.hist_sample_every)
-            sampled = (part[kernels.MOMENT_ROWS - 2], part[kernels.MOMENT_ROWS - 1])
+            part = kernels.moments(x, self.hist_sample_every)
+            sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
         else:
             part = _fast_partials(x).to("cpu", torch.float64)
-            shift = part[_SHIFT]
         keep = None
         if bool(torch.isfinite(part).all()):
-            self._add_fast(part, shift, x.shape[0])
+            self._add_fast(part, x.shape[0])
             batch_min, batch_max = part[_MIN], part[_MAX]
         else:
             keep = torch.isfinite(x)
@@ -294,9 +287,9 @@ class NeuronStats(Accumulator):
             sampled = None
         self._add_histogram(x, keep, batch_min, batch_max, sampled)
 
-    def _add_fast(self, part: Tensor, shift: Tensor, n: int) -> None:
+    def _add_fast(self, part: Tensor, n: int) -> None:
         s = self._state
-        sum_c = part[_SUM_C]
+        shift, sum_c = part[_SHIFT], part[_SUM_C]
         batch_sum = n * shift + sum_c
         s["sum"] += batch_sum
         s["sum_sq"] += part[_SUM_SQ_C] + 2.0 * shift * sum_c + n * shift * shift

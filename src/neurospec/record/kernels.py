@@ -41,9 +41,14 @@ from torch import Tensor
 ENABLED = os.environ.get("NEUROSPEC_NO_KERNELS", "") not in ("1", "true", "yes")
 """False: always use the torch code (``NEUROSPEC_NO_KERNELS=1``)."""
 
-MOMENT_ROWS = 9
+MOMENT_ROWS = 10
 """Rows of :func:`moments`' result: sum(x - shift), sum (x - shift)^2, sum |x|, sum sqrt|x|, count x > 0, min, max,
-min and max over the rows ``0, step, 2 * step, ...``."""
+the shift, and min and max over the rows ``0, step, 2 * step, ...`` (the first eight as in
+``accumulators._fast_partials``)."""
+SHIFT_ROWS = 64
+"""The shift of a neuron is the mean of its values in rows ``0, s, 2 * s, ...`` with ``s = max(1, tokens //
+SHIFT_ROWS)``: close to the batch's mean, so that the sums of ``x - shift`` stay accurate for neurons whose mean
+is large compared with their spread."""
 
 _BLOCK = 256  # columns per block (its partial sums stay in the L1 cache, its histogram counts in the L2 cache)
 _MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
@@ -66,8 +71,10 @@ def _compile() -> dict[str, Any]:
     njit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @njit
-    def moments_kernel(x, shift, step, j_start, j_stop, out):  # pragma: no cover - compiled
+    def moments_kernel(x, shift_rows, step, j_start, j_stop, out):  # pragma: no cover - compiled
         n = x.shape[0]
+        every = max(1, n // shift_rows)
+        taken = (n - 1) // every + 1
         for j0 in range(j_start, j_stop, _BLOCK):
             j1 = min(j0 + _BLOCK, j_stop)
             m = j1 - j0
@@ -80,7 +87,12 @@ def _compile() -> dict[str, Any]:
             mx = np.full(m, -np.inf)
             smn = np.full(m, np.inf)
             smx = np.full(m, -np.inf)
-            c = shift[j0:j1]
+            c = np.zeros(m)
+            for i in range(0, n, every):
+                row = x[i, j0:j1]
+                for k in range(m):
+                    c[k] += np.float64(row[k])
+            c /= taken
             for i in range(n):
                 row = x[i, j0:j1]
                 for k in range(m):
@@ -108,8 +120,9 @@ def _compile() -> dict[str, Any]:
             out[4, j0:j1] = pc
             out[5, j0:j1] = mn
             out[6, j0:j1] = mx
-            out[7, j0:j1] = smn
-            out[8, j0:j1] = smx
+            out[7, j0:j1] = c
+            out[8, j0:j1] = smn
+            out[9, j0:j1] = smx
 
     @njit
     def hist_kernel(x, keep, use_keep, scale, shift, bins, step, j_start, j_stop, counts):  # pragma: no cover
@@ -175,13 +188,12 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
             f.result()
 
 
-def moments(x: Tensor, shift: Tensor, step: int = 1) -> Tensor:
+def moments(x: Tensor, step: int = 1) -> Tensor:
     """Float64 ``[MOMENT_ROWS, width]`` partial results of a CPU batch ``x`` ``[tokens, width]`` (see
-    :data:`MOMENT_ROWS`); ``shift`` ``[width]`` is subtracted before the first two sums."""
+    :data:`MOMENT_ROWS` and :data:`SHIFT_ROWS`)."""
     x = x.contiguous()
     out = torch.empty(MOMENT_ROWS, x.shape[1], dtype=torch.float64)
-    c = shift.to(torch.float64).contiguous()
-    _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), c.numpy(), int(step), out.numpy())
+    _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), SHIFT_ROWS, int(step), out.numpy())
     return out
 
 
