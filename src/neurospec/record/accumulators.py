@@ -8,9 +8,11 @@ All of it merges exactly across batches, processes and runs (see :mod:`neurospec
 This module also re-exports the other accumulators and the histogram readers, so that
 ``from neurospec.record.accumulators import NeuronStats, Reservoir, CoMoments, peak, quantiles`` works.
 
-Where the state lives: always on the CPU, in float64 (sums) and int64 (counts). The per-batch work runs on the
-activation's device in float32 (float64 for float64 input) and its results travel to the CPU once per batch: one
-``[8, width]`` tensor of partial sums and one ``[width * (bins + 2)]`` histogram increment.
+Where the state lives: always on the CPU, in float64 (sums) and int64 (counts). On the CPU the per-batch work is
+two fused kernels (:mod:`neurospec.record.kernels`: one pass each, float64 partial sums, histogram counts added in
+place). On other devices (or with ``NEUROSPEC_NO_KERNELS=1``) it runs in torch on the activation's device in
+float32 (float64 for float64 input) and its results travel to the CPU once per batch: one ``[8, width]`` tensor of
+partial sums and one ``[width * (bins + 2)]`` histogram increment.
 
 Dimensions: ``tokens`` rows of a batch (every position of every sequence), ``width`` neurons of the site,
 ``bins`` regular histogram bins.
@@ -149,15 +151,17 @@ class NeuronStats(Accumulator):
     use every row). Saved files of earlier versions (whose histograms had edges fixed from the first batch) may
     carry a ``calib_margin`` in their metadata; :meth:`from_state_dict` ignores it.
 
-    Precision: each batch's partial sums are computed in float32 (float64 for float64 input), those of moments
+    Precision: each batch's partial sums are computed in float64 on the CPU (by the kernels) and in float32
+    (float64 for float64 input) by the torch path, those of moments
     after subtracting a shift near the batch's mean, then added into float64 state:
     relative error about 1e-7 per batch (the variance relative to itself, also for neurons whose mean is much
     larger than their spread), none from accumulation. ``pos_sum`` and ``neg_sum`` come from the batch's sum and
     sum of |x| (exact for neurons of one sign in the batch, else accurate to about 1e-7 of ``sum_abs``).
 
     Cost (2 CPU threads, ``[2048, 1536]`` float32): a few milliseconds per update; see
-    ``benchmarks/accumulator_micro.py``. Memory: ``width * (hist_bins + 2)`` int64 of state, plus one batch-sized
-    scratch buffer that all accumulators of a thread share on the CPU.
+    ``benchmarks/accumulator_micro.py``. Memory: ``width * (hist_bins + 2)`` int64 of state; the torch path
+    (accelerators, or CPU without the kernels) also needs one batch-sized scratch buffer that all accumulators of
+    a thread share on the CPU.
 
     Saved state (``state_dict()``): ``count, nonfinite, pos_count`` int64 ``[width]``; ``sum, sum_sq, sum_abs,
     sum_sqrt_abs, pos_sum, neg_sum, min, max, hist_lo, hist_hi`` float64 ``[width]`` (the window of the regular
