@@ -211,6 +211,8 @@ def batches(seed: int) -> list[torch.Tensor]:
         x[:, 1] = x[:, 1].clamp(min=0)  # a ReLU-like neuron with exact zeros
         out.append(x)
     out[2][5, 3], out[2][9, 4] = math.nan, math.inf
+    out[3] = out[3].T.contiguous().T  # a strided view (column-major)
+    assert not out[3].is_contiguous()
     return out
 
 

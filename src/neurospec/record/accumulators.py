@@ -277,6 +277,7 @@ class NeuronStats(Accumulator):
             return
         sampled = None  # (min, max) over the rows the histogram sees, when already known
         if kernels.usable(x):  # one fused pass on the CPU (float64 partials)
+            x = x.contiguous()  # (a copy only for a strided view; both kernels then read it in place)
             part = kernels.moments(x, self.hist_sample_every)
             sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
         else:
