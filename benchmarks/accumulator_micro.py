@@ -89,6 +89,10 @@ def kernel_vs_torch(tokens: int, width: int, repeats: int) -> dict[str, object]:
     binner = fast._binner
     assert binner is not None
     hist = fast._state["hist"].view(-1)
+    res_fast, res_slow = Reservoir(width, 1024, seed=0), Reservoir(width, 1024, seed=0)
+    for _ in range(8):
+        res_fast.update(x)
+        res_slow.update(x)
     return {
         "shape": [tokens, width],
         "update": interleaved({"kernel": with_kernels(True, lambda: fast.update(x)),
@@ -97,6 +101,9 @@ def kernel_vs_torch(tokens: int, width: int, repeats: int) -> dict[str, object]:
                                 "torch": lambda: _fast_partials(x).to("cpu", torch.float64)}, repeats),
         "histogram": interleaved({"kernel": lambda: binner.add_to(hist, x),
                                   "torch": lambda: hist.add_(binner.counts_torch(x))}, repeats),
+        # a full reservoir (k = 1024) after 8 batches: each update replaces the rows whose keys are beaten
+        "reservoir_k1024": interleaved({"kernel": with_kernels(True, lambda: res_fast.update(x)),
+                                        "torch": with_kernels(False, lambda: res_slow.update(x))}, repeats),
     }
 
 

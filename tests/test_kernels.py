@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neurospec.record import kernels
-from neurospec.record.accumulators import NeuronStats, _fast_partials
+from neurospec.record.accumulators import NeuronStats, Reservoir, _fast_partials
 from neurospec.record.histogram import MIN_LEVEL, Binner, Grid, fit_grid
 
 pytestmark = pytest.mark.skipif(not kernels.usable(torch.zeros(1, 1)), reason="numba is not available")
@@ -286,3 +286,33 @@ def test_minimum_level_constant_is_finest():
     fit, _ = adversarial_cases()["constant_finest_level"]
     b = binner_for(fit)
     assert int(-b._scale64.log2().max()) == MIN_LEVEL
+
+
+# ---------------------------------------------------------------------------------------------- reservoir
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_reservoir_moves_rows_in_place_like_the_torch_path(monkeypatch, k):
+    """Batches before and after the sample is full, larger and smaller than k: the same state bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    data = [torch.randn(n, 5, generator=g) for n in (3, 50, 1, 130, 40, 40, 200, 2)]
+
+    def feed() -> dict[str, torch.Tensor]:
+        r = Reservoir(5, k, seed=3)
+        for x in data:
+            r.update(x)
+        return r.state_dict()
+
+    calls = []
+    real = kernels.move_rows
+    monkeypatch.setattr(kernels, "move_rows", lambda *a: calls.append(1) or real(*a))
+    fast = feed()
+    assert calls
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    slow = feed()
+    for key in slow:
+        assert torch.equal(fast[key], slow[key]), key
+    assert int(fast["filled"]) == k and bool((fast["keys"].diff() > 0).all())
+
+
+def test_move_rows_rejects_other_buffers():
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.move_rows(torch.zeros(3, 2, dtype=torch.float64), torch.arange(3), 3, torch.zeros(0, 2))

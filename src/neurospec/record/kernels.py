@@ -10,7 +10,10 @@ CPU):
 - :func:`histogram_add`: each entry's histogram slot, exactly as :meth:`~neurospec.record.histogram.Binner.counts_torch`
   computes it, added in place to the int64 counts (the accumulator's state), optionally only where ``keep``.
 
-They replace about a dozen torch passes over the batch, a batch-sized scratch buffer and a single-threaded
+A third, :func:`move_rows`, serves :class:`~neurospec.record.reservoir.Reservoir`: it merges the rows that beat
+the sample's keys into the key-sorted sample in place, writing only the rows that move.
+
+The first two replace about a dozen torch passes over the batch, a batch-sized scratch buffer and a single-threaded
 ``bincount``. The torch code stays the reference: it runs for tensors on other devices, when numba cannot be
 imported, and when the environment variable ``NEUROSPEC_NO_KERNELS=1`` is set (read at import; tests flip
 :data:`ENABLED`). Results agree with the torch path: histogram counts exactly, sums to float rounding (more
@@ -155,7 +158,17 @@ def _compile() -> dict[str, Any]:
                     for k in range(m):
                         counts[slot[k]] += 1
 
-    _jit = {"moments": moments_kernel, "hist": hist_kernel}
+    @njit
+    def move_rows_kernel(values, order, filled, rows, first):  # pragma: no cover - compiled
+        # Descending positions: an old row only moves to a later position, so its source is still intact.
+        for p in range(order.shape[0] - 1, first - 1, -1):
+            src = order[p]
+            if src >= filled:
+                values[p, :] = rows[src - filled, :]
+            elif src != p:
+                values[p, :] = values[src, :]
+
+    _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel}
     return _jit
 
 
@@ -216,3 +229,21 @@ def histogram_add(
         scale.to(torch.float64).contiguous().numpy(), shift.to(torch.float64).contiguous().numpy(), int(bins),
         int(step), counts.numpy(),
     )
+
+
+def move_rows(values: Tensor, order: Tensor, filled: int, rows: Tensor) -> None:
+    """Rearrange ``values`` (float32 ``[k, width]``, contiguous, CPU) in place so that row ``p`` becomes row
+    ``order[p]`` of ``cat(values[:filled], rows)``, for ``p < len(order)``; only the rows that change are written
+    (about one copy of them, instead of a concatenation, a gather and a copy back).
+
+    ``order`` must keep the old rows in their order (``order`` restricted to values below ``filled`` increasing)
+    and place each at or after its old position, as a stable merge of two sorted key lists does."""
+    if values.dtype != torch.float32 or not values.is_contiguous() or values.device.type != "cpu":
+        raise ValueError("move_rows: values must be a contiguous float32 CPU tensor")
+    m = order.numel()
+    changed = (order != torch.arange(m)) | (order >= filled)  # new rows always change their position
+    if not bool(changed.any()):
+        return
+    first = int(changed.to(torch.uint8).argmax())
+    rows = rows.to(torch.float32).contiguous()
+    _compile()["move_rows"](values.numpy(), order.contiguous().numpy(), int(filled), rows.numpy(), first)
