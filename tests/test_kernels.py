@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -316,3 +319,28 @@ def test_reservoir_moves_rows_in_place_like_the_torch_path(monkeypatch, k):
 def test_move_rows_rejects_other_buffers():
     with pytest.raises(ValueError, match="contiguous float32"):
         kernels.move_rows(torch.zeros(3, 2, dtype=torch.float64), torch.arange(3), 3, torch.zeros(0, 2))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernels_work_in_a_forked_child(monkeypatch):
+    """A child forked after the pool started gets its own pool (the parent's threads do not exist there)."""
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(9))
+        expected = kernels.moments(x)  # starts the pool here
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 only if the kernels answer (and answer the same)
+            ok = torch.equal(kernels.moments(x), expected)
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the kernels hung in a forked child")
+        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+    finally:
+        torch.set_num_threads(old)

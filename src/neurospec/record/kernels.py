@@ -56,7 +56,7 @@ is large compared with their spread."""
 _BLOCK = 256  # columns per block (its partial sums stay in the L1 cache, its histogram counts in the L2 cache)
 _MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
 _LOCK = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its threads, the process that made it)
 _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is unavailable
 
 
@@ -190,9 +190,11 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
         return
     edges = [width * p // parts for p in range(parts + 1)]
     with _LOCK:
-        if _pool is None or _pool._max_workers < parts - 1:  # noqa: SLF001
-            _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="neurospec-kernel")
-        pool = _pool
+        # A new pool when more threads are wanted, or in a forked child (whose copy of the pool has no threads).
+        if _pool is None or _pool[1] < parts - 1 or _pool[2] != os.getpid():
+            _pool = (ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="neurospec-kernel"), parts - 1,
+                     os.getpid())
+        pool = _pool[0]
     futures = [pool.submit(kernel, *front, edges[p], edges[p + 1], out) for p in range(1, parts)]
     try:
         kernel(*front, edges[0], edges[1], out)
