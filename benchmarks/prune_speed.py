@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
 
 import torch
+from bench_env import environment, peak_rss_mib
 
 
 def main() -> None:
@@ -29,8 +31,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-kernels", action="store_true", help="record with the torch path (NEUROSPEC_NO_KERNELS=1)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.no_kernels:
+        os.environ["NEUROSPEC_NO_KERNELS"] = "1"  # before neurospec is imported
 
     from neurospec.data.build import build_tasks
     from neurospec.evaluate import evaluate_lm, most_frequent_tokens
@@ -73,6 +78,7 @@ def main() -> None:
     times = {"bare": [], "pipeline": []}
     systimes = {"bare": [], "pipeline": []}
     bare()
+    record_task(loaded, coll["python"][:1], sites, cfg)  # warm-up: loads (or compiles) the CPU kernels
     for _ in range(args.repeats):
         for arm, fn in (("bare", bare), ("pipeline", pipeline)):
             s0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
@@ -82,6 +88,8 @@ def main() -> None:
             systimes[arm].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0)
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
+        **environment(),
+        "peak_rss_mib": peak_rss_mib(),
         "model": args.model, "record_tokens": 2 * sum(int(b.numel()) for b in coll.values()) // 2,
         "eval_tokens": sum(int(b.numel()) for b in ev.values()), "threads": args.threads, "repeats": args.repeats,
         "bare_s": med["bare"], "pipeline_s": med["pipeline"], "ratio": med["pipeline"] / med["bare"],

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from bench_env import environment, peak_rss_mib
 
 
 def _blocks(loaded, tokens: int, seq_len: int) -> torch.Tensor:
@@ -59,7 +60,9 @@ def main_overhead(args) -> dict:
 
     times: dict[str, list[float]] = {"bare": [], **{k: [] for k in arms}}
     sys_times: dict[str, list[float]] = {k: [] for k in times}
+    rss_after: dict[str, float] = {}  # peak RSS after each arm's first run (the arms run in this order)
     bare()  # warm-up
+    record_task(loaded, blocks[:1], sites, arms["full"])  # warm-up: loads (or compiles) the CPU kernels
     for _ in range(args.repeats):
         for arm in times:
             u0, s0 = _cpu_times()
@@ -70,9 +73,12 @@ def main_overhead(args) -> dict:
                 record_task(loaded, blocks, sites, arms[arm])
             times[arm].append(time.perf_counter() - t0)
             sys_times[arm].append(_cpu_times()[1] - s0)
+            rss_after.setdefault(arm, peak_rss_mib())
     med = {k: statistics.median(v) for k, v in times.items()}
     n_tokens = int(blocks.numel())
     return {
+        **environment(),
+        "peak_rss_mib": peak_rss_mib(),
         "model": args.model,
         "tokens": n_tokens,
         "batch": [args.batch, args.seq_len],
@@ -84,9 +90,9 @@ def main_overhead(args) -> dict:
         "ratio": med["full"] / med["bare"],
         "ratio_hist_every_4": med["hist_every_4"] / med["bare"],
         "ratio_with_reservoir": med["with_reservoir"] / med["bare"],
+        "peak_rss_mib_after_arm": rss_after,
         "seconds_median": med,
         "sys_seconds_median": {k: statistics.median(v) for k, v in sys_times.items()},
-        "allocator": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
     }
 
 
@@ -98,7 +104,7 @@ def main_memory_child(args) -> dict:
     loaded = load_model(args.model)
     blocks = _blocks(loaded, args.tokens, args.seq_len)
     record_task(loaded, blocks, loaded.sites.select(), RecordConfig(batch_size=args.batch, seq_len=args.seq_len))
-    return {"tokens": int(blocks.numel()), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"tokens": int(blocks.numel()), "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:
@@ -111,8 +117,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="also measure peak RSS at 10k and 100k tokens")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-kernels", action="store_true", help="record with the torch path (NEUROSPEC_NO_KERNELS=1)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.no_kernels:
+        os.environ["NEUROSPEC_NO_KERNELS"] = "1"  # before neurospec is imported; inherited by the memory runs
     if args.memory_child:
         print(json.dumps(main_memory_child(args)))
         return

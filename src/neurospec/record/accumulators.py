@@ -8,9 +8,11 @@ All of it merges exactly across batches, processes and runs (see :mod:`neurospec
 This module also re-exports the other accumulators and the histogram readers, so that
 ``from neurospec.record.accumulators import NeuronStats, Reservoir, CoMoments, peak, quantiles`` works.
 
-Where the state lives: always on the CPU, in float64 (sums) and int64 (counts). The per-batch work runs on the
-activation's device in float32 (float64 for float64 input) and its results travel to the CPU once per batch: one
-``[8, width]`` tensor of partial sums and one ``[width * (bins + 2)]`` histogram increment.
+Where the state lives: always on the CPU, in float64 (sums) and int64 (counts). On the CPU the per-batch work is
+two fused kernels (:mod:`neurospec.record.kernels`: one pass each, float64 partial sums, histogram counts added in
+place). On other devices (or with ``NEUROSPEC_NO_KERNELS=1``) it runs in torch on the activation's device in
+float32 (float64 for float64 input) and its results travel to the CPU once per batch: one ``[8, width]`` tensor of
+partial sums and one ``[width * (bins + 2)]`` histogram increment.
 
 Dimensions: ``tokens`` rows of a batch (every position of every sequence), ``width`` neurons of the site,
 ``bins`` regular histogram bins.
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from neurospec.errors import NeurospecError
+from neurospec.record import kernels
 from neurospec.record.base import (
     Accumulator,
     accumulator_class,
@@ -62,7 +65,7 @@ _LEGACY_META = ("calib_margin",)  # written by earlier versions, no longer used
 
 # Rows of the per-batch partials computed by _fast_partials.
 _SUM_C, _SUM_SQ_C, _SUM_ABS, _SUM_SQRT, _POS_COUNT, _MIN, _MAX, _SHIFT = range(8)
-_SHIFT_ROWS = 64  # rows averaged for the per-batch shift
+_SHIFT_ROWS = kernels.SHIFT_ROWS  # rows averaged for the per-batch shift
 
 
 def _raise_to(grid: Grid, level: Tensor, bins: int) -> Grid:
@@ -84,7 +87,8 @@ def _fast_partials(x: Tensor) -> Tensor:
     mean to keep the variance accurate for neurons whose mean is large compared with their spread. The result
     depends on this batch only, so merged partial states equal sequential ones exactly. Any non-finite input
     makes some partial non-finite, so one cheap check of this small result detects it. Cost: 5 elementwise
-    passes, 5 sums, min and max over ``x``, in one reused scratch buffer.
+    passes, 5 sums, min and max over ``x``, in one reused scratch buffer. (CPU batches use
+    :func:`neurospec.record.kernels.moments` instead: the same partials, in float64, in one pass.)
     """
     sample = x[:: max(1, x.shape[0] // _SHIFT_ROWS)]
     shift = sample.sum(0) / sample.shape[0]
@@ -147,15 +151,17 @@ class NeuronStats(Accumulator):
     use every row). Saved files of earlier versions (whose histograms had edges fixed from the first batch) may
     carry a ``calib_margin`` in their metadata; :meth:`from_state_dict` ignores it.
 
-    Precision: each batch's partial sums are computed in float32 (float64 for float64 input), those of moments
+    Precision: each batch's partial sums are computed in float64 on the CPU (by the kernels) and in float32
+    (float64 for float64 input) by the torch path, those of moments
     after subtracting a shift near the batch's mean, then added into float64 state:
     relative error about 1e-7 per batch (the variance relative to itself, also for neurons whose mean is much
     larger than their spread), none from accumulation. ``pos_sum`` and ``neg_sum`` come from the batch's sum and
     sum of |x| (exact for neurons of one sign in the batch, else accurate to about 1e-7 of ``sum_abs``).
 
     Cost (2 CPU threads, ``[2048, 1536]`` float32): a few milliseconds per update; see
-    ``benchmarks/accumulator_micro.py``. Memory: ``width * (hist_bins + 2)`` int64 of state, plus one batch-sized
-    scratch buffer that all accumulators of a thread share on the CPU.
+    ``benchmarks/accumulator_micro.py``. Memory: ``width * (hist_bins + 2)`` int64 of state; the torch path
+    (accelerators, or CPU without the kernels) also needs one batch-sized scratch buffer that all accumulators of
+    a thread share on the CPU.
 
     Saved state (``state_dict()``): ``count, nonfinite, pos_count`` int64 ``[width]``; ``sum, sum_sq, sum_abs,
     sum_sqrt_abs, pos_sum, neg_sum, min, max, hist_lo, hist_hi`` float64 ``[width]`` (the window of the regular
@@ -269,7 +275,13 @@ class NeuronStats(Accumulator):
         x = as_rows(x, self.width, "NeuronStats")
         if x.shape[0] == 0:
             return
-        part = _fast_partials(x).to("cpu", torch.float64)
+        sampled = None  # (min, max) over the rows the histogram sees, when already known
+        if kernels.usable(x):  # one fused pass on the CPU (float64 partials)
+            x = x.contiguous()  # (a copy only for a strided view; both kernels then read it in place)
+            part = kernels.moments(x, self.hist_sample_every)
+            sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
+        else:
+            part = _fast_partials(x).to("cpu", torch.float64)
         keep = None
         if bool(torch.isfinite(part).all()):
             self._add_fast(part, x.shape[0])
@@ -277,7 +289,8 @@ class NeuronStats(Accumulator):
         else:
             keep = torch.isfinite(x)
             batch_min, batch_max = self._add_exact(_masked_partials(x, keep))
-        self._add_histogram(x, keep, batch_min, batch_max)
+            sampled = None
+        self._add_histogram(x, keep, batch_min, batch_max, sampled)
 
     def _add_fast(self, part: Tensor, n: int) -> None:
         s = self._state
@@ -310,17 +323,27 @@ class NeuronStats(Accumulator):
                 torch.maximum(s[name], value, out=s[name])
         return moved[names.index("min")], moved[names.index("max")]
 
-    def _add_histogram(self, x: Tensor, keep: Tensor | None, batch_min: Tensor, batch_max: Tensor) -> None:
-        """Widen the grid to the extremes of the rows the histogram sees, then bin those rows."""
+    def _add_histogram(
+        self,
+        x: Tensor,
+        keep: Tensor | None,
+        batch_min: Tensor,
+        batch_max: Tensor,
+        sampled: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Widen the grid to the extremes of the rows the histogram sees (``sampled``, when known), then bin those
+        rows."""
         k = self.hist_sample_every
-        if k > 1:
-            x = x[::k]
-            keep = None if keep is None else keep[::k]
+        if k > 1 and sampled is not None:
+            batch_min, batch_max = sampled
+        elif k > 1:
+            xs = x[::k]
             if keep is None:
-                batch_min, batch_max = x.amin(0), x.amax(0)
+                batch_min, batch_max = xs.amin(0), xs.amax(0)
             else:
-                batch_min = torch.where(keep, x, math.inf).amin(0)
-                batch_max = torch.where(keep, x, -math.inf).amax(0)
+                ks = keep[::k]
+                batch_min = torch.where(ks, xs, math.inf).amin(0)
+                batch_max = torch.where(ks, xs, -math.inf).amax(0)
             both = torch.stack([batch_min, batch_max]).to("cpu", torch.float64)  # one transfer
             batch_min, batch_max = both[0], both[1]
         old = self.grid()
@@ -335,8 +358,7 @@ class NeuronStats(Accumulator):
         self._grid = new
         if self._binner is None:
             self._binner = Binner(new, self.hist_bins)
-        counts = self._binner.counts(x, keep)
-        s["hist"].view(-1).add_(counts.to("cpu"))
+        self._binner.add_to(s["hist"].view(-1), x, keep, k)
 
     # --------------------------------------------------------------------------------------------- merge
     @classmethod

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from neurospec.record import kernels
 from neurospec.record.base import scratch
 
 PEAK_ASSIGN = ("overlap", "centre")
@@ -221,10 +222,36 @@ class Binner:
             )
         return self._cache[key]
 
+    def add_to(self, hist: Tensor, x: Tensor, keep: Tensor | None = None, step: int = 1) -> None:
+        """Add the histogram of the rows ``0, step, 2 * step, ...`` of ``x`` to ``hist`` (int64 ``[width * (bins +
+        2)]``, contiguous, on the CPU) in place; ``keep`` as in :meth:`counts`.
+
+        A CPU batch goes through the fused kernel (:mod:`neurospec.record.kernels`: one pass, no scratch buffer);
+        other devices, or kernels switched off, through :meth:`counts`.
+        """
+        if kernels.usable(x) and hist.device.type == "cpu" and hist.is_contiguous():
+            kernels.histogram_add(hist, x, self._scale64, self._shift64, self.bins, keep, step)
+            return
+        if step > 1:
+            x = x[::step]
+            keep = None if keep is None else keep[::step]
+        hist.add_(self.counts(x, keep).to(hist.device))
+
     def counts(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """Histogram of ``x`` ``[tokens, width]`` (float32 or float64) as int64 ``[width * (bins + 2)]`` on x's device.
 
         ``keep`` (bool, same shape) excludes the entries where it is False; without it every entry must be finite.
+        A CPU batch goes through the fused kernel (see :meth:`add_to`); otherwise :meth:`counts_torch`.
+        """
+        if kernels.usable(x):
+            out = torch.zeros(self.width * (self.bins + 2), dtype=torch.int64)
+            kernels.histogram_add(out, x, self._scale64, self._shift64, self.bins, keep)
+            return out
+        return self.counts_torch(x, keep)
+
+    def counts_torch(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """:meth:`counts` in torch operations (any device; the reference for the kernel).
+
         Cost: six elementwise passes over ``x`` (in a reused scratch buffer; two more when some level is above 0)
         and one ``bincount``.
         """

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from neurospec.record import kernels
 from neurospec.record.base import Accumulator, as_rows
 
 
@@ -104,10 +105,24 @@ class Reservoir(Accumulator):
             if keys.numel() == 0:
                 return
         rows = x.index_select(0, idx.to(x.device)).to("cpu", torch.float32)
+        if kernels.usable(rows):  # move only the rows that change, in place (same result)
+            self._insert(keys, rows)
+            return
         self._keep_smallest(
             torch.cat([self._state["keys"][:filled], keys]),
             torch.cat([self._state["values"][:filled], rows]),
         )
+
+    def _insert(self, keys: Tensor, rows: Tensor) -> None:
+        """``_keep_smallest`` of the current sample and new ``(keys, rows)``, moving only the rows that change."""
+        s = self._state
+        filled = self.filled
+        all_keys = torch.cat([s["keys"][:filled], keys])
+        order = torch.argsort(all_keys, stable=True)[: self.k]  # the old keys are sorted: old rows only move later
+        m = order.numel()
+        kernels.move_rows(s["values"], order, filled, rows)
+        s["keys"][:m] = all_keys[order]
+        s["filled"].fill_(m)
 
     def _keep_smallest(self, keys: Tensor, values: Tensor) -> None:
         order = torch.argsort(keys, stable=True)[: self.k]

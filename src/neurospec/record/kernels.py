@@ -1,0 +1,251 @@
+"""Fused CPU kernels (numba) for the per-batch work of :class:`~neurospec.record.accumulators.NeuronStats`.
+
+Two kernels, each one read pass over a batch ``x`` ``[tokens, width]`` (float32 or float64, C-contiguous, on the
+CPU):
+
+- :func:`moments`: per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of
+  x > 0, min and max (and min and max over every ``step``-th row, for a histogram fed only those rows), all
+  accumulated in float64. A non-finite entry makes that neuron's sums non-finite, so the caller still detects it
+  with one check of the small result.
+- :func:`histogram_add`: each entry's histogram slot, exactly as :meth:`~neurospec.record.histogram.Binner.counts_torch`
+  computes it, added in place to the int64 counts (the accumulator's state), optionally only where ``keep``.
+
+A third, :func:`move_rows`, serves :class:`~neurospec.record.reservoir.Reservoir`: it merges the rows that beat
+the sample's keys into the key-sorted sample in place, writing only the rows that move.
+
+The first two replace about a dozen torch passes over the batch, a batch-sized scratch buffer and a single-threaded
+``bincount``. The torch code stays the reference: it runs for tensors on other devices, when numba cannot be
+imported, and when the environment variable ``NEUROSPEC_NO_KERNELS=1`` is set (read at import; tests flip
+:data:`ENABLED`). Results agree with the torch path: histogram counts exactly, sums to float rounding (more
+accurate here, as the torch path sums each batch in its dtype).
+
+Compilation: numba is imported only when the first CPU batch arrives; each kernel is compiled per dtype on its
+first call (about 3 s for both kernels in float32, once per machine and source version: ``cache=True`` keeps the
+machine code in ``__pycache__`` next to this file, or in numba's cache directory when that is read-only).
+
+Threads: the columns are split into ``torch.get_num_threads()`` contiguous ranges, one per thread (the calling
+thread and a small pool of Python threads; the kernels release the GIL). numba's own parallel loops are not used:
+inside them the loops lost their vectorisation (about 3x slower per thread), and their threading layers would
+start a second pool beside torch's OpenMP one. The pool threads sleep between batches, so they take nothing from
+the forward pass. Inside a range, columns go in blocks of 256 so that a block's partial sums stay in the L1 cache
+and its histogram counts in the L2 cache.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("NEUROSPEC_NO_KERNELS", "") not in ("1", "true", "yes")
+"""False: always use the torch code (``NEUROSPEC_NO_KERNELS=1``)."""
+
+MOMENT_ROWS = 10
+"""Rows of :func:`moments`' result: sum(x - shift), sum (x - shift)^2, sum |x|, sum sqrt|x|, count x > 0, min, max,
+the shift, and min and max over the rows ``0, step, 2 * step, ...`` (the first eight as in
+``accumulators._fast_partials``)."""
+SHIFT_ROWS = 64
+"""The shift of a neuron is the mean of its values in rows ``0, s, 2 * s, ...`` with ``s = max(1, tokens //
+SHIFT_ROWS)``: close to the batch's mean, so that the sums of ``x - shift`` stay accurate for neurons whose mean
+is large compared with their spread."""
+
+_BLOCK = 256  # columns per block (its partial sums stay in the L1 cache, its histogram counts in the L2 cache)
+_MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
+_LOCK = threading.Lock()
+_pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its threads, the process that made it)
+_jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is unavailable
+
+
+def _compile() -> dict[str, Any]:
+    """Import numba and define the kernels (each compiled per dtype on its first call, or loaded from the cache)."""
+    global _jit
+    if _jit is not None:
+        return _jit
+    try:
+        import numba
+        import numpy as np
+    except Exception:  # noqa: BLE001 - any import failure means: use the torch code
+        _jit = {}
+        return _jit
+    njit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+    @njit
+    def moments_kernel(x, shift_rows, step, j_start, j_stop, out):  # pragma: no cover - compiled
+        n = x.shape[0]
+        every = max(1, n // shift_rows)
+        taken = (n - 1) // every + 1
+        for j0 in range(j_start, j_stop, _BLOCK):
+            j1 = min(j0 + _BLOCK, j_stop)
+            m = j1 - j0
+            s1 = np.zeros(m)
+            s2 = np.zeros(m)
+            sa = np.zeros(m)
+            sq = np.zeros(m)
+            pc = np.zeros(m)
+            mn = np.full(m, np.inf)
+            mx = np.full(m, -np.inf)
+            smn = np.full(m, np.inf)
+            smx = np.full(m, -np.inf)
+            c = np.zeros(m)
+            for i in range(0, n, every):
+                row = x[i, j0:j1]
+                for k in range(m):
+                    c[k] += np.float64(row[k])
+            c /= taken
+            for i in range(n):
+                row = x[i, j0:j1]
+                for k in range(m):
+                    v = row[k]
+                    a = np.abs(v)
+                    r = np.sqrt(a)  # in x's dtype, like the torch path
+                    w = np.float64(v)
+                    d = w - c[k]
+                    s1[k] += d
+                    s2[k] += d * d
+                    sa[k] += np.float64(a)
+                    sq[k] += np.float64(r)
+                    pc[k] += 1.0 if w > 0.0 else 0.0
+                    mn[k] = w if w < mn[k] else mn[k]
+                    mx[k] = w if w > mx[k] else mx[k]
+                if i % step == 0:
+                    for k in range(m):
+                        w = np.float64(row[k])
+                        smn[k] = w if w < smn[k] else smn[k]
+                        smx[k] = w if w > smx[k] else smx[k]
+            out[0, j0:j1] = s1
+            out[1, j0:j1] = s2
+            out[2, j0:j1] = sa
+            out[3, j0:j1] = sq
+            out[4, j0:j1] = pc
+            out[5, j0:j1] = mn
+            out[6, j0:j1] = mx
+            out[7, j0:j1] = c
+            out[8, j0:j1] = smn
+            out[9, j0:j1] = smx
+
+    @njit
+    def hist_kernel(x, keep, use_keep, scale, shift, bins, step, j_start, j_stop, counts):  # pragma: no cover
+        n = x.shape[0]
+        stride = bins + 2
+        top = np.float64(bins + 1)
+        for j0 in range(j_start, j_stop, _BLOCK):
+            j1 = min(j0 + _BLOCK, j_stop)
+            m = j1 - j0
+            slot = np.empty(m, dtype=np.int64)
+            sc = scale[j0:j1]
+            sh = shift[j0:j1]
+            for i in range(0, n, step):
+                row = x[i, j0:j1]
+                # The slots of a row first (vectorised), then the increments (a scatter).
+                for k in range(m):
+                    v = np.float64(row[k])
+                    # floor(v * 2**-level) is exact in float64; for float32 input it equals the torch path's float32
+                    # cell, whose products that underflow to -0 are moved to cell -1 (no underflow here).
+                    t = np.floor(v * sc[k])
+                    t -= (t == 0.0) & (v < 0.0)
+                    t = min(max(t - sh[k], 0.0), top)
+                    slot[k] = (j0 + k) * stride + np.int64(t)
+                if use_keep:
+                    kept = keep[i, j0:j1]
+                    for k in range(m):
+                        if kept[k]:
+                            counts[slot[k]] += 1
+                else:
+                    for k in range(m):
+                        counts[slot[k]] += 1
+
+    @njit
+    def move_rows_kernel(values, order, filled, rows, first):  # pragma: no cover - compiled
+        # Descending positions: an old row only moves to a later position, so its source is still intact.
+        for p in range(order.shape[0] - 1, first - 1, -1):
+            src = order[p]
+            if src >= filled:
+                values[p, :] = rows[src - filled, :]
+            elif src != p:
+                values[p, :] = values[src, :]
+
+    _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel}
+    return _jit
+
+
+def usable(x: Tensor) -> bool:
+    """Whether the kernels handle ``x``: enabled, numba importable, a float32/float64 CPU tensor."""
+    if not ENABLED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    return bool(_compile())
+
+
+def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
+    """Run ``kernel(*args, j_start, j_stop, out)`` on ``torch.get_num_threads()`` contiguous column ranges at once
+    (``args[-1]`` is ``out``): the calling thread takes the first range, pool threads the others."""
+    global _pool
+    *front, out = args
+    parts = max(1, min(torch.get_num_threads(), width, numel // _MIN_PER_THREAD))
+    if parts == 1:
+        kernel(*front, 0, width, out)
+        return
+    edges = [width * p // parts for p in range(parts + 1)]
+    with _LOCK:
+        # A new pool when more threads are wanted, or in a forked child (whose copy of the pool has no threads).
+        if _pool is None or _pool[1] < parts - 1 or _pool[2] != os.getpid():
+            _pool = (ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="neurospec-kernel"), parts - 1,
+                     os.getpid())
+        pool = _pool[0]
+    futures = [pool.submit(kernel, *front, edges[p], edges[p + 1], out) for p in range(1, parts)]
+    try:
+        kernel(*front, edges[0], edges[1], out)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def moments(x: Tensor, step: int = 1) -> Tensor:
+    """Float64 ``[MOMENT_ROWS, width]`` partial results of a CPU batch ``x`` ``[tokens, width]`` (see
+    :data:`MOMENT_ROWS` and :data:`SHIFT_ROWS`)."""
+    x = x.contiguous()
+    out = torch.empty(MOMENT_ROWS, x.shape[1], dtype=torch.float64)
+    _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), SHIFT_ROWS, int(step), out.numpy())
+    return out
+
+
+def histogram_add(
+    counts: Tensor, x: Tensor, scale: Tensor, shift: Tensor, bins: int, keep: Tensor | None = None, step: int = 1
+) -> None:
+    """Add the histogram slots of ``x[::step]`` (where ``keep[::step]``) to ``counts`` (int64 ``[width * (bins +
+    2)]``, C-contiguous, CPU) in place: ``slot = neuron * (bins + 2) + clip(floor(x * scale) - shift, 0, bins +
+    1)`` with float64 ``scale`` and ``shift`` ``[width]`` (a negative value whose product rounds to -0 gets cell
+    -1)."""
+    if counts.dtype != torch.int64 or not counts.is_contiguous() or counts.device.type != "cpu":
+        raise ValueError("histogram_add: counts must be a contiguous int64 CPU tensor")
+    x = x.contiguous()
+    width = x.shape[1]
+    if counts.numel() != width * (bins + 2) or scale.shape != (width,) or shift.shape != (width,):
+        raise ValueError("histogram_add: counts, scale and shift do not match x's width and bins")
+    mask = torch.ones(1, 1, dtype=torch.bool) if keep is None else keep.contiguous()
+    _in_parallel(
+        _compile()["hist"], width, x.numel() // step, x.numpy(), mask.numpy(), keep is not None,
+        scale.to(torch.float64).contiguous().numpy(), shift.to(torch.float64).contiguous().numpy(), int(bins),
+        int(step), counts.numpy(),
+    )
+
+
+def move_rows(values: Tensor, order: Tensor, filled: int, rows: Tensor) -> None:
+    """Rearrange ``values`` (float32 ``[k, width]``, contiguous, CPU) in place so that row ``p`` becomes row
+    ``order[p]`` of ``cat(values[:filled], rows)``, for ``p < len(order)``; only the rows that change are written
+    (about one copy of them, instead of a concatenation, a gather and a copy back).
+
+    ``order`` must keep the old rows in their order (``order`` restricted to values below ``filled`` increasing)
+    and place each at or after its old position, as a stable merge of two sorted key lists does."""
+    if values.dtype != torch.float32 or not values.is_contiguous() or values.device.type != "cpu":
+        raise ValueError("move_rows: values must be a contiguous float32 CPU tensor")
+    m = order.numel()
+    changed = (order != torch.arange(m)) | (order >= filled)  # new rows always change their position
+    if not bool(changed.any()):
+        return
+    first = int(changed.to(torch.uint8).argmax())
+    rows = rows.to(torch.float32).contiguous()
+    _compile()["move_rows"](values.numpy(), order.contiguous().numpy(), int(filled), rows.numpy(), first)

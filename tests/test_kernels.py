@@ -1,0 +1,346 @@
+"""The fused CPU kernels against the torch reference path and the full-tensor statistics."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from neurospec.record import kernels
+from neurospec.record.accumulators import NeuronStats, Reservoir, _fast_partials
+from neurospec.record.histogram import MIN_LEVEL, Binner, Grid, fit_grid
+
+pytestmark = pytest.mark.skipif(not kernels.usable(torch.zeros(1, 1)), reason="numba is not available")
+
+BINS = 16
+
+
+def binner_for(values: torch.Tensor, bins: int = BINS) -> Binner:
+    """A Binner on the grid of ``values`` ``[tokens, width]`` (float64)."""
+    v = values.double()
+    return Binner(fit_grid(Grid.empty(v.shape[1]), v.amin(0), v.amax(0), bins), bins)
+
+
+def kernel_counts(b: Binner, x: torch.Tensor, keep: torch.Tensor | None = None, step: int = 1) -> torch.Tensor:
+    out = torch.zeros(b.width * (b.bins + 2), dtype=torch.int64)
+    kernels.histogram_add(out, x, b._scale64, b._shift64, b.bins, keep, step)
+    return out
+
+
+def assert_same_counts(b: Binner, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    ref = b.counts_torch(x, keep)
+    got = kernel_counts(b, x, keep)
+    assert torch.equal(got, ref), f"{int((got != ref).sum())} slots differ"
+    # the counts also equal a brute-force count per slot (cell by cell in float64)
+    assert int(got.sum()) == (x.numel() if keep is None else int(keep.sum()))
+
+
+@pytest.fixture(params=[1, 3])
+def threads(request, monkeypatch):
+    """Run the kernels on one thread, and split across three column ranges even for small batches."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def adversarial_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (values that fit the grid, values to bin)``, float32 ``[tokens, width]``."""
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(200, 7, generator=g)
+    cases = {}
+    cases["random"] = (r, r)
+    big = 1e4 + 1e-3 * r
+    cases["huge_mean_small_spread"] = (big, big)
+    z = r.clone()
+    z[::3] = 0.0
+    z[1::5] = -0.0
+    cases["exact_zeros"] = (z, z)
+    # level > 0: a window of width 16 * 2**3, and tiny negative values whose product with 2**-3 rounds to -0
+    wide = torch.linspace(-60.0, 60.0, 200)[:, None].repeat(1, 3)
+    tiny = torch.tensor([[-1e-45, -1e-38, -1e-30, 1e-45, 0.0, -0.0]]).T.repeat(1, 3)
+    cases["negative_near_minus_zero"] = (wide, torch.cat([wide, tiny]))
+    # values exactly on the bin edges (multiples of the bin width 2**-2 = 0.25)
+    edges = (torch.arange(-8, 9, dtype=torch.float32) * 0.25)[:, None].repeat(1, 4)
+    cases["bin_edges"] = (edges[1:-1], edges)
+    # values far outside the window (under/overflow slots), up to float32's largest
+    out = torch.tensor([[-3e38, -1e6, -1.0, 0.5, 1.0, 2.0, 1e6, 3e38]]).T.repeat(1, 2)
+    cases["beyond_window"] = (torch.tensor([[0.0, 0.5], [1.0, 1.0]]), out)
+    # a neuron constant at 0 sits on the finest level (2**-126): products overflow float32
+    const = torch.zeros(5, 2)
+    extra = torch.tensor([[-1.0, 1e30], [-1e-45, 1e-45], [3e38, -3e38]])
+    cases["constant_finest_level"] = (const, torch.cat([const, extra]))
+    cases["one_row"] = (r[:1], r[:1])
+    cases["width_one"] = (r[:, :1], r[:, :1])
+    return cases
+
+
+@pytest.mark.parametrize("name", list(adversarial_cases()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_histogram_kernel_equals_torch_path(name, dtype, threads):
+    fit, x = adversarial_cases()[name]
+    b = binner_for(fit)
+    assert_same_counts(b, x.to(dtype))
+
+
+def test_histogram_kernel_checks_the_under_minus_zero_case():
+    """The -0 case is really exercised: a level above 0 and values that land in cell -1 only through the fix."""
+    fit, x = adversarial_cases()["negative_near_minus_zero"]
+    b = binner_for(fit)
+    assert int(b._scale64.log2().max()) < 0  # level > 0
+    assert bool(((x * b._scale64.float()) == 0).logical_and(x < 0).any())  # float32 products that are -0
+    assert_same_counts(b, x)
+
+
+def test_histogram_kernel_float64_products_that_underflow(threads):
+    """Float64 input: a tiny negative value times 2**-level rounds to -0 in float64 too; it belongs in cell -1."""
+    wide = torch.linspace(-60.0, 60.0, 50, dtype=torch.float64)[:, None].repeat(1, 2)
+    tiny = torch.tensor([[-5e-324, -1e-310, 5e-324, -0.0]], dtype=torch.float64).T.repeat(1, 2)
+    b = binner_for(wide)
+    x = torch.cat([wide, tiny])
+    assert bool(((x * b._scale64) == 0).logical_and(x < 0).any())
+    assert_same_counts(b, x)
+
+
+def test_histogram_kernel_non_contiguous_and_keep(threads):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(9, 120, generator=g)
+    x = base.T[:, ::2]  # [120, 5], not contiguous
+    assert not x.is_contiguous()
+    b = binner_for(x)
+    assert_same_counts(b, x)
+    bad = x.clone()
+    bad[3, 1], bad[7, 4], bad[0, 0] = math.nan, math.inf, -math.inf
+    keep = torch.isfinite(bad)
+    assert_same_counts(b, bad, keep)
+    # an arbitrary mask, also on finite entries
+    mask = torch.rand(x.shape, generator=g) > 0.3
+    assert_same_counts(b, x, mask)
+
+
+def test_histogram_kernel_rows_step(threads):
+    x = torch.randn(101, 6, generator=torch.Generator().manual_seed(3))
+    b = binner_for(x)
+    for step in (1, 2, 7, 200):
+        assert torch.equal(kernel_counts(b, x, step=step), b.counts_torch(x[::step]))
+
+
+def test_binner_counts_uses_the_kernel_and_falls_back(monkeypatch):
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(4))
+    b = binner_for(x)
+    calls = []
+    real = kernels.histogram_add
+    monkeypatch.setattr(kernels, "histogram_add", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = b.counts(x)
+    assert calls
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    calls.clear()
+    assert torch.equal(b.counts(x), fast) and not calls
+    assert not kernels.usable(x)
+
+
+# ------------------------------------------------------------------------------------------------ moments
+def reference_moments(x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    d = x.double()
+    shift = d[:: max(1, x.shape[0] // 64)].mean(0)
+    c = d - shift
+    return {
+        "sum_c": c.sum(0),
+        "sum_sq_c": (c * c).sum(0),
+        "sum_abs": d.abs().sum(0),
+        "sum_sqrt": d.abs().sqrt().sum(0),
+        "pos": (d > 0).sum(0).double(),
+        "min": d.amin(0),
+        "max": d.amax(0),
+        "shift": shift,
+        "smin": d[::step].amin(0),
+        "smax": d[::step].amax(0),
+    }
+
+
+@pytest.mark.parametrize("name", ["random", "huge_mean_small_spread", "exact_zeros", "one_row", "width_one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_kernel_against_float64_reference(name, dtype, threads):
+    x = adversarial_cases()[name][1].to(dtype)
+    step = 3
+    got = kernels.moments(x, step)
+    ref = reference_moments(x, step)
+    assert got.shape == (kernels.MOMENT_ROWS, x.shape[1]) and got.dtype == torch.float64
+    sqrt_tol = 1e-6 if dtype == torch.float32 else 1e-13  # sqrt taken in x's dtype
+    scale = x.double().abs().sum(0) + 1e-300
+    for row, key in enumerate(ref):
+        if key in ("min", "max", "smin", "smax", "pos"):
+            assert torch.equal(got[row], ref[key]), key
+        elif key == "shift":
+            torch.testing.assert_close(got[row], ref[key], rtol=1e-15, atol=0.0)
+        elif key == "sum_sqrt":
+            torch.testing.assert_close(got[row], ref[key], rtol=sqrt_tol, atol=0.0)
+        elif key == "sum_sq_c":
+            torch.testing.assert_close(got[row], ref[key], rtol=1e-12, atol=1e-300)
+        else:
+            assert bool(((got[row] - ref[key]).abs() <= 1e-12 * scale).all()), key
+    # the torch path's partials (in x's dtype) agree to its own rounding
+    fast = _fast_partials(x).double()
+    torch.testing.assert_close(got[2:7], fast[2:7], rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(got[7], fast[7], rtol=1e-5, atol=1e-5 * float(got[2].max()) / x.shape[0])
+    sums = fast[1] + 2 * (fast[7] - got[7]) * fast[0] + x.shape[0] * (fast[7] - got[7]) ** 2  # to the kernel's shift
+    torch.testing.assert_close(got[1], sums, rtol=1e-4, atol=1e-4 * float(got[1].max()))
+
+
+def test_moments_kernel_flags_non_finite_input():
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(5))
+    for value in (math.nan, math.inf, -math.inf):
+        bad = x.clone()
+        bad[17, 2] = value  # not a row of the shift's sample
+        got = kernels.moments(bad, 1)
+        assert not bool(torch.isfinite(got).all())
+        assert bool(torch.isfinite(got[:, [0, 1, 3, 4]]).all())  # only that neuron
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def batches(seed: int) -> list[torch.Tensor]:
+    """Batches whose range widens (the grid moves), with a large-mean neuron and non-finite entries in one batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate((64, 1, 130, 77)):
+        x = torch.randn(n, 6, generator=g) * (1 + 3 * i)
+        x[:, 0] = 5e3 + 1e-2 * x[:, 0]
+        x[:, 1] = x[:, 1].clamp(min=0)  # a ReLU-like neuron with exact zeros
+        out.append(x)
+    out[2][5, 3], out[2][9, 4] = math.nan, math.inf
+    out[3] = out[3].T.contiguous().T  # a strided view (column-major)
+    assert not out[3].is_contiguous()
+    return out
+
+
+def record(data: list[torch.Tensor], dtype: torch.dtype, **kw) -> NeuronStats:
+    s = NeuronStats(6, hist_bins=32, **kw)
+    for x in data:
+        s.update(x.to(dtype))
+    return s
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neuron_stats_with_and_without_kernels(monkeypatch, every, dtype):
+    data = batches(6)
+    fast = record(data, dtype, hist_sample_every=every)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    slow = record(data, dtype, hist_sample_every=every)
+    a, b = fast.state_dict(), slow.state_dict()
+    for key in ("count", "nonfinite", "pos_count", "hist", "min", "max", "hist_lo", "hist_hi"):
+        assert torch.equal(a[key], b[key]), key
+    # the torch path sums each batch in x's dtype: equal to its rounding, about 1e-7 of the sum of |x|
+    for key in ("sum", "sum_sq", "sum_abs", "sum_sqrt_abs", "pos_sum", "neg_sum"):
+        size = a["sum_sq"] if key == "sum_sq" else a["sum_abs"]
+        assert bool(((a[key] - b[key]).abs() <= 1e-6 * size).all()), key
+
+    # and both equal the statistics of the whole data at once
+    full = torch.cat(data).double()
+    keep = torch.isfinite(full)
+    v = torch.where(keep, full, 0.0)
+    n = keep.sum(0).double()
+    mean = v.sum(0) / n
+    var = (torch.where(keep, full - mean, 0.0) ** 2).sum(0) / n
+    got = fast.compute()
+    torch.testing.assert_close(got["mean"], mean, rtol=1e-9, atol=1e-12)
+    # (compute() takes mean(x^2) - mean^2 in float64: for the large-mean neuron that alone costs ~5e-7)
+    torch.testing.assert_close(got["var"], var, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(got["mean_sqrt_abs"], v.abs().sqrt().sum(0) / n, rtol=1e-6, atol=0.0)
+    assert torch.equal(got["min"], torch.where(keep, full, math.inf).amin(0))
+    assert torch.equal(got["max"], torch.where(keep, full, -math.inf).amax(0))
+    assert torch.equal(a["pos_count"], (v > 0).sum(0))
+    assert torch.equal(a["nonfinite"], (~keep).sum(0))
+    # the histogram equals one of the whole (sampled) data on the final grid
+    rows = torch.cat([x[::every] for x in data])
+    rkeep = torch.isfinite(rows)
+    whole = Binner(fast.grid(), 32).counts_torch(rows.to(dtype), rkeep).view(6, 34)
+    assert torch.equal(a["hist"], whole)
+
+
+def test_no_kernels_environment_variable(monkeypatch):
+    try:
+        monkeypatch.setenv("NEUROSPEC_NO_KERNELS", "1")
+        assert importlib.reload(kernels).ENABLED is False
+        assert not kernels.usable(torch.zeros(2, 2))
+        monkeypatch.delenv("NEUROSPEC_NO_KERNELS")
+        assert importlib.reload(kernels).ENABLED is True
+    finally:
+        monkeypatch.delenv("NEUROSPEC_NO_KERNELS", raising=False)
+        importlib.reload(kernels)
+
+
+def test_kernels_are_not_used_for_other_dtypes_or_devices():
+    assert not kernels.usable(torch.zeros(2, 2, dtype=torch.float16))
+    assert not kernels.usable(torch.zeros(2, 2, device="meta"))
+    with pytest.raises(ValueError, match="contiguous int64"):
+        kernels.histogram_add(torch.zeros(4, dtype=torch.int32), torch.zeros(1, 1), torch.ones(1),
+                              torch.zeros(1), 2)
+
+
+def test_minimum_level_constant_is_finest():
+    """The constant case above really is on the finest level (its products overflow float32)."""
+    fit, _ = adversarial_cases()["constant_finest_level"]
+    b = binner_for(fit)
+    assert int(-b._scale64.log2().max()) == MIN_LEVEL
+
+
+# ---------------------------------------------------------------------------------------------- reservoir
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_reservoir_moves_rows_in_place_like_the_torch_path(monkeypatch, k):
+    """Batches before and after the sample is full, larger and smaller than k: the same state bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    data = [torch.randn(n, 5, generator=g) for n in (3, 50, 1, 130, 40, 40, 200, 2)]
+
+    def feed() -> dict[str, torch.Tensor]:
+        r = Reservoir(5, k, seed=3)
+        for x in data:
+            r.update(x)
+        return r.state_dict()
+
+    calls = []
+    real = kernels.move_rows
+    monkeypatch.setattr(kernels, "move_rows", lambda *a: calls.append(1) or real(*a))
+    fast = feed()
+    assert calls
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    slow = feed()
+    for key in slow:
+        assert torch.equal(fast[key], slow[key]), key
+    assert int(fast["filled"]) == k and bool((fast["keys"].diff() > 0).all())
+
+
+def test_move_rows_rejects_other_buffers():
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.move_rows(torch.zeros(3, 2, dtype=torch.float64), torch.arange(3), 3, torch.zeros(0, 2))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernels_work_in_a_forked_child(monkeypatch):
+    """A child forked after the pool started gets its own pool (the parent's threads do not exist there)."""
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(9))
+        expected = kernels.moments(x)  # starts the pool here
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 only if the kernels answer (and answer the same)
+            ok = torch.equal(kernels.moments(x), expected)
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the kernels hung in a forked child")
+        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+    finally:
+        torch.set_num_threads(old)
