@@ -211,5 +211,6 @@ def test_gpu_bench_runs_its_cpu_smoke_setting(capsys):
     out = bench.main(["--cpu-smoke", "--json", "--repeats", "1"])
     assert json.loads(capsys.readouterr().out) == out and out["gpu"] is None
     (run,) = out["runs"]
-    assert run["record_ratio"] > 1 and run["fold_ratio"] > 0 and run["eval_tokens_per_s"] > 0
+    # timings only (a ratio can fall either side of 1 on a tiny model): finite and positive
+    assert all(0 < run[k] < float("inf") for k in ("record_ratio", "fold_ratio", "eval_tokens_per_s"))
     assert run["peak_bytes_record"] is None  # GPU memory only on a GPU

@@ -48,9 +48,12 @@ from neurospec.models.linear import is_expanded, linear_dims, weight_out_in
 from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import find_sites
 from neurospec.sparsity.driver import BlockRunner, LinearRef, list_linears, select_linears
+from neurospec.sparsity.error import relative_output_error
 from neurospec.sparsity.layer import prune_weight
+from neurospec.sparsity.outputs import record_outputs
 from neurospec.sparsity.patterns import SparsityError, SparsityPattern, make_pattern
 from neurospec.sparsity.stats import InputHessian
+from neurospec.sparsity.wasserstein import score_outputs, spearman, top_neurons
 
 ProgressFn = Callable[[str, int, int], None]
 WARN_BYTES = 2 * 1024**3  # expand() warns when the copies need more than this many extra bytes
@@ -455,10 +458,6 @@ def expansion_error(
     "w1_top_after", "w1_rest_after" (the same neurons' W1 in the expanded model, with ``w1_after``),
     "per_neuron": {"plain", "expanded", "w1"} tensors}}``. Neither model is changed.
     """
-    from neurospec.sparsity.error import relative_output_error
-    from neurospec.sparsity.outputs import record_outputs
-    from neurospec.sparsity.wasserstein import score_outputs, spearman, top_neurons
-
     dnet = dense.model if isinstance(dense, LoadedModel) else dense
     d_lin, e_lin = list_linears(dnet), list_linears(result.model)
     names = [n for n in result.layers if n in d_lin and n in e_lin and is_expanded(e_lin[n].module)]

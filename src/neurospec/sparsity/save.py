@@ -8,13 +8,12 @@ from typing import Any
 from torch import nn
 
 from neurospec.errors import NeurospecError
+from neurospec.models.linear import is_expanded
 
 
 def save_sparse(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """``model.save_pretrained(directory)`` with safetensors, and the tokenizer beside it when given. The zeros are
     stored densely: the directory loads with ``load_model`` or ``from_pretrained`` like the original."""
-    from neurospec.models.linear import is_expanded
-
     if any(is_expanded(m) for m in model.modules()):
         raise NeurospecError(
             "a sparse-expanded model cannot be saved as a Hugging Face model: its expanded layers hold one weight per "
