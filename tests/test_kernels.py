@@ -36,7 +36,7 @@ def assert_same_counts(b: Binner, x: torch.Tensor, keep: torch.Tensor | None = N
     ref = b.counts_torch(x, keep)
     got = kernel_counts(b, x, keep)
     assert torch.equal(got, ref), f"{int((got != ref).sum())} slots differ"
-    # the counts also equal a brute-force count per slot (cell by cell in float64)
+    # every kept value lands in exactly one slot
     assert int(got.sum()) == (x.numel() if keep is None else int(keep.sum()))
 
 
@@ -344,3 +344,18 @@ def test_kernels_work_in_a_forked_child(monkeypatch):
         assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
     finally:
         torch.set_num_threads(old)
+
+
+def test_nan_without_a_mask_lands_in_the_underflow_slot():
+    """The kernel never turns a NaN into a slot index outside its neuron's row (NeuronStats always passes a mask
+    with non-finite input; a direct caller of histogram_add might not): it counts in the neuron's underflow slot."""
+    x = torch.randn(64, 5)
+    b = binner_for(x)
+    clean = kernel_counts(b, x).view(5, BINS + 2)
+    old = b.counts_torch(x[3:4]).view(5, BINS + 2)[2]  # where x[3, 2] counted before
+    x[3, 2] = float("nan")
+    got = kernel_counts(b, x).view(5, BINS + 2)
+    expected = clean.clone()
+    expected[2] -= old
+    expected[2, 0] += 1
+    assert torch.equal(got, expected)

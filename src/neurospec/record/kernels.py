@@ -57,6 +57,17 @@ _BLOCK = 256  # columns per block (its partial sums stay in the L1 cache, its hi
 _MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
 _LOCK = threading.Lock()
 _pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its threads, the process that made it)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets a fresh lock (the parent's may have been held by another thread at the fork) and no pool
+    (the parent's pool threads do not exist in the child)."""
+    global _LOCK, _pool
+    _LOCK = threading.Lock()
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is unavailable
 
 
@@ -148,6 +159,7 @@ def _compile() -> dict[str, Any]:
                     t = np.floor(v * sc[k])
                     t -= (t == 0.0) & (v < 0.0)
                     t = min(max(t - sh[k], 0.0), top)
+                    t = t if t == t else 0.0  # NaN (only where a keep mask drops it) never indexes out of bounds
                     slot[k] = (j0 + k) * stride + np.int64(t)
                 if use_keep:
                     kept = keep[i, j0:j1]
@@ -192,6 +204,8 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
     with _LOCK:
         # A new pool when more threads are wanted, or in a forked child (whose copy of the pool has no threads).
         if _pool is None or _pool[1] < parts - 1 or _pool[2] != os.getpid():
+            if _pool is not None and _pool[2] == os.getpid():
+                _pool[0].shutdown(wait=False)  # its queued work is none: every caller waits for its futures
             _pool = (ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="neurospec-kernel"), parts - 1,
                      os.getpid())
         pool = _pool[0]
