@@ -184,7 +184,9 @@ def _run_expand(loaded, model, pat, calib, evals, dense, chosen, clusters, pca_d
         **res.to_dict(),
         "perplexity": {name: {"dense": dense[name], "sparse": sparse[name], "plain_sparsegpt": plain_ppl[name]}
                        for name in evals},
-        "expansion_error": {"task": held_name, "tokens": int(held.numel()), "modules": errors},
+        "expansion_error": {"task": held_name, "tokens": int(held.numel()), "modules": errors,
+                            "plain": "each module's plain SparseGPT weights on the same inputs as its expansion "
+                                     "(earlier blocks expanded), not the plain_sparsegpt model's"},
         "calibration": {"task": calib.name, "tokens": res.calibration_tokens, "seq_len": seq_len},
         "eval_tokens": {name: int(blocks.numel()) for name, blocks in evals.items()},
     }

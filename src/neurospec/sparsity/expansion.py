@@ -8,7 +8,8 @@ down projections, BERT's ``intermediate.dense`` and ``output.dense``):
    ``p = max(1, in // pca_div)`` dimensions and clustered by k-means (scikit-learn, ``clusters`` centroids, seeded,
    one k-means++ initialisation);
 2. every calibration token is routed to the cluster whose centroid is nearest to its projection (the same routing
-   the layer uses at inference, so training and inference agree even where k-means' own labels would not);
+   the layer uses at inference, so calibration and inference assign a given input alike even where k-means' own
+   labels would not);
 3. cluster ``k``'s copy is SparseGPT run on the Hessian of the tokens routed to ``k`` only (same pattern, sparsity
    and options as plain SparseGPT). A cluster with fewer than ``min_cluster_tokens`` tokens (default: the layer's
    input width, the floor plain SparseGPT applies to a whole layer, below which the Hessian is rank-deficient and
@@ -20,7 +21,11 @@ pure torch. Modules fed the same tensor (gate and up) share one PCA and k-means 
 
 Layer-sequential like :func:`~neurospec.sparsity.driver.sparsify`: block by block, the block runs over all
 calibration tokens with hooks storing the chosen modules' inputs, those modules are expanded, and the expanded
-block runs again to produce the next block's inputs. Memory: the stored inputs of one block (``tokens x in``
+block runs again to produce the next block's inputs. Within a block all modules are calibrated in that one pass,
+as plain SparseGPT calibrates them (so one cluster reproduces it exactly): the down projection is fitted on the
+product of the *dense* gate and up of its block, while at inference it receives the product of the expanded ones,
+so a few of its tokens route to another cluster than the same token did in calibration (about 5% in a tiny test
+model). Memory: the stored inputs of one block (``tokens x in``
 floats per distinct input) and the copies: ``clusters`` times the weights of every expanded module
 (:func:`expansion_memory`; SmolLM2-135M, all 30 blocks, 16 clusters: about 1.3 G parameters, 5 GB in float32).
 
@@ -351,7 +356,7 @@ def expand(
     if calibration is None or calibration.numel() == 0:
         raise SparsityError("sparse expansion needs calibration token ids [blocks, seq]")
     n_tokens = int(calibration.shape[0]) if calibration.is_floating_point() else int(calibration.numel())
-    if n_tokens < clusters:
+    if n_tokens < clusters and not calibration.is_floating_point():  # images: their tokens are checked per module
         raise SparsityError(f"{clusters} clusters need at least as many calibration tokens, got {n_tokens}: give more "
                             "calibration tokens or fewer clusters")
     source = model.model if isinstance(model, LoadedModel) else model
