@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,21 +56,37 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically. The file gets the mode a plain ``open(path, "wb")`` would give
     (0o666 less the umask), not the owner-only mode of :func:`tempfile.mkstemp`."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create a fresh hidden file beside ``path``, let ``write(tmp)`` fill it (by its path), flush it to disk and
+    rename it to ``path``; on any error the file is removed and ``path`` is left as it was. Mode as
+    :func:`atomic_write_bytes`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
         tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, flags, 0o666)
+            os.close(os.open(tmp, flags, 0o666))
             break
         except FileExistsError:
             continue
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
+        write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaced the file by its own may have given it another mode
+        fd = os.open(tmp, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,11 +99,18 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Atomic safetensors write (tensors made contiguous and moved to CPU)."""
-    from safetensors.torch import save
+    """Atomic safetensors write (tensors made contiguous and moved to CPU).
+
+    The file is written by safetensors straight from the tensors, without first building its bytes in memory
+    (that would double the memory of large states such as a run's reservoirs)."""
+    from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata=dict(metadata or {})))
+
+    def write(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata=dict(metadata or {}))
+
+    _atomic_write(path, write)
 
 
 def load_tensors(path: Path, what_to_do: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
