@@ -360,3 +360,27 @@ def test_record_lets_each_task_s_accumulators_go_before_the_next_task(setup, mon
     monkeypatch.setattr(recorder, "record_task", spy)
     record(loaded, tasks, tmp / "run", CFG)
     assert len(states) == 2
+
+
+def test_statistics_are_read_without_the_reservoir_samples(setup, monkeypatch):
+    loaded, tasks, tmp = setup
+    record(loaded, tasks, tmp / "run", CFG)
+    run = open_run(tmp / "run")
+    full = {s: a["stats"].compute() for s, a in run.accumulators("alpha").items()}
+    read: list[str] = []
+    real = store.load_tensors
+
+    def spy(*args, **kwargs):
+        tensors, meta = real(*args, **kwargs)
+        read.extend(tensors)
+        return tensors, meta
+
+    monkeypatch.setattr(store, "load_tensors", spy)
+    stats = run.stats("alpha")
+    run.merged_stats(["alpha", "beta"])
+    assert read and not [k for k in read if "/stats/" not in k], "only the statistics' tensors are read"
+    for site, st in full.items():
+        for k, v in st.items():
+            torch.testing.assert_close(stats[site][k], v, rtol=0, atol=0, equal_nan=True)
+    read.clear()
+    assert run.reservoir("alpha") and {k.split("/")[1] for k in read} == {"reservoir"}

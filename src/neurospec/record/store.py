@@ -113,9 +113,12 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     _atomic_write(path, write)
 
 
-def load_tensors(path: Path, what_to_do: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(
+    path: Path, what_to_do: str = "", keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file; a missing, truncated or otherwise unreadable one raises :class:`RunStoreError`
-    naming the file (followed by ``what_to_do``, the remedy the caller knows)."""
+    naming the file (followed by ``what_to_do``, the remedy the caller knows). ``keep``: read only the tensors whose
+    name it accepts (the others are not read at all)."""
     from safetensors import safe_open
 
     hint = f"; {what_to_do}" if what_to_do else ""
@@ -126,7 +129,8 @@ def load_tensors(path: Path, what_to_do: str = "") -> tuple[dict[str, torch.Tens
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             for k in f.keys():
-                out[k] = f.get_tensor(k)
+                if keep is None or keep(k):
+                    out[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error type (and OSError) for damaged files
         raise RunStoreError(f"run file {path} is damaged or truncated ({e}){hint}") from None
     return out, meta
@@ -276,11 +280,14 @@ class Run:
             )
         return self.path / "stats" / f"{task}.safetensors"
 
-    def accumulators(self, task: str) -> dict[str, dict[str, Any]]:
-        """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded)."""
+    def accumulators(self, task: str, names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded).
+        ``names``: read only these accumulators (e.g. ``("stats",)``: the reservoir's samples, often the largest part
+        of the file, are then not read)."""
         path = self._task_file(task)
         redo = f"record task {task!r} again: the same `neurospec record` command with --force"
-        tensors, meta = load_tensors(path, redo)
+        keep = None if names is None else (lambda key: key.split("/", 2)[1] in names)
+        tensors, meta = load_tensors(path, redo, keep)
         try:
             return accumulators_from_tensors(tensors, json.loads(meta.get("accumulators", "{}")))
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -290,11 +297,11 @@ class Run:
     def merged_stats(self, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """Computed statistics of the union of several recorded tasks, ``{site: {"mean": Tensor[width], ...}}``, by
         exact merging of their accumulators (:func:`~neurospec.record.accumulators.merge_stats`)."""
-        return merge_stats([{s: a["stats"] for s, a in self.accumulators(t).items()} for t in tasks])
+        return merge_stats([{s: a["stats"] for s, a in self.accumulators(t, ("stats",)).items()} for t in tasks])
 
     def stats(self, task: str, site: str | None = None) -> dict:
         """Computed per-neuron statistics: ``{site: {"mean": Tensor[width], ...}}`` or one site's dict."""
-        accs = self.accumulators(task)
+        accs = self.accumulators(task, ("stats",))
         if site is not None:
             if site not in accs:
                 raise RunStoreError(f"run {self.path} recorded no site {site!r}")
@@ -303,7 +310,7 @@ class Run:
 
     def reservoir(self, task: str) -> dict[str, torch.Tensor]:
         """``{site: Tensor[k, width]}`` activation samples; an error that says how to record them if absent."""
-        accs = self.accumulators(task)
+        accs = self.accumulators(task, ("reservoir",))
         out = {s: a["reservoir"].compute()["samples"] for s, a in accs.items() if "reservoir" in a}
         if not out:
             raise RunStoreError(
@@ -313,7 +320,7 @@ class Run:
         return out
 
     def comoments(self, task: str) -> dict[str, dict[str, torch.Tensor]]:
-        accs = self.accumulators(task)
+        accs = self.accumulators(task, ("comoments",))
         out = {s: a["comoments"].compute() for s, a in accs.items() if "comoments" in a}
         if not out:
             raise RunStoreError(
