@@ -363,3 +363,38 @@ def test_fold_without_a_bias_flag_refuses_and_changes_nothing():
     info = fold_ablation(model, sites, neurons, offsets, missing_bias="memory")
     assert info.config_changes == {} and len(info.created_biases) == len(sites)
     torch.testing.assert_close(logits(model, inputs), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: transposed Conv1D weights with biases
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_folding_changes_the_weights_in_place_without_copying_them(family, method):
+    model = tiny_model(family)
+    sites = find_sites(model)
+    neurons = NeuronSet.random(sites, frac=0.3, seed=1)
+    kw = {"offsets": {s.name: torch.randn(s.width) for s in sites}} if method == "mean" else {}
+    readers = {s.name: model.get_submodule(s.module) for s in sites}
+    before = {n: (m.weight, m.weight.data_ptr()) for n, m in readers.items()}
+    snap, ids = param_snapshot(model), {n: id(p) for n, p in model.named_parameters()}
+    with ablated(model, sites, neurons, method, **kw):
+        for s in sites:
+            w = readers[s.name].weight
+            assert w is before[s.name][0] and w.data_ptr() == before[s.name][1], f"{s.name}: the weight was copied"
+            cols = torch.as_tensor(neurons.indices(s.name), dtype=torch.long)
+            assert not weight_out_in(readers[s.name])[:, cols].any(), "the ablated columns are folded"
+    assert_untouched(model, snap, ids)
+
+
+def test_an_inference_tensor_weight_is_folded_into_a_copy():
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    sites = find_sites(model)
+    snap = param_snapshot(model)
+    neurons = NeuronSet.random(sites, frac=0.3, seed=1)
+    inputs = tiny_inputs("llama")
+    with torch.inference_mode():
+        base = logits(model, inputs)
+    with ablated(model, sites, neurons, "zero"):
+        with torch.inference_mode():
+            assert not torch.equal(logits(model, inputs), base)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, snap[n]), n

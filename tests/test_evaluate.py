@@ -383,3 +383,62 @@ def test_ablation_study_names_the_metric_of_its_loss(encoder):
     lm = ablation_study(tiny_model("llama"), find_sites(tiny_model("llama")), {"t": b}, kind="mlp",
                         frac_per_step=0.5, steps=1, methods=["zero"], seeds=[0])
     assert lm[0]["loss_metric"] == "next-token cross-entropy"
+
+
+def _whole_chunk_counts(hidden, head, targets, skip, chunk, topk):
+    """The metrics of TokenCounts.update computed over each whole chunk at once (the reference)."""
+    loss, top1, hits, nonfinite, skip_n, skip_top1 = 0.0, 0, 0, 0, 0, 0
+    for lo in range(0, targets.numel(), chunk):
+        lg, tg = head(hidden[lo : lo + chunk]).float(), targets[lo : lo + chunk]
+        tgt = lg.gather(1, tg[:, None])
+        rank = (lg >= tgt).sum(1) - 1
+        finite = torch.isfinite(lg).all(1)
+        loss += float((torch.logsumexp(lg, 1) - tgt[:, 0]).double().sum())
+        top1 += int((finite & (rank < 1)).sum())
+        hits += int((finite & (rank < topk)).sum())
+        nonfinite += int((~finite).sum())
+        keep = ~torch.isin(tg, skip)
+        skip_n += int(keep.sum())
+        skip_top1 += int((finite & (rank < 1) & keep).sum())
+    return loss, top1, hits, nonfinite, skip_n, skip_top1
+
+
+@pytest.mark.parametrize("rows", [128, 7])
+def test_chunk_reductions_in_slices_give_the_whole_chunk_result_bit_for_bit(rows, monkeypatch):
+    from neurospec.evaluate import metrics
+
+    monkeypatch.setattr(metrics, "_REDUCE_ROWS", rows)
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 3001, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(3001, 16, generator=g))
+    hidden = torch.randn(700, 16, generator=g)
+    targets = torch.randint(0, 3001, (700,), generator=g)
+    with torch.no_grad():
+        targets[100:400] = head(hidden[100:400]).argmax(1)  # hits
+    targets[:40] = 7  # many rows whose target is skipped
+    skip = torch.tensor([7, 11])
+    counts = metrics.TokenCounts(10, skip, chunk=300)  # chunks of 300, 300, 100 rows: slices with short tails
+    with torch.no_grad():
+        counts.update(hidden, targets, head=head)
+        ref = _whole_chunk_counts(hidden, head, targets, skip, 300, 10)
+    got = (counts.loss, counts.top1, counts.topk_hits, counts.nonfinite, counts.skip_n, counts.skip_top1)
+    assert got == ref  # exact, the loss included
+    assert counts.n == 700 and counts.top1 >= 300
+
+
+def test_chunk_reductions_never_see_the_whole_chunk(monkeypatch):
+    from neurospec.evaluate import metrics
+
+    seen = []
+    real = metrics.target_rank
+
+    def spy(logits, targets):
+        seen.append(logits.shape[0])
+        return real(logits, targets)
+
+    monkeypatch.setattr(metrics, "target_rank", spy)
+    counts = metrics.TokenCounts(10, None)  # the default chunk
+    counts.update(torch.randn(2 * metrics._CHUNK + 5, 50), torch.randint(0, 50, (2 * metrics._CHUNK + 5,)))
+    assert sum(seen) == 2 * metrics._CHUNK + 5
+    assert max(seen) < 2 * metrics._REDUCE_ROWS < metrics._CHUNK

@@ -298,3 +298,89 @@ def test_run_from_the_sampled_fingerprint_says_so(setup):
     mf.write_text(json.dumps(m))
     with pytest.raises(RunStoreError, match="different model;"):
         record(loaded, tasks[:1], tmp / "run", CFG)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def test_save_tensors_writes_the_file_without_building_it_in_memory(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    tensors = {"a/hist": torch.arange(12, dtype=torch.int64).reshape(3, 4), "a/sum": torch.linspace(0, 1, 5).double()}
+    expected = safetensors.torch.save(tensors, metadata={"k": "v"})
+
+    def in_memory(*args, **kwargs):
+        raise AssertionError("save_tensors built the whole file in memory")
+
+    monkeypatch.setattr(safetensors.torch, "save", in_memory)
+    store.save_tensors(tmp_path / "x.safetensors", tensors, {"k": "v"})
+    assert (tmp_path / "x.safetensors").read_bytes() == expected, "the same file as before"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_tensor_write_leaves_no_file(tmp_path):
+    with pytest.raises(Exception):  # noqa: B017 (whatever safetensors raises for a non-contiguous-able object)
+        store.save_tensors(tmp_path / "x.safetensors", {"a": "not a tensor"})
+    assert not list(tmp_path.iterdir())
+
+
+def test_packed_accumulators_are_the_live_states_not_copies(setup):
+    from neurospec.record.recorder import pack_accumulators, record_task
+
+    loaded, _, _ = setup
+    blocks = torch.randint(0, 20, (4, 32))
+    accs = record_task(loaded, blocks, loaded.sites.select(), CFG)
+    tensors, _ = pack_accumulators(accs)
+    for site, group in accs.items():
+        for name, acc in group.items():
+            for k, v in acc.state_view().items():
+                assert tensors[f"{site}/{name}/{k}"] is v, f"{site}/{name}/{k} was copied"
+    with pytest.raises(TypeError):  # the view cannot replace the state
+        acc.state_view()["seen"] = torch.zeros(())
+
+
+def test_record_lets_each_task_s_accumulators_go_before_the_next_task(setup, monkeypatch):
+    import gc
+    import weakref
+
+    from neurospec.record import recorder
+
+    loaded, tasks, tmp = setup
+    real = recorder.record_task
+    states: list[list[weakref.ref]] = []
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive = [r for refs in states for r in refs if r() is not None]
+        assert not alive, f"{len(alive)} state tensors of an earlier task are still referenced"
+        accs = real(*args, **kwargs)
+        states.append([weakref.ref(t) for g in accs.values() for a in g.values() for t in a.state_view().values()])
+        return accs
+
+    monkeypatch.setattr(recorder, "record_task", spy)
+    record(loaded, tasks, tmp / "run", CFG)
+    assert len(states) == 2
+
+
+def test_statistics_are_read_without_the_reservoir_samples(setup, monkeypatch):
+    loaded, tasks, tmp = setup
+    record(loaded, tasks, tmp / "run", CFG)
+    run = open_run(tmp / "run")
+    full = {s: a["stats"].compute() for s, a in run.accumulators("alpha").items()}
+    read: list[str] = []
+    real = store.load_tensors
+
+    def spy(*args, **kwargs):
+        tensors, meta = real(*args, **kwargs)
+        read.extend(tensors)
+        return tensors, meta
+
+    monkeypatch.setattr(store, "load_tensors", spy)
+    stats = run.stats("alpha")
+    run.merged_stats(["alpha", "beta"])
+    assert read and not [k for k in read if "/stats/" not in k], "only the statistics' tensors are read"
+    for site, st in full.items():
+        for k, v in st.items():
+            torch.testing.assert_close(stats[site][k], v, rtol=0, atol=0, equal_nan=True)
+    read.clear()
+    assert run.reservoir("alpha") and {k.split("/")[1] for k in read} == {"reservoir"}

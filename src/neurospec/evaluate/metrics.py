@@ -28,7 +28,8 @@ change ``||h - h_ref|| / ||h_ref||``.
 Memory: causal LMs whose logits are the output embedding applied to the base model's final hidden states (the
 families of :data:`HIDDEN_PATH_FAMILIES` without a logit transform; tested against the full logits) are evaluated
 from those hidden states through the head, ``chunk`` positions at a time, so no ``[batch, seq, vocab]`` tensor
-exists: peak memory is ``batch * seq * hidden`` plus a few ``chunk x vocab`` temporaries. Other models (masked LMs,
+exists: peak memory is ``batch * seq * hidden`` plus one ``chunk x vocab`` logits tensor (the reductions over it run
+128 rows at a time, with the same result, so their temporaries are small). Other models (masked LMs,
 other families) take the model's full logits, one batch at a time. Sums accumulate in float64.
 """
 
@@ -48,6 +49,7 @@ from neurospec.models.loading import LoadedModel, head_of
 from neurospec.models.placement import input_device
 
 _CHUNK = 1024
+_REDUCE_ROWS = 128  # rows of a chunk's logits reduced at a time (TokenCounts.update)
 
 #: What the accuracy-like ``top1`` of each objective's metrics measures (every metrics dict names it as ``metric``).
 METRIC_NAMES = {
@@ -144,18 +146,28 @@ class TokenCounts:
             part = rows[lo : lo + self.chunk]
             lg = (part if head is None else head(part)).float()
             tg = targets[lo : lo + self.chunk]
-            rank, finite = target_rank(lg, tg)
-            nll = torch.logsumexp(lg, dim=1) - lg.gather(1, tg[:, None])[:, 0]
-            hit1 = finite & (rank < 1)
-            self.loss += float(nll.double().sum())
-            self.top1 += int(hit1.sum())
-            self.topk_hits += int((finite & (rank < self.topk)).sum())
-            self.nonfinite += int((~finite).sum())
+            # The reductions run over slices of at least _REDUCE_ROWS rows of the chunk's logits (a short tail joins
+            # the slice before it), so their temporaries are a fraction of the [chunk, vocab] logits. Every value is
+            # per row, and a slice of that many rows takes the same per-row path as the whole chunk: the result is
+            # bit for bit that of the whole chunk at once.
+            cuts = list(range(0, tg.numel(), _REDUCE_ROWS))
+            if len(cuts) > 1 and tg.numel() - cuts[-1] < _REDUCE_ROWS:
+                cuts.pop()
+            nll = []
+            for a, b in zip(cuts, [*cuts[1:], tg.numel()], strict=True):
+                lg_s, tg_s = lg[a:b], tg[a:b]
+                rank, finite = target_rank(lg_s, tg_s)
+                nll.append(torch.logsumexp(lg_s, dim=1) - lg_s.gather(1, tg_s[:, None])[:, 0])
+                hit1 = finite & (rank < 1)
+                self.top1 += int(hit1.sum())
+                self.topk_hits += int((finite & (rank < self.topk)).sum())
+                self.nonfinite += int((~finite).sum())
+                if skip is not None:
+                    keep = ~torch.isin(tg_s, skip)
+                    self.skip_n += int(keep.sum())
+                    self.skip_top1 += int((hit1 & keep).sum())
+            self.loss += float(torch.cat(nll).double().sum())
             self.n += tg.numel()
-            if skip is not None:
-                keep = ~torch.isin(tg, skip)
-                self.skip_n += int(keep.sum())
-                self.skip_top1 += int((hit1 & keep).sum())
 
     def compute(self, objective: str) -> dict:
         if self.n == 0:

@@ -310,11 +310,28 @@ def _fold_in_place(module: nn.Module, idx: torch.Tensor, contrib: torch.Tensor |
 
 
 def _swap_folded(p: _SitePlan, undo: list[Callable[[], None]]) -> bool:
-    """Fold into fresh copies of the module's weight (and bias), registering how to put the originals back.
+    """Fold into the module's own weight (and bias) in place, registering how to put their exact values back: only
+    the ablated columns of the weight (and the bias) are saved, not a copy of the whole weight. A weight that is an
+    inference tensor cannot change in place outside inference mode: it is swapped for a folded copy instead.
     Returns whether a bias was created."""
     module = p.module
     orig_w, orig_b = module.weight, module.bias
     contrib = _contribution(p.weight, p.idx, p.values)
+    if not (orig_w.is_inference() and not torch.is_inference_mode_enabled()):
+        idx = p.idx.to(orig_w.device)
+        cols = weight_out_in(module)[:, idx].clone()
+        saved_b = orig_b.detach().clone() if contrib is not None and orig_b is not None else None
+
+        def restore() -> None:
+            with torch.no_grad():
+                weight_out_in(module)[:, idx] = cols
+                if saved_b is not None:
+                    orig_b.copy_(saved_b)
+
+        undo.append(restore)
+        if contrib is not None and orig_b is None:
+            undo.append(lambda: setattr(module, "bias", None))
+        return _fold_in_place(module, p.idx, contrib)
     module.weight = nn.Parameter(orig_w.detach().clone(), requires_grad=orig_w.requires_grad)
     undo.append(lambda: setattr(module, "weight", orig_w))
     if contrib is not None:
@@ -371,9 +388,10 @@ def ablated(
     columns (``fold=False``: the reference the folding is tested against); ``resample`` always uses hooks. A routed
     expert of a mixture-of-experts layer folds zero ablation into its slice of the fused down projection; its other
     methods always use an expert hook (the fused projection has no bias to fold constants into).
-    Folding keeps the original parameter objects and puts them back on exit, so every parameter is bit-identical
-    afterwards, biases created for the fold are removed and hooks are taken off, also when the block raises.
-    Memory: one copy of each changed weight (and, for resample, the ablated columns of ``samples`` on the device).
+    Folding changes the original parameters in place and puts their saved values back on exit, so every parameter is
+    bit-identical afterwards, biases created for the fold are removed and hooks are taken off, also when the block
+    raises. Memory: a copy of the ablated columns of each changed weight and of its bias (no copy of whole weights;
+    for resample, the ablated columns of ``samples`` on the device).
     ``seed`` seeds the resample draws; ``per_neuron`` draws a row per neuron instead of per token (resample only).
     Models spread over devices (:mod:`neurospec.models.placement`): each site's values live on the device its module
     runs on, and a site whose weights are offloaded (loaded afresh by every forward) is ablated by a hook.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -158,6 +159,11 @@ class Accumulator:
     def state_dict(self) -> dict[str, Tensor]:
         """A copy of the state: ``{name: contiguous CPU tensor}``, directly writable with safetensors."""
         return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self._state.items()}
+
+    def state_view(self) -> Mapping[str, Tensor]:
+        """The live state tensors themselves (no copy): read them, e.g. to write them to a file, before the next
+        ``update`` or ``merge`` changes them, and never modify them. :meth:`state_dict` gives a copy."""
+        return MappingProxyType(self._state)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Replace the state by ``state`` (as returned by ``state_dict``); names, shapes and dtypes must match."""

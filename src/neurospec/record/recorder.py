@@ -171,12 +171,16 @@ def make_accumulators(site: Site, cfg: RecordConfig, rank: int = 0) -> dict[str,
 
 
 def pack_accumulators(accs: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten ``{site: {acc_name: accumulator}}`` into safetensors tensors plus JSON metadata."""
+    """Flatten ``{site: {acc_name: accumulator}}`` into safetensors tensors plus JSON metadata.
+
+    The tensors are the accumulators' live states (:meth:`~neurospec.record.base.Accumulator.state_view`), not
+    copies: write them before the accumulators change again (a copy would double the memory of the state, which
+    with the default reservoir is several times the model's activations)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for site, group in accs.items():
         for name, acc in group.items():
-            for k, v in acc.state_dict().items():
+            for k, v in acc.state_view().items():
                 tensors[f"{site}/{name}/{k}"] = v
             meta[f"{site}/{name}"] = acc.meta() if hasattr(acc, "meta") else {}
     return tensors, meta
@@ -448,9 +452,9 @@ def _record_tasks(loaded, tasks, names, out, cfg, sites, force, progress, checkp
             checkpoint_every=checkpoint_every, progress=progress, task_name=data.name,
         )
         seconds = time.perf_counter() - t0
-        n_bad = int(sum(int(g["stats"].state_dict()["nonfinite"].sum()) for g in accs.values()))
+        n_bad = int(sum(int(g["stats"].state_view()["nonfinite"].sum()) for g in accs.values()))
         if n_tokens is None:  # images: every position (patch) of every image counts once
-            n_tokens = int(next(iter(accs.values()))["stats"].state_dict()["count"].max())
+            n_tokens = int(next(iter(accs.values()))["stats"].state_view()["count"].max())
         with together():  # every rank keeps its checkpoint until rank 0 has written the task's result
             if rank == 0:
                 tensors, meta = pack_accumulators(accs)
@@ -464,6 +468,10 @@ def _record_tasks(loaded, tasks, names, out, cfg, sites, force, progress, checkp
         partial.unlink(missing_ok=True)
         summary_tasks[data.name] = n_tokens
         nonfinite[data.name] = n_bad
+        # The task's accumulators (with the default reservoir, several times the model's activations) and data are
+        # written: let them go before the next task builds its own.
+        del accs, resume, data, blocks
+        tensors = meta = None
     return {
         "run": str(out),
         "tasks": summary_tasks,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,21 +56,37 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically. The file gets the mode a plain ``open(path, "wb")`` would give
     (0o666 less the umask), not the owner-only mode of :func:`tempfile.mkstemp`."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create a fresh hidden file beside ``path``, let ``write(tmp)`` fill it (by its path), flush it to disk and
+    rename it to ``path``; on any error the file is removed and ``path`` is left as it was. Mode as
+    :func:`atomic_write_bytes`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
         tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, flags, 0o666)
+            os.close(os.open(tmp, flags, 0o666))
             break
         except FileExistsError:
             continue
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
+        write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaced the file by its own may have given it another mode
+        fd = os.open(tmp, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,16 +99,26 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Atomic safetensors write (tensors made contiguous and moved to CPU)."""
-    from safetensors.torch import save
+    """Atomic safetensors write (tensors made contiguous and moved to CPU).
+
+    The file is written by safetensors straight from the tensors, without first building its bytes in memory
+    (that would double the memory of large states such as a run's reservoirs)."""
+    from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata=dict(metadata or {})))
+
+    def write(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata=dict(metadata or {}))
+
+    _atomic_write(path, write)
 
 
-def load_tensors(path: Path, what_to_do: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(
+    path: Path, what_to_do: str = "", keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file; a missing, truncated or otherwise unreadable one raises :class:`RunStoreError`
-    naming the file (followed by ``what_to_do``, the remedy the caller knows)."""
+    naming the file (followed by ``what_to_do``, the remedy the caller knows). ``keep``: read only the tensors whose
+    name it accepts (the others are not read at all)."""
     from safetensors import safe_open
 
     hint = f"; {what_to_do}" if what_to_do else ""
@@ -102,7 +129,8 @@ def load_tensors(path: Path, what_to_do: str = "") -> tuple[dict[str, torch.Tens
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             for k in f.keys():
-                out[k] = f.get_tensor(k)
+                if keep is None or keep(k):
+                    out[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error type (and OSError) for damaged files
         raise RunStoreError(f"run file {path} is damaged or truncated ({e}){hint}") from None
     return out, meta
@@ -252,11 +280,14 @@ class Run:
             )
         return self.path / "stats" / f"{task}.safetensors"
 
-    def accumulators(self, task: str) -> dict[str, dict[str, Any]]:
-        """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded)."""
+    def accumulators(self, task: str, names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``{site: {"stats": NeuronStats, "reservoir": Reservoir, "comoments": CoMoments}}`` (those recorded).
+        ``names``: read only these accumulators (e.g. ``("stats",)``: the reservoir's samples, often the largest part
+        of the file, are then not read)."""
         path = self._task_file(task)
         redo = f"record task {task!r} again: the same `neurospec record` command with --force"
-        tensors, meta = load_tensors(path, redo)
+        keep = None if names is None else (lambda key: key.split("/", 2)[1] in names)
+        tensors, meta = load_tensors(path, redo, keep)
         try:
             return accumulators_from_tensors(tensors, json.loads(meta.get("accumulators", "{}")))
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -266,11 +297,11 @@ class Run:
     def merged_stats(self, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """Computed statistics of the union of several recorded tasks, ``{site: {"mean": Tensor[width], ...}}``, by
         exact merging of their accumulators (:func:`~neurospec.record.accumulators.merge_stats`)."""
-        return merge_stats([{s: a["stats"] for s, a in self.accumulators(t).items()} for t in tasks])
+        return merge_stats([{s: a["stats"] for s, a in self.accumulators(t, ("stats",)).items()} for t in tasks])
 
     def stats(self, task: str, site: str | None = None) -> dict:
         """Computed per-neuron statistics: ``{site: {"mean": Tensor[width], ...}}`` or one site's dict."""
-        accs = self.accumulators(task)
+        accs = self.accumulators(task, ("stats",))
         if site is not None:
             if site not in accs:
                 raise RunStoreError(f"run {self.path} recorded no site {site!r}")
@@ -279,7 +310,7 @@ class Run:
 
     def reservoir(self, task: str) -> dict[str, torch.Tensor]:
         """``{site: Tensor[k, width]}`` activation samples; an error that says how to record them if absent."""
-        accs = self.accumulators(task)
+        accs = self.accumulators(task, ("reservoir",))
         out = {s: a["reservoir"].compute()["samples"] for s, a in accs.items() if "reservoir" in a}
         if not out:
             raise RunStoreError(
@@ -289,7 +320,7 @@ class Run:
         return out
 
     def comoments(self, task: str) -> dict[str, dict[str, torch.Tensor]]:
-        accs = self.accumulators(task)
+        accs = self.accumulators(task, ("comoments",))
         out = {s: a["comoments"].compute() for s, a in accs.items() if "comoments" in a}
         if not out:
             raise RunStoreError(
