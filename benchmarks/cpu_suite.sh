@@ -4,7 +4,7 @@
 #     bash benchmarks/cpu_suite.sh [DIR]
 # Recording and the selective-pruning step run twice: with glibc's thresholds pinned as the command line pins them
 # (tune_allocator) and with glibc's defaults; recording a third time on the torch reference path (no kernels).
-# About 25 minutes on 2 cores of a 2026 server CPU.
+# About 35 minutes on 2 cores of a 2026 server CPU (peak memory last, each arm in a fresh process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -31,4 +31,5 @@ run prune_default "${DEFAULT[@]}" "$PY" benchmarks/prune_speed.py --json --repea
 run sparsity "${PIN[@]}" "$PY" benchmarks/sparsity_speed.py --json --repeats 2
 run wasserstein "${PIN[@]}" "$PY" benchmarks/wasserstein_speed.py --json --repeats 3
 run skills "${PIN[@]}" "$PY" benchmarks/skills_speed.py --json --repeats 3
+run memory "$PY" benchmarks/memory_peak.py --json --tokens 8192 --eval-tokens 4096
 echo "cpu_suite: JSON in $DIR" >&2
