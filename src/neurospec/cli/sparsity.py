@@ -67,7 +67,6 @@ def sparsify_cmd(
     from neurospec.data.tasks import build_task_data
     from neurospec.evaluate import evaluate_lm
     from neurospec.models.loading import load_model
-    from neurospec.record.layout import SPARSIFY, write_result_json
     from neurospec.sparsity import make_pattern, save_sparse, sparsify
 
     pat = make_pattern(sparsity, pattern)  # bad input fails before the model loads
@@ -98,17 +97,10 @@ def sparsify_cmd(
         "model": model,
         **res.to_dict(),
         "perplexity": {name: {"dense": dense[name], "sparse": sparse[name]} for name in evals},
-        "calibration": {"task": calib.name, "tokens": res.calibration_tokens, "seq_len": seq_len},
-        "eval_tokens": {name: int(blocks.numel()) for name, blocks in evals.items()},
     }
-    result.pop("layer_details")
     if save is not None:
         result["saved"] = str(save_sparse(loaded.model, save, loaded.tokenizer))
-    result["total_seconds"] = time.perf_counter() - t0
-    if out_dir is not None:
-        write_result_json(out_dir / SPARSIFY, result)
-    if not calib.collect_info.complete:
-        err.print(f"[yellow]note[/]: task {calib.name!r} holds only {res.calibration_tokens} calibration tokens")
+    _finish(result, calib, res.calibration_tokens, evals, seq_len, t0, out_dir)
 
     def human():
         sp = list(result["layers"].values())
@@ -125,6 +117,21 @@ def sparsify_cmd(
             out.print(f"saved to {result['saved']}")
 
     emit(result, json_, human)
+
+
+def _finish(result: dict, calib, calibration_tokens: int, evals: dict, seq_len: int, t0: float,
+            out_dir: Path | None) -> None:
+    """The keys every sparsify result ends with, the result file (--out) and the note on a short calibration task."""
+    from neurospec.record.layout import SPARSIFY, write_result_json
+
+    result.pop("layer_details", None)
+    result["calibration"] = {"task": calib.name, "tokens": calibration_tokens, "seq_len": seq_len}
+    result["eval_tokens"] = {name: int(blocks.numel()) for name, blocks in evals.items()}
+    result["total_seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        write_result_json(out_dir / SPARSIFY, result)
+    if not calib.collect_info.complete:
+        err.print(f"[yellow]note[/]: task {calib.name!r} holds only {calibration_tokens} calibration tokens")
 
 
 def _check_expand(method: str, clusters: int, pca_div: int, calib_tokens: int, save: Path | None) -> None:
@@ -187,17 +194,8 @@ def _run_expand(loaded, model, pat, calib, evals, dense, chosen, clusters, pca_d
         "expansion_error": {"task": held_name, "tokens": int(held.numel()), "modules": errors,
                             "plain": "each module's plain SparseGPT weights on the same inputs as its expansion "
                                      "(earlier blocks expanded), not the plain_sparsegpt model's"},
-        "calibration": {"task": calib.name, "tokens": res.calibration_tokens, "seq_len": seq_len},
-        "eval_tokens": {name: int(blocks.numel()) for name, blocks in evals.items()},
     }
-    result.pop("layer_details")
-    result["total_seconds"] = time.perf_counter() - t0
-    if out_dir is not None:
-        from neurospec.record.layout import SPARSIFY, write_result_json
-
-        write_result_json(out_dir / SPARSIFY, result)
-    if not calib.collect_info.complete:
-        err.print(f"[yellow]note[/]: task {calib.name!r} holds only {res.calibration_tokens} calibration tokens")
+    _finish(result, calib, res.calibration_tokens, evals, seq_len, t0, out_dir)
 
     def human():
         ex = result["expansion"]
