@@ -50,6 +50,30 @@ def test_counted_steps_keep_one_timer_while_their_label_changes(monkeypatch):
     ]
 
 
+def test_a_new_phase_under_the_same_key_gets_its_own_timer(monkeypatch):
+    """A long first phase (prompt training: 1 step in an hour) must not make the next phase (84 perturbations at
+    a minute each) look like a day: a new total, or a count that starts over, restarts the timer."""
+    clock = iter([0.0, 3600.0, 3600.0, 3720.0, 3780.0, 3900.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    lines = []
+    monkeypatch.setattr(common.err, "print", lambda text, **kw: lines.append(text))
+    log = common.LogLines(every=60)
+    log("train", 0, 1, key="steps")
+    log("train", 1, 1, key="steps")
+    log("perturb", 0, 84, key="steps")      # new total: a new timer at t=3600
+    log("perturb", 2, 84, key="steps")      # 2 in 120 s -> 82 left at 60 s each
+    log("again", 0, 84, key="steps")        # the same total, counted from 0 again: a new timer at t=3780
+    log("again", 1, 84, key="steps")        # 1 in 120 s
+    assert lines == [
+        "train: 0/1 (0%), 0s elapsed",
+        "train: 1/1 (100%), 1h00m elapsed, done",
+        "perturb: 0/84 (0%), 0s elapsed",
+        "perturb: 2/84 (2%), 2m00s elapsed, about 1h22m left",
+        "again: 0/84 (0%), 0s elapsed",
+        "again: 1/84 (1%), 2m00s elapsed, about 2h46m left",
+    ]
+
+
 def test_record_reports_progress_on_stderr_when_it_is_not_a_terminal(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
     monkeypatch.setenv("NEUROSPEC_PROGRESS_EVERY", "0")

@@ -390,7 +390,8 @@ class LogLines:
     def __init__(self, unit: str = "", every: float | None = None):
         self.unit = unit
         self.every = float(os.environ.get("NEUROSPEC_PROGRESS_EVERY", 60)) if every is None else every
-        self._start: dict[str, tuple[float, int]] = {}
+        self._start: dict[str, tuple[float, int, int]] = {}
+        self._done: dict[str, int] = {}
         self._last: dict[str, float] = {}
         self._label: dict[str, str] = {}
 
@@ -401,13 +402,20 @@ class LogLines:
 
         now = time.monotonic()
         key = label if key is None else key
-        if key not in self._start:
-            self._start[key] = (now, done)
+        start = self._start.get(key)
+        if start is None or start[2] != total or done < self._done.get(key, 0):
+            # a new count under the same key (a phase with another total, or one that starts over): a new timer,
+            # so that the rate of the earlier phase does not predict this one
+            self._start[key] = (now, done, total)
+            self._done[key] = done
+            self._label.pop(key, None)
         elif done < total and now - self._last.get(key, 0.0) < self.every and label == self._label.get(key):
+            self._done[key] = done
             return
         self._last[key] = now
         self._label[key] = label
-        t0, d0 = self._start[key]
+        self._done[key] = done
+        t0, d0, _ = self._start[key]
         elapsed = now - t0
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         line = f"{label}: {done:,}/{total:,}{' ' + self.unit if self.unit else ''}{pct}, {_duration(elapsed)} elapsed"

@@ -175,6 +175,8 @@ def perturbation_study(pm: PromptedModel, items, labels, prompt: Prompt | None, 
     todo = [p for p in ps if p > 0]
     total, done = len(todo) * len(methods) * (1 + n_random), 0
     rows = []
+    if progress is not None and todo and methods:
+        progress(f"perturb {key} p={todo[0]:g} {methods[0]}", 0, total)  # the timer of the study starts here
     for p in todo:
         skill = select_top_p(scores, p, key=key)
         counts = {s: (int(v.numel()), int(scores[s].numel())) for s, v in skill.items()}
