@@ -193,6 +193,21 @@ def test_moments_kernel_against_float64_reference(name, dtype, threads):
     torch.testing.assert_close(got[1], sums, rtol=1e-4, atol=1e-4 * float(got[1].max()))
 
 
+@pytest.mark.parametrize("name", ["random", "huge_mean_small_spread", "one_row"])
+def test_moments_kernel_higher_power_sums_against_float64_reference(name, threads):
+    """``higher=True`` adds sum (x - shift)^3 and ^4 and leaves the other rows exactly as they were."""
+    x = adversarial_cases()[name][1].float()
+    plain = kernels.moments(x, 2)
+    got = kernels.moments(x, 2, higher=True)
+    assert got.shape == (kernels.MOMENT_ROWS + 2, x.shape[1])
+    assert torch.equal(got[: kernels.MOMENT_ROWS], plain)
+    d = x.double() - got[7]
+    for row, power in zip(kernels.HIGHER_ROWS, (3, 4), strict=True):
+        want = (d**power).sum(0)
+        scale = (d.abs() ** power).sum(0) + 1e-300
+        assert bool(((got[row] - want).abs() <= 1e-12 * scale).all()), power
+
+
 def test_moments_kernel_flags_non_finite_input():
     x = torch.randn(40, 5, generator=torch.Generator().manual_seed(5))
     for value in (math.nan, math.inf, -math.inf):

@@ -77,6 +77,39 @@ def test_central_moments_stream_and_merge_like_one_pass_and_match_scipy():
     assert float(a["bimodality"][1]) > 5 / 9 > float(a["bimodality"][0])
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_module_outputs_moments_match_scipy_on_adversarial_batches(kernels_on, monkeypatch):
+    """The CPU path takes the 3rd/4th moments from the fused kernel's power sums about a per-batch shift, the
+    reference path from torch; both must match scipy over all tokens, also for neurons whose mean is 1e4 times
+    their spread, a constant-then-jumping neuron, a heavy tail, and batches of very different sizes and scales."""
+    from neurospec.record import kernels
+    from neurospec.sparsity.outputs import new_outputs
+
+    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
+    g = torch.Generator().manual_seed(5)
+    n = 3000
+    cols = [1e4 + 0.5 * torch.randn(n, generator=g),                       # mean far above the spread
+            torch.cat([torch.zeros(n // 2), 7.0 + torch.randn(n - n // 2, generator=g)]),  # first half constant
+            torch.randn(n, generator=g).pow(3) * 50,                           # heavy tail
+            -3.0 + 1e-3 * torch.randn(n, generator=g)]                        # tiny spread below zero
+    y = torch.stack(cols, 1).float()
+    acc = new_outputs("m", 4)
+    sizes = [1, 7, 500, 2, 1490, 1000]  # including a one-token batch
+    start = 0
+    for k in sizes:
+        acc.update(torch.randn(k, 3), y[start : start + k])
+        start += k
+    assert start == n
+    got = acc.moments.compute()
+    yn = y.double().numpy()
+    # float64 sums on the kernel path; the torch path sums each batch in float32 (documented): looser there
+    tol = 1e-9 if kernels_on else 1e-4
+    for key, want in (("mean", yn.mean(0)), ("var", yn.var(0)), ("skewness", ss.skew(yn, axis=0)),
+                      ("kurtosis", ss.kurtosis(yn, axis=0))):
+        err = ((got[key] - torch.tensor(want)).abs() / torch.tensor(want).abs().clamp(min=1e-3)).max()
+        assert float(err) < tol, (key, float(err))
+
+
 def test_mapping_difficulty_matches_a_brute_force_loop_over_the_same_pairs():
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(5, 4)

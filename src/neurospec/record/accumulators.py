@@ -270,15 +270,19 @@ class NeuronStats(Accumulator):
         return self._grid
 
     # --------------------------------------------------------------------------------------------- update
-    def update(self, x: Tensor) -> None:
-        """Add a batch ``x`` ``[tokens, width]`` (any float dtype, any device)."""
+    def update(self, x: Tensor, moments: Tensor | None = None) -> None:
+        """Add a batch ``x`` ``[tokens, width]`` (any float dtype, any device).
+
+        ``moments``: the result of :func:`neurospec.record.kernels.moments` for this very batch (contiguous, on the
+        CPU) with ``step = hist_sample_every``, when the caller has taken it already (it may hold extra rows);
+        otherwise it is taken here."""
         x = as_rows(x, self.width, "NeuronStats")
         if x.shape[0] == 0:
             return
         sampled = None  # (min, max) over the rows the histogram sees, when already known
-        if kernels.usable(x):  # one fused pass on the CPU (float64 partials)
+        if moments is not None or kernels.usable(x):  # one fused pass on the CPU (float64 partials)
             x = x.contiguous()  # (a copy only for a strided view; both kernels then read it in place)
-            part = kernels.moments(x, self.hist_sample_every)
+            part = kernels.moments(x, self.hist_sample_every) if moments is None else moments[: kernels.MOMENT_ROWS]
             sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
         else:
             part = _fast_partials(x).to("cpu", torch.float64)
@@ -350,7 +354,7 @@ class NeuronStats(Accumulator):
         new = fit_grid(old, batch_min, batch_max, self.hist_bins)
         s = self._state
         if not (torch.equal(new.level, old.level) and torch.equal(new.first, old.first)):
-            s["hist"].copy_(regrid(s["hist"], old, new))
+            regrid(s["hist"], old, new, inplace=True)
             lo, hi = new.edges(self.hist_bins)
             s["hist_lo"].copy_(lo)
             s["hist_hi"].copy_(hi)

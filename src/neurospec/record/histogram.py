@@ -167,14 +167,15 @@ def fit_grid(grid: Grid, vmin: Tensor, vmax: Tensor, bins: int) -> Grid:
     return Grid(level, torch.where(has, first, math.nan), torch.where(has, last, math.nan))
 
 
-def regrid(counts: Tensor, old: Grid, new: Grid) -> Tensor:
-    """Counts ``[width, bins + 2]`` on grid ``old`` moved to the coarser (or equal) grid ``new`` (a new tensor).
+def regrid(counts: Tensor, old: Grid, new: Grid, *, inplace: bool = False) -> Tensor:
+    """Counts ``[width, bins + 2]`` on grid ``old`` moved to the coarser (or equal) grid ``new`` (a new tensor, or
+    ``counts`` itself with ``inplace``: only the rows whose window moved are rewritten).
 
     Regular bin ``i`` of a neuron is cell ``old.first + i``; it goes to cell ``floor((old.first + i) /
     2**(new.level - old.level))`` of the new grid. Under/overflow counts stay where they are.
     """
     bins = counts.shape[1] - 2
-    out = counts.clone()
+    out = counts if inplace else counts.clone()
     moved = old.has_data & ((new.level != old.level) | (new.first != old.first))
     if not bool(moved.any()):
         return out

@@ -5,7 +5,8 @@ CPU):
 
 - :func:`moments`: per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of
   x > 0, min and max (and min and max over every ``step``-th row, for a histogram fed only those rows), all
-  accumulated in float64. A non-finite entry makes that neuron's sums non-finite, so the caller still detects it
+  accumulated in float64; optionally also the sums of the 3rd and 4th powers of ``x - shift`` (the shape
+  statistics of the output-side recording, :mod:`neurospec.sparsity.outputs`). A non-finite entry makes that neuron's sums non-finite, so the caller still detects it
   with one check of the small result.
 - :func:`histogram_add`: each entry's histogram slot, exactly as :meth:`~neurospec.record.histogram.Binner.counts_torch`
   computes it, added in place to the int64 counts (the accumulator's state), optionally only where ``keep``.
@@ -48,6 +49,8 @@ MOMENT_ROWS = 10
 """Rows of :func:`moments`' result: sum(x - shift), sum (x - shift)^2, sum |x|, sum sqrt|x|, count x > 0, min, max,
 the shift, and min and max over the rows ``0, step, 2 * step, ...`` (the first eight as in
 ``accumulators._fast_partials``)."""
+HIGHER_ROWS = (MOMENT_ROWS, MOMENT_ROWS + 1)
+"""Rows of :func:`moments`' result with ``higher=True``: sum (x - shift)^3 and sum (x - shift)^4."""
 SHIFT_ROWS = 64
 """The shift of a neuron is the mean of its values in rows ``0, s, 2 * s, ...`` with ``s = max(1, tokens //
 SHIFT_ROWS)``: close to the batch's mean, so that the sums of ``x - shift`` stay accurate for neurons whose mean
@@ -85,7 +88,7 @@ def _compile() -> dict[str, Any]:
     njit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @njit
-    def moments_kernel(x, shift_rows, step, j_start, j_stop, out):  # pragma: no cover - compiled
+    def moments_kernel(x, shift_rows, step, higher, j_start, j_stop, out):  # pragma: no cover - compiled
         n = x.shape[0]
         every = max(1, n // shift_rows)
         taken = (n - 1) // every + 1
@@ -96,6 +99,8 @@ def _compile() -> dict[str, Any]:
             s2 = np.zeros(m)
             sa = np.zeros(m)
             sq = np.zeros(m)
+            s3 = np.zeros(m)
+            s4 = np.zeros(m)
             pc = np.zeros(m)
             mn = np.full(m, np.inf)
             mx = np.full(m, -np.inf)
@@ -115,13 +120,20 @@ def _compile() -> dict[str, Any]:
                     r = np.sqrt(a)  # in x's dtype, like the torch path
                     w = np.float64(v)
                     d = w - c[k]
+                    d2 = d * d
                     s1[k] += d
-                    s2[k] += d * d
+                    s2[k] += d2
                     sa[k] += np.float64(a)
                     sq[k] += np.float64(r)
                     pc[k] += 1.0 if w > 0.0 else 0.0
                     mn[k] = w if w < mn[k] else mn[k]
                     mx[k] = w if w > mx[k] else mx[k]
+                if higher:  # the same loop again over the row just read (still in the L1 cache)
+                    for k in range(m):
+                        d = np.float64(row[k]) - c[k]
+                        d2 = d * d
+                        s3[k] += d2 * d
+                        s4[k] += d2 * d2
                 if i % step == 0:
                     for k in range(m):
                         w = np.float64(row[k])
@@ -137,6 +149,9 @@ def _compile() -> dict[str, Any]:
             out[7, j0:j1] = c
             out[8, j0:j1] = smn
             out[9, j0:j1] = smx
+            if higher:
+                out[10, j0:j1] = s3
+                out[11, j0:j1] = s4
 
     @njit
     def hist_kernel(x, keep, use_keep, scale, shift, bins, step, j_start, j_stop, counts):  # pragma: no cover
@@ -217,12 +232,14 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
             f.result()
 
 
-def moments(x: Tensor, step: int = 1) -> Tensor:
+def moments(x: Tensor, step: int = 1, higher: bool = False) -> Tensor:
     """Float64 ``[MOMENT_ROWS, width]`` partial results of a CPU batch ``x`` ``[tokens, width]`` (see
-    :data:`MOMENT_ROWS` and :data:`SHIFT_ROWS`)."""
+    :data:`MOMENT_ROWS` and :data:`SHIFT_ROWS`); with ``higher``, ``[MOMENT_ROWS + 2, width]``: also the sums of
+    ``(x - shift)^3`` and ``(x - shift)^4`` (rows :data:`HIGHER_ROWS`), from the same read of ``x``."""
     x = x.contiguous()
-    out = torch.empty(MOMENT_ROWS, x.shape[1], dtype=torch.float64)
-    _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), SHIFT_ROWS, int(step), out.numpy())
+    out = torch.empty(MOMENT_ROWS + (2 if higher else 0), x.shape[1], dtype=torch.float64)
+    _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), SHIFT_ROWS, int(step), bool(higher),
+                 out.numpy())
     return out
 
 

@@ -30,7 +30,8 @@ from neurospec.errors import NeurospecError
 from neurospec.models.linear import is_linear, linear_dims
 from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import find_sites
-from neurospec.record.accumulators import NeuronStats, quantiles
+from neurospec.record import kernels
+from neurospec.record.accumulators import _SHIFT, _SUM_C, _SUM_SQ_C, NeuronStats, quantiles
 from neurospec.sparsity.driver import LinearRef, list_linears, select_linears
 
 SCOPES = ("mlp_in", "all")
@@ -85,10 +86,12 @@ def _rows(y: Tensor, width: int, what: str) -> Tensor:
 class CentralMoments:
     """Per-neuron count, mean and central moment sums ``M_k = sum (y - mean)^k`` for ``k = 2, 3, 4`` (float64).
 
-    Each batch's moments are taken about the batch's own mean (in float32, float64 for float64 input, on the
-    batch's device) and combined with the running state by the pairwise update rules for ``M_2 .. M_4`` (Chan et
-    al.; Pebay), in float64 on the CPU, so ``merge`` of two accumulators equals one pass over all their tokens up to
-    rounding. Non-finite outputs are not allowed (a clear error).
+    Each batch gives its power sums ``sum (y - c)^k``, ``k = 1..4``, about a per-neuron shift ``c`` close to its
+    mean (the CPU kernel: float64 sums about the mean of 64 spread rows, :func:`~neurospec.record.kernels.moments`;
+    elsewhere: the batch mean in y's dtype, sums in y's dtype), turned exactly into the batch's mean and central
+    moment sums (:meth:`add_shifted`), then combined with the running state by the pairwise update rules for
+    ``M_2 .. M_4`` (Chan et al.; Pebay) in float64, so ``merge`` of two accumulators equals one pass over all their
+    tokens up to rounding. Non-finite outputs are not allowed (a clear error).
     """
 
     def __init__(self, width: int) -> None:
@@ -101,13 +104,33 @@ class CentralMoments:
         y = _rows(y, self.width, "CentralMoments")
         if y.shape[0] == 0:
             return
-        mean = y.mean(0)
-        d = y - mean
+        shift = y.mean(0)  # in y's dtype: close to the mean; the sum of y - shift below corrects it exactly
+        d = y - shift
         d2 = d * d
-        part = torch.stack([mean, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)]).to("cpu", torch.float64)
+        part = torch.stack([shift, d.sum(0), d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)]).to("cpu", torch.float64)
+        self.add_shifted(y.shape[0], part[0], part[1:])
+
+    def add_shifted(self, n: int, shift: Tensor, sums: Tensor) -> None:
+        """Add a batch of ``n`` tokens given by its float64 power sums about a per-neuron ``shift`` (close to the
+        batch mean): ``sums`` ``[4, width]`` holds ``sum (y - shift)^k`` for ``k = 1..4`` (the CPU kernel's
+        :func:`~neurospec.record.kernels.moments` with ``higher=True`` gives them in the pass that feeds the
+        histogram statistics). They are turned into the batch's mean and central moment sums (binomial expansion
+        about ``e = sum (y - shift) / n``) and combined as :meth:`update` does."""
+        if n == 0:
+            return
+        s1, s2, s3, s4 = sums[0], sums[1], sums[2], sums[3]
+        e = s1 / n
+        m2 = s2 - n * e * e
+        m3 = s3 - 3 * e * s2 + 2 * n * e**3
+        m4 = s4 - 4 * e * s3 + 6 * e * e * s2 - 3 * n * e**4
+        part = torch.stack([shift + e, m2.clamp(min=0), m3, m4.clamp(min=0)])
+        self._check(part)
+        self._combine(n, part[0], part[1], part[2], part[3])
+
+    @staticmethod
+    def _check(part: Tensor) -> None:
         if not bool(torch.isfinite(part).all()):
             raise NeurospecError("CentralMoments: the outputs hold NaN or inf; check the model and its dtype")
-        self._combine(y.shape[0], part[0], part[1], part[2], part[3])
 
     def merge(self, other: CentralMoments) -> CentralMoments:
         if other.width != self.width:
@@ -179,7 +202,26 @@ class MappingDifficulty:
         self.ratio_sum = torch.zeros(width, dtype=torch.float64)
         self.n = 0
         self.max_dx = 0.0
-        self.dy = NeuronStats(width)
+        self._dy = NeuronStats(width)
+        self._pending: list[Tensor] = []  # pair distances not yet in ``dy`` (added in bulk: fewer, larger updates)
+        self._pending_rows = 0
+
+    FLUSH_ROWS = 256
+    """Pair distances are held back until this many rows are pending, then added to the histogram in one update
+    (the same counts and extremes as one update per batch; the per-update costs are paid once per 4 batches of
+    64 pairs, for ``FLUSH_ROWS * width`` floats held: 1.5 MB for 1,536 neurons)."""
+
+    @property
+    def dy(self) -> NeuronStats:
+        """The histogram statistics of the pair distances ``dy`` (every pending row added)."""
+        self._flush()
+        return self._dy
+
+    def _flush(self) -> None:
+        if self._pending:
+            rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+            self._pending, self._pending_rows = [], 0
+            self._dy.update(rows)
 
     def update(self, x: Tensor, y: Tensor) -> None:
         y = _rows(y, self.width, "MappingDifficulty")
@@ -197,7 +239,10 @@ class MappingDifficulty:
         self.ratio_sum += (dy / dx[:, None]).sum(0).to("cpu", torch.float64)
         self.n += int(dx.numel())
         self.max_dx = max(self.max_dx, float(dx.max()))
-        self.dy.update(dy)
+        self._pending.append(dy)
+        self._pending_rows += int(dy.shape[0])
+        if self._pending_rows >= self.FLUSH_ROWS:
+            self._flush()
 
     def merge(self, other: MappingDifficulty) -> MappingDifficulty:
         self.ratio_sum += other.ratio_sum
@@ -227,8 +272,17 @@ class ModuleOutputs:
     def update(self, x: Tensor, y: Tensor) -> None:
         w = self.stats.width
         flat = _rows(y, w, self.name)
-        self.stats.update(flat)
-        self.moments.update(flat)
+        if flat.shape[0] and kernels.usable(flat):
+            # One read of the outputs for every moment (CPU): the histogram statistics' partials and the 3rd and
+            # 4th power sums about the same shift.
+            flat = flat.contiguous()
+            part = kernels.moments(flat, self.stats.hist_sample_every, higher=True)
+            self.stats.update(flat, moments=part)
+            r3, r4 = kernels.HIGHER_ROWS
+            self.moments.add_shifted(flat.shape[0], part[_SHIFT], part[[_SUM_C, _SUM_SQ_C, r3, r4]])
+        else:
+            self.stats.update(flat)
+            self.moments.update(flat)
         self.difficulty.update(x, flat)
 
     def merge(self, other: ModuleOutputs) -> ModuleOutputs:
