@@ -34,6 +34,7 @@ and its histogram counts in the L2 cache.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -195,7 +196,77 @@ def _compile() -> dict[str, Any]:
             elif src != p:
                 values[p, :] = values[src, :]
 
-    _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel}
+    sqrt2 = math.sqrt(2.0)
+    sqrt_2pi = math.sqrt(2.0 * math.pi)
+
+    @njit
+    def w1_kernel(steps, counts, lo, hi, hmin, hmax, mn, mx, mean, sd, j_start, j_stop, out):  # pragma: no cover
+        # Per neuron, the arithmetic of wasserstein._w1_torch in the same order of operations (see w1_normal).
+        k = counts.shape[1] + 1  # knots: min, lo, the bins' upper edges up to hi, max
+        bins = counts.shape[1] - 2
+        knots = np.empty(k)
+        cum = np.empty(k)
+        points = steps.shape[0]
+        for j in range(j_start, j_stop):
+            out[j] = np.nan
+            a, b, s = mn[j], mx[j], sd[j]
+            if not (np.isfinite(a) and np.isfinite(b) and s > 0.0 and b > a):
+                continue
+            # The histogram's CDF knots and the cumulative mass at each (histogram._cdf_knots).
+            low, high, kmin, kmax = lo[j], hi[j], hmin[j], hmax[j]
+            cum[0] = 0.0
+            for i in range(k - 1):
+                cum[i + 1] = cum[i] + np.float64(counts[j, i])
+            total = cum[k - 1]
+            if not (total > 0.0 and kmin <= kmax and np.isfinite(low) and np.isfinite(high)):
+                continue
+            knots[0] = kmin
+            for i in range(bins + 1):
+                knots[i + 1] = low + (high - low) * (np.float64(i) / bins)
+            knots[k - 1] = kmax
+            for i in range(k):
+                knots[i] = min(max(knots[i], kmin), kmax)
+            norm = max(total, 1.0)
+            m = mean[j]
+            inside = 0.0
+            p = 0  # first knot > y (searchsorted right); y only grows, so the pointer only moves forward
+            d0 = 0.0
+            z0 = 0.0
+            z_first = 0.0
+            for i in range(points):
+                y = a + (b - a) * steps[i]
+                while p < k and knots[p] <= y:
+                    p += 1
+                if p == 0:
+                    mass = 0.0
+                elif p >= k:
+                    mass = total
+                else:
+                    p0 = knots[p - 1]
+                    gap = knots[p] - p0
+                    frac = (y - p0) / gap if gap > 0.0 else 0.0
+                    frac = min(max(frac, 0.0), 1.0)
+                    mass = cum[p - 1] + (cum[p] - cum[p - 1]) * frac
+                z = (y - m) / s
+                d = mass / norm - 0.5 * (1.0 + math.erf(z / sqrt2))
+                if i == 0:
+                    z_first = z
+                else:
+                    # int |F - Phi| over the segment, linear in z (wasserstein._abs_linear_integral)
+                    h = z - z0
+                    if d0 * d >= 0.0:
+                        inside += 0.5 * (abs(d0) + abs(d)) * h
+                    else:
+                        inside += 0.5 * (d0 * d0 + d * d) / max(abs(d0) + abs(d), 1e-300) * h
+                d0 = d
+                z0 = z
+            # The normal tails beyond the extremes (wasserstein._phi_integral at z_first and -z_last).
+            t = -z0
+            left = z_first * (0.5 * (1.0 + math.erf(z_first / sqrt2))) + math.exp(-0.5 * z_first * z_first) / sqrt_2pi
+            right = t * (0.5 * (1.0 + math.erf(t / sqrt2))) + math.exp(-0.5 * t * t) / sqrt_2pi
+            out[j] = inside + left + right
+
+    _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel, "w1": w1_kernel}
     return _jit
 
 
@@ -280,3 +351,23 @@ def move_rows(values: Tensor, order: Tensor, filled: int, rows: Tensor) -> None:
     first = int(changed.to(torch.uint8).argmax())
     rows = rows.to(torch.float32).contiguous()
     _compile()["move_rows"](values.numpy(), order.contiguous().numpy(), int(filled), rows.numpy(), first)
+
+
+def w1_normal(
+    steps: Tensor, counts: Tensor, lo: Tensor, hi: Tensor, hmin: Tensor, hmax: Tensor, mn: Tensor, mx: Tensor,
+    mean: Tensor, std: Tensor,
+) -> Tensor:
+    """Float64 ``[width]``: per neuron, the W1 distance of its histogram's distribution, shifted by ``mean`` and
+    scaled by ``std``, to N(0, 1), as :func:`neurospec.sparsity.wasserstein.w1_from_stats` defines it (NaN where it
+    does). ``steps`` ``[points]`` are the positions in ``[0, 1]`` of the evaluation points between each neuron's
+    ``mn`` and ``mx``; ``counts`` ``[width, bins + 2]`` with ``lo``, ``hi``, ``hmin``, ``hmax`` is the histogram
+    (:class:`~neurospec.record.histogram.Histogram`), whose knots must be sorted (``hi >= lo``); all on the CPU.
+
+    One pass per neuron: a pointer walks the CDF's knots as the evenly spaced points advance (no search), and the
+    arithmetic follows the torch code operation by operation, so the two agree to float rounding."""
+    width = counts.shape[0]
+    f64 = [t.to(torch.float64).contiguous().numpy() for t in (steps, lo, hi, hmin, hmax, mn, mx, mean, std)]
+    out = torch.empty(width, dtype=torch.float64)
+    _in_parallel(_compile()["w1"], width, width * steps.numel(), f64[0], counts.to(torch.int64).contiguous().numpy(),
+                 *f64[1:], out.numpy())
+    return out

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from neurospec.errors import NeurospecError
+from neurospec.record import kernels
 from neurospec.record.accumulators import NeuronStats
 from neurospec.record.comoments import spearman_from_samples
 from neurospec.record.histogram import Histogram, cdf
@@ -57,7 +58,11 @@ def _abs_linear_integral(d0: Tensor, d1: Tensor, h: Tensor) -> Tensor:
 
 def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int = 1024,
                   chunk: int = 1024) -> Tensor:
-    """``FloatTensor[width]`` (float64): W1 of each neuron's normalised output histogram to N(0, 1) (module doc)."""
+    """``FloatTensor[width]`` (float64): W1 of each neuron's normalised output histogram to N(0, 1) (module doc).
+
+    On the CPU a numba kernel (:func:`neurospec.record.kernels.w1_normal`) does the work, one pass per neuron; the
+    torch code (``chunk`` neurons at a time) is the reference and runs on other devices, without numba or with
+    ``NEUROSPEC_NO_KERNELS=1``. The two agree to float rounding."""
     if normalise not in NORMALISE:
         raise NeurospecError(f"normalise must be one of {NORMALISE}, got {normalise!r}")
     if points < 2:
@@ -68,11 +73,27 @@ def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int 
         mean, std = s["mean"], s["std"]
     else:
         mean, std = torch.zeros_like(s["mean"]), torch.ones_like(s["std"])
-    out = torch.full((stats.width,), math.nan, dtype=torch.float64)
     steps = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
-    for lo in range(0, stats.width, chunk):
+    if not (kernels.usable(mean) and h.counts.device.type == "cpu"):
+        return _w1_torch(s["min"], s["max"], mean, std, h, steps, chunk)
+    out = kernels.w1_normal(steps, h.counts, h.lo, h.hi, h.min, h.max, s["min"], s["max"], mean, std)
+    # The kernel walks the CDF's knots in order; a histogram whose range is reversed (none of this version's) has
+    # unsorted knots: the torch code scores those neurons.
+    odd = (h.hi < h.lo).nonzero().flatten().cpu()
+    if odd.numel():
+        part = Histogram(h.counts[odd], h.lo[odd], h.hi[odd], h.min[odd], h.max[odd])
+        out[odd] = _w1_torch(s["min"][odd], s["max"][odd], mean[odd], std[odd], part, steps, chunk)
+    return out
+
+
+def _w1_torch(mn_all: Tensor, mx_all: Tensor, mean: Tensor, std: Tensor, h: Histogram, steps: Tensor,
+              chunk: int) -> Tensor:
+    """The torch implementation of :func:`w1_from_stats` on the given neurons (``steps``: linspace(0, 1, points))."""
+    width = mean.shape[0]
+    out = torch.full((width,), math.nan, dtype=torch.float64)
+    for lo in range(0, width, chunk):
         sl = slice(lo, lo + chunk)
-        mn, mx, m, sd = s["min"][sl], s["max"][sl], mean[sl], std[sl]
+        mn, mx, m, sd = mn_all[sl], mx_all[sl], mean[sl], std[sl]
         ok = torch.isfinite(mn) & torch.isfinite(mx) & (sd > 0) & (mx > mn)
         # Positions in the neuron's own units, from its min to its max; their z values.
         y = mn[:, None] + (mx - mn)[:, None] * steps

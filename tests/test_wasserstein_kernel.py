@@ -1,0 +1,93 @@
+"""The numba W1 kernel against the torch reference path of ``w1_from_stats``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neurospec.record import kernels
+from neurospec.record.accumulators import NeuronStats
+from neurospec.sparsity.wasserstein import top_neurons, w1_from_stats
+
+pytestmark = [
+    pytest.mark.skipif(not kernels.usable(torch.zeros(1, 1)), reason="numba is not available"),
+    pytest.mark.filterwarnings("ignore:.*outside the histogram's bins:UserWarning"),  # the planted under/overflow
+]
+
+
+def _planted_stats(width: int = 150, n: int = 2000, seed: int = 0) -> NeuronStats:
+    """Neurons of mixed shapes with random scales and offsets (columns cycle through the kinds below); column 5 is
+    constant, columns 6 and 7 get under/overflow mass (as histograms of earlier versions can hold) below and above
+    their bins."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, width, generator=g)
+    u = torch.rand(n, width, generator=g)
+    kinds = [
+        r,                                                         # Gaussian
+        torch.where(u < 0.3, -2.0, 2.5) + 0.4 * r,                 # bimodal, unequal modes
+        r.exp(),                                                   # skewed (log-normal)
+        torch.tan(math.pi * (u - 0.5)).clamp(-1e3, 1e3),           # heavy-tailed (Cauchy)
+        r.pow(3),                                                  # heavy-tailed, symmetric
+    ]
+    x = torch.stack([kinds[j % len(kinds)][:, j] for j in range(width)], 1)
+    scale = torch.exp(2.0 * torch.randn(width, generator=g))
+    x = x * scale + 10.0 * torch.randn(width, generator=g)
+    x[:, 5] = 3.25
+    st = NeuronStats(width)
+    for part in x.split(700):  # several batches, the last one shorter
+        st.update(part)
+    s = st._state
+    for j, col in ((6, 0), (7, -1)):
+        s["hist"][j, col] += 300
+        s["min"][j] -= 2.0 * scale[j]
+        s["max"][j] += 2.0 * scale[j]
+    return st
+
+
+@pytest.fixture(params=[1, 3])
+def threads(request, monkeypatch):
+    """One thread, and three column ranges even for few neurons."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def _both(st: NeuronStats, monkeypatch, chunk: int = 1024, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    got = w1_from_stats(st, **kw)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    ref = w1_from_stats(st, chunk=chunk, **kw)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    return got, ref
+
+
+@pytest.mark.parametrize("normalise", ["zscore", "none"])
+def test_kernel_equals_torch_path_on_planted_neurons(normalise, threads, monkeypatch):
+    st = _planted_stats()
+    h = st.histogram()
+    assert int(h.counts[6, 0]) > 0 and int(h.counts[7, -1]) > 0  # the under/overflow neurons really have mass
+    got, ref = _both(st, monkeypatch, chunk=64, normalise=normalise)  # 150 neurons: the last chunk is partial
+    assert math.isnan(float(got[5])) and math.isnan(float(ref[5]))  # the constant neuron
+    keep = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), keep) and int(keep.sum()) == st.width - 1
+    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-12, atol=0.0)
+    assert torch.equal(top_neurons(got, 0.2), top_neurons(ref, 0.2))
+
+
+def test_kernel_keeps_the_top_three_percent_and_nan_rows(monkeypatch):
+    """Top 3% of 400 neurons (12): the same set in the same order; a neuron without data and one with a reversed histogram
+    range (unsorted knots: scored by the torch code) agree too."""
+    st = _planted_stats(width=400, n=600, seed=3)
+    s = st._state
+    s["hist_lo"][9], s["hist_hi"][9] = s["hist_hi"][9].clone(), s["hist_lo"][9].clone()
+    s["hist"][11] = 0  # histogram emptied: the CDF is undefined
+    got, ref = _both(st, monkeypatch)
+    assert math.isnan(float(got[11])) and math.isnan(float(ref[11]))
+    assert math.isfinite(float(ref[9]))
+    keep = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), keep)
+    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-12, atol=0.0)
+    assert torch.equal(top_neurons(got, 0.03), top_neurons(ref, 0.03))
