@@ -91,3 +91,18 @@ def test_kernel_keeps_the_top_three_percent_and_nan_rows(monkeypatch):
     assert torch.equal(torch.isfinite(got), keep)
     torch.testing.assert_close(got[keep], ref[keep], rtol=1e-12, atol=0.0)
     assert torch.equal(top_neurons(got, 0.03), top_neurons(ref, 0.03))
+
+
+def test_location_and_scale_are_those_of_compute():
+    """W1 reads mean, std, min and max from the state without ``compute()`` (whose peak is costly): the same
+    values bit for bit, also for a neuron without data."""
+    from neurospec.sparsity.wasserstein import _location_scale
+
+    st = _planted_stats(width=20, n=300)
+    st._state["count"][3] = 0
+    st._state["sum"][3] = st._state["sum_sq"][3] = 0.0
+    full = st.compute()
+    mine = _location_scale(st)
+    for key in ("mean", "std", "min", "max"):
+        assert torch.equal(mine[key].nan_to_num(7.5), full[key].nan_to_num(7.5)), key
+    assert math.isnan(float(mine["mean"][3]))
