@@ -12,7 +12,10 @@ CPU):
   computes it, added in place to the int64 counts (the accumulator's state), optionally only where ``keep``.
 
 A third, :func:`move_rows`, serves :class:`~neurospec.record.reservoir.Reservoir`: it merges the rows that beat
-the sample's keys into the key-sorted sample in place, writing only the rows that move.
+the sample's keys into the key-sorted sample in place, writing only the rows that move. A fourth,
+:func:`w1_normal`, reads a finished histogram: the W1 distance of each neuron's distribution to N(0, 1)
+(:func:`neurospec.sparsity.wasserstein.w1_from_stats`), one pass per neuron instead of a searchsorted, gathers and
+a dozen passes over a ``[neurons, 1024]`` grid.
 
 The first two replace about a dozen torch passes over the batch, a batch-sized scratch buffer and a single-threaded
 ``bincount``. The torch code stays the reference: it runs for tensors on other devices, when numba cannot be
