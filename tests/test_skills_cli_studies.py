@@ -18,13 +18,18 @@ def _csv(path, a, b, n=10):
     return path
 
 
-def test_skills_studies_json_contract_and_saved_pruned_model(model_dir, tmp_path):
+def test_skills_studies_json_contract_and_saved_pruned_model(model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("NEUROSPEC_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("NEUROSPEC_PROGRESS_EVERY", "0")
     one = _csv(tmp_path / "one.csv", "apple", "zebra")
     r = runner.invoke(app, ["skills", "--model", str(model_dir), "--task", f"fruit={one}", "--p", "0.1", "--ps",
                             "0.1", "--methods", "zero", "--batch-size", "8", "--prune", "--prune-keeps", "0.1",
                             "--save-pruned", str(tmp_path / "pruned"), "--agreement", "--beyond", "lora",
                             "--beyond-epochs", "1", "--json", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
+    # each study says when it starts, and the perturbation of the tuned model counts its steps
+    for label in ("pruning fruit: 0/1", "agreement fruit: 0/1", "lora tuning fruit: 0/1", "lora: perturb fruit"):
+        assert label in r.stderr, (label, r.stderr)
     res = json.loads(r.stdout)
     assert [(row["task"], row["keep"], row["n_kept"]) for row in res["pruning"]] == [("fruit", 0.1, 20)]
     assert {"keep", "skill_acc", "random_acc_mean", "pvalue"} <= set(res["pruning"][0])

@@ -234,7 +234,7 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
                                   sets_per_forward=cfg.sets_per_forward, progress=progress)
         result["perturbation"][task.name] = rows
         result["tasks"][task.name]["licence"] = task.licence
-        _extra_studies(result, loaded, pm, task, prompt, scores, chosen, widths, cfg)
+        _extra_studies(result, loaded, pm, task, prompt, scores, chosen, widths, cfg, progress)
         if cfg.random_baseline:
             if rnd is None:
                 rnd = random_init_copy(loaded, seed=cfg.random_seed)
@@ -255,11 +255,19 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
 
 
 def _extra_studies(result: dict, loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, prompt, scores, chosen,
-                   widths: Mapping[str, int], cfg: SkillsConfig) -> None:
+                   widths: Mapping[str, int], cfg: SkillsConfig,
+                   progress: Callable[[str, int, int], None] | None = None) -> None:
     """Pruning, agreement and beyond-prompt studies of one task (each only when ``cfg`` asks for it), with the
-    first prompt run; results under ``pruning`` (rows with their task), ``agreement`` and ``beyond`` (by task)."""
+    first prompt run; results under ``pruning`` (rows with their task), ``agreement`` and ``beyond`` (by task).
+    ``progress`` hears when each study starts (and the steps of the beyond-prompt perturbation study)."""
+
+    def starts(study: str) -> None:
+        if progress is not None:
+            progress(f"{study} {task.name}", 0, 1)
+
     sites = loaded.sites.of_kind("mlp")
     if cfg.prune_keeps or cfg.save_pruned is not None:
+        starts("pruning")
         means = token_means(pm, task.split("train")[0], prompt, sites, batch_size=cfg.batch_size)
         if cfg.prune_keeps:
             rows = pruning_study(pm, *task.split("test"), prompt, scores, means, cfg.prune_keeps,
@@ -275,11 +283,13 @@ def _extra_studies(result: dict, loaded: LoadedModel, pm: PromptedModel, task: L
                                       "n_kept": sum(int(v.numel()) for v in chosen.values()),
                                       "test_accuracy": ppm.accuracy(*task.split("test"), prompt, cfg.batch_size)}
     if cfg.agreement:
+        starts("agreement")
         stats = class_statistics(pm, task, prompt, sites, batch_size=cfg.batch_size)
         selective = select_top_p(selective_scores(stats, cfg.agreement_score, task=task.name), cfg.p, key=task.name)
         result.setdefault("agreement", {})[task.name] = overlap_test(chosen, selective, widths) | {
             "score": cfg.agreement_score, "p": cfg.p}
     if cfg.beyond is not None:
+        starts(f"{cfg.beyond} tuning")
         hard = None
         if task.kind == "text":
             hard = hard_prompt(loaded, cfg.template or ("\nAnswer:" if pm.decoder else "Category:"))
@@ -287,6 +297,9 @@ def _extra_studies(result: dict, loaded: LoadedModel, pm: PromptedModel, task: L
                                                                       batch_size=cfg.batch_size))
         rows = perturbation_study(tuned.pm, *task.split("test"), hard, scores, cfg.ps, methods=cfg.methods,
                                   n_random=cfg.n_random, std=cfg.noise_std, key=task.name,
-                                  batch_size=cfg.batch_size)
+                                  batch_size=cfg.batch_size, per_class=cfg.perturb_examples,
+                                  sets_per_forward=cfg.sets_per_forward,
+                                  progress=None if progress is None else
+                                  (lambda label, done, total: progress(f"{cfg.beyond}: {label}", done, total)))
         result.setdefault("beyond", {})[task.name] = [
             {**r, "tuning": cfg.beyond, "tuned_dev_accuracy": tuned.dev_accuracy} for r in rows]
