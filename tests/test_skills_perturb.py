@@ -9,6 +9,7 @@ from neurospec.errors import NeurospecError
 from neurospec.models.loading import from_module
 from neurospec.skills.perturb import (
     balanced_subset,
+    by_length,
     perturbation_cost,
     perturbation_study,
     perturbed,
@@ -96,3 +97,24 @@ def test_balanced_subset_and_cap_in_the_study():
     rows = perturbation_study(pm, items, labels, prompt, scores, [0.2], methods=["zero"], n_random=20, per_class=3)
     assert rows[0]["n_examples"] == 6
     assert perturbation_cost(100, [0.02, 0.05, 0.1, 0.2], ["noise", "zero"], 20) == 100 * (1 + 4 * 2 * 21)
+
+
+def test_noise_sweep_methods_use_their_own_std():
+    """``noise:STD`` perturbs with that std (a sweep next to the default ``noise``): the row of ``noise:1`` equals
+    a brute-force accuracy under std 1, and its std is in the row; bad sweep points are clear errors."""
+    loaded, pm, task, scores, prompt = _setup()
+    items, labels = task.split("train")
+    rows = perturbation_study(pm, items, labels, prompt, scores, [0.2], methods=["noise", "noise:1", "noise:40"],
+                              n_random=20, key="t", batch_size=6, std=0.1)
+    assert [(r["method"], r["std"]) for r in rows] == [("noise", 0.1), ("noise:1", 1.0), ("noise:40", 40.0)]
+    skill = select_top_p(scores, 0.2, key="t")
+    order = by_length(pm, items)  # the study's order of the examples (the noise is drawn batch by batch)
+    items, labels = [items[int(i)] for i in order], np.asarray(labels)[order]
+    for row, sd in ((rows[1], 1.0), (rows[2], 40.0)):
+        with perturbed(loaded.model, loaded.sites.by_name, skill, "noise", std=sd,
+                       seed=seed_of("perturb", "t", 0.2, row["method"])):
+            assert row["skill_acc"] == pytest.approx(pm.accuracy(items, labels, prompt, 6))
+    assert rows[2]["random_acc_mean"] != rows[0]["random_acc_mean"]  # std 40 moves the random sets' accuracy
+    for bad in ("noise:-1", "noise:x", "zero:1", "blur"):
+        with pytest.raises(NeurospecError, match="noise:"):
+            perturbation_study(pm, items, labels, prompt, scores, [0.2], methods=[bad], n_random=20)

@@ -57,7 +57,7 @@ def skills_cmd(
     aggregate: str = typer.Option("mean", help="mean or min over prompt runs"),
     p: float = typer.Option(0.05, help="fraction of each layer's neurons reported as skill neurons"),
     ps: str = typer.Option("0.02,0.05,0.1,0.2", help="fractions of the perturbation study"),
-    methods: str = typer.Option("noise,zero", help="perturbations: noise (std --noise-std), zero"),
+    methods: str = typer.Option("noise,zero", help="perturbations: noise (std --noise-std), noise:STD (a noise sweep: noise:0.3,noise:1), zero"),
     n_random: int = typer.Option(20, "--n-random", help="random same-per-layer-count sets per fraction (>= 20)"),
     noise_std: float = typer.Option(0.1, "--noise-std"),
     perturb_examples: int = typer.Option(100, "--perturb-examples", help="test examples per class used by the "

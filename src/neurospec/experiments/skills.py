@@ -33,7 +33,7 @@ from neurospec.skills.agreement import class_statistics, overlap_test, selective
 from neurospec.skills.baseline import TEST as BASELINE_TEST
 from neurospec.skills.baseline import compare_with_random
 from neurospec.skills.collect import prompt_statistics
-from neurospec.skills.perturb import METHODS, MIN_RANDOM, perturbation_study, similarity
+from neurospec.skills.perturb import METHODS, MIN_RANDOM, parse_method, perturbation_study, similarity
 from neurospec.skills.predictivity import AGGREGATES, aggregate, predictivity, select_top_p, task_scores
 from neurospec.skills.prompting import PromptedModel, hard_prompt, is_decoder, verbaliser_ids
 from neurospec.skills.pruning import prune_model, pruning_study, save_pruned, token_means
@@ -100,8 +100,7 @@ class SkillsConfig:
         if self.seeds < 1:
             raise NeurospecError(f"seeds must be at least 1, got {self.seeds}")
         for m in self.methods:
-            if m not in METHODS:
-                raise NeurospecError(f"perturbation method must be one of {METHODS}, got {m!r}")
+            parse_method(m, self.noise_std)
         if not 0 < self.p <= 0.5 or any(not 0 < q <= 1 for q in self.ps):
             raise NeurospecError("p must lie in (0, 0.5] and every fraction of ps in (0, 1]")
 

@@ -2,7 +2,8 @@
 
 Perturbation (a forward pre-hook on each site's reading module, removed on exit; the model's weights never
 change): ``noise`` adds Gaussian noise (std 0.1 by default) to the chosen neurons, one noise vector per example
-broadcast over all its positions (as the published code does); ``zero`` sets them to 0 at every position.
+broadcast over all its positions (as the published code does); ``noise:STD`` the same with that std (a sweep:
+``noise:0.3``, ``noise:1``, ...); ``zero`` sets them to 0 at every position.
 
 :func:`perturbation_study` compares, for each fraction ``p``, the test accuracy with the skill neurons perturbed
 against ``n_random`` (>= 20) random sets with the same number of neurons in every layer. The p-value of "the skill
@@ -31,6 +32,24 @@ from neurospec.skills.prompting import Prompt, PromptedModel
 
 METHODS = ("noise", "zero")
 MIN_RANDOM = 20
+
+
+def parse_method(text: str, std: float = 0.1) -> tuple[str, float]:
+    """``(method, noise std)`` of a perturbation written ``zero``, ``noise`` (std ``std``) or ``noise:STD`` (a point
+    of a noise sweep: ``noise:0.5``); a clear error for anything else."""
+    name, sep, value = str(text).strip().partition(":")
+    if name not in METHODS or (sep and name != "noise"):
+        raise NeurospecError(f"perturbation method must be one of {METHODS} or noise:STD (e.g. noise:0.5), got "
+                             f"{text!r}")
+    if not sep:
+        return name, std
+    try:
+        sd = float(value)
+    except ValueError:
+        sd = float("nan")
+    if not (sd > 0 and np.isfinite(sd)):
+        raise NeurospecError(f"the noise std of {text!r} must be a positive number (noise:0.5)")
+    return name, sd
 
 
 @contextlib.contextmanager
@@ -182,18 +201,19 @@ def perturbation_study(pm: PromptedModel, items, labels, prompt: Prompt | None, 
         counts = {s: (int(v.numel()), int(scores[s].numel())) for s, v in skill.items()}
         sets = [skill] + [random_same_counts(counts, key=f"{key}|{p}|{r}") for r in range(n_random)]
         for method in methods:
+            kind, sd = parse_method(method, std)
             seed = seed_of("perturb", key, p, method)
             accs: list[float] = []
             for g in range(0, len(sets), sets_per_forward):
                 group = sets[g : g + sets_per_forward]
-                with perturbed(model, sites, group, method, std=std, seed=seed):
+                with perturbed(model, sites, group, kind, std=sd, seed=seed):
                     accs += stacked_accuracy(pm, items, labels, prompt, len(group), batch_size)
                 done += len(group)
                 if progress is not None:
                     progress(f"perturb {key} p={p:g} {method}", done, total)
             acc, rand = accs[0], accs[1:]
             t = torch.tensor(rand, dtype=torch.float64)
-            rows.append({"p": float(p), "method": method, "n_neurons": sum(c[0] for c in counts.values()),
+            rows.append({"p": float(p), "method": method, **({"std": sd} if kind == "noise" else {}), "n_neurons": sum(c[0] for c in counts.values()),
                          "n_examples": len(labels), "base_acc": base, "skill_acc": acc,
                          "random_acc_mean": float(t.mean()), "random_acc_std": float(t.std()) if len(rand) > 1 else 0.0,
                          "pvalue": pvalue(acc, rand)})
