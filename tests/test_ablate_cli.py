@@ -216,3 +216,24 @@ def test_fold_with_the_kde_peak(setup):
     r = invoke("ablate", "--model", d, "--reference", tmp / "ref", "--neurons", tmp / "ids.txt", "--method", "peak",
                "--peak-method", "mode", "--save", tmp / "bad")
     assert r.exit_code == 2 and "--peak-method" in r.output
+
+
+def test_reference_values_read_the_reservoir_only_for_resample(setup, monkeypatch):
+    """The reservoir's samples are the largest part of a run file: mean and peak offsets must not read them."""
+    from neurospec.intervene.references import reference_values
+    from neurospec.record.store import Run, open_run
+
+    _, tmp = setup
+    asked = []
+    real = Run.accumulators
+
+    def spy(self, task, names=None):
+        asked.append(names)
+        return real(self, task, names)
+
+    monkeypatch.setattr(Run, "accumulators", spy)
+    run = open_run(tmp / "ref")
+    offsets, samples = reference_values(run, "prose", ["mean", "peak"])
+    assert asked == [("stats",)] and samples is None and set(offsets) == {"mean", "peak"}
+    _, samples = reference_values(run, "prose", ["resample"])
+    assert "reservoir" in asked[-1] and samples

@@ -201,7 +201,7 @@ def _lm_data(target: LoadedModel, cfg: SpecializationConfig, sites: list[str], l
     names = list(tasks)
     record(loaded, list(tasks.values()), work, rcfg, force=True, progress=progress)
     run = open_run(work)
-    accs = {t: {s: a["stats"] for s, a in run.accumulators(t).items() if s in sites} for t in names}
+    accs = {t: {s: a["stats"] for s, a in run.accumulators(t, ("stats",)).items() if s in sites} for t in names}
     merged = merge_stats([accs[t] for t in names])
     offsets = {s: merged[s]["mean"].float() for s in sites}
     sel = None

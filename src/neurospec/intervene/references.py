@@ -51,7 +51,8 @@ def reference_values(
     ``resample``: the recorded reservoir of activation vectors (an error says how to record one if absent).
     """
     methods = list(methods)
-    accs = run.accumulators(task)
+    wanted = ("stats", "reservoir") if any(get_ablation(m).per_input for m in methods) else ("stats",)
+    accs = run.accumulators(task, wanted)  # the reservoir's samples (the largest part of a run) only when needed
     keep = set(sites) if sites is not None else set(accs)
     missing = keep - set(accs)
     if missing:

@@ -36,7 +36,7 @@ def reference_comoments(run: Run, sites: Sequence[str], tasks: Sequence[str] = (
         raise RunStoreError(f"run {run.path} has no finished task; {how}")
     merged: dict[str, Any] = {}
     for t in names:
-        accs = run.accumulators(t)
+        accs = run.accumulators(t, (kind,))
         for s in sites:
             if s not in accs or kind not in accs[s]:
                 raise RunStoreError(f"run {run.path} has no {what} of site {s} for task {t!r}; {how}")
