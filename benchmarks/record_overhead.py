@@ -47,8 +47,13 @@ def main_overhead(args) -> dict:
     blocks = _blocks(loaded, args.tokens, args.seq_len)
     body = _forward_body(loaded.model)
     sites = loaded.sites.select()
+    from neurospec.record import kernels
+
     arms = {
         "full": RecordConfig(batch_size=args.batch, seq_len=args.seq_len, reservoir=0),
+        # the same on one kernel thread (NEUROSPEC_KERNEL_THREADS=1): inside the forward pass, torch's own threads
+        # may still hold the second core when the statistics run
+        "full_kernel_threads_1": RecordConfig(batch_size=args.batch, seq_len=args.seq_len, reservoir=0),
         "hist_every_4": RecordConfig(batch_size=args.batch, seq_len=args.seq_len, reservoir=0, hist_sample_every=4),
         "with_reservoir": RecordConfig(batch_size=args.batch, seq_len=args.seq_len, reservoir=1024),
     }
@@ -70,7 +75,11 @@ def main_overhead(args) -> dict:
             if arm == "bare":
                 bare()
             else:
-                record_task(loaded, blocks, sites, arms[arm])
+                kernels.THREADS = 1 if arm == "full_kernel_threads_1" else None
+                try:
+                    record_task(loaded, blocks, sites, arms[arm])
+                finally:
+                    kernels.THREADS = None
             times[arm].append(time.perf_counter() - t0)
             sys_times[arm].append(_cpu_times()[1] - s0)
             rss_after.setdefault(arm, peak_rss_mib())
@@ -88,6 +97,7 @@ def main_overhead(args) -> dict:
         "bare_tokens_per_s": n_tokens / med["bare"],
         "record_tokens_per_s": n_tokens / med["full"],
         "ratio": med["full"] / med["bare"],
+        "ratio_kernel_threads_1": med["full_kernel_threads_1"] / med["bare"],
         "ratio_hist_every_4": med["hist_every_4"] / med["bare"],
         "ratio_with_reservoir": med["with_reservoir"] / med["bare"],
         "peak_rss_mib_after_arm": rss_after,

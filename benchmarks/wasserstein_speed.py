@@ -9,6 +9,8 @@ Arms, interleaved in one process (bare, record, then again in rotated order), me
   central moments, mapping difficulty), then :func:`neurospec.sparsity.wasserstein.score_outputs` (W1, shape
   statistics, difficulty); the scoring time is reported separately as ``score_s``.
 
+- ``record_kernel_threads_1``: the same with the kernels on one thread (``NEUROSPEC_KERNEL_THREADS=1``).
+
 Target: ``record_ratio = record / bare <= 1.15``. Defaults: 128 sequences of 256 tokens of the bundled ``prose``
 corpus, batch 8. ``--tiny`` runs a tiny random Llama on random tokens instead (a check that the script runs).
 
@@ -96,15 +98,24 @@ def main(argv: list[str] | None = None) -> dict:
                 model(input_ids=blocks[i : i + args.batch].to(device))
         return {}
 
-    def record() -> dict:
-        t0 = time.perf_counter()
-        outs = record_outputs(model, blocks, modules=modules, batch_size=args.batch, pairs=args.pairs)
-        sync()
-        t1 = time.perf_counter()
-        score_outputs(outs)
-        return {"pass_s": t1 - t0, "score_s": time.perf_counter() - t1}
+    from neurospec.record import kernels
 
-    arms = {"bare": bare, "record": record}
+    def record(kernel_threads: int | None = None):
+        def arm() -> dict:
+            kernels.THREADS = kernel_threads
+            try:
+                t0 = time.perf_counter()
+                outs = record_outputs(model, blocks, modules=modules, batch_size=args.batch, pairs=args.pairs)
+                sync()
+                t1 = time.perf_counter()
+                score_outputs(outs)
+            finally:
+                kernels.THREADS = None
+            return {"pass_s": t1 - t0, "score_s": time.perf_counter() - t1}
+        return arm
+
+    # record_kernel_threads_1: the same on one kernel thread (NEUROSPEC_KERNEL_THREADS=1)
+    arms = {"bare": bare, "record": record(), "record_kernel_threads_1": record(1)}
     times: dict[str, list[float]] = {k: [] for k in arms}
     details: dict[str, list[dict]] = {k: [] for k in arms}
     with torch.no_grad():
@@ -124,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         "modules": len(modules), "neurons": sum(linear_dims(r.module)[1] for r in modules.values()),
         "repeats": args.repeats, "bare_s": med["bare"], "record_s": med["record"],
         "record_ratio": med["record"] / med["bare"],
+        "record_ratio_kernel_threads_1": med["record_kernel_threads_1"] / med["bare"],
         "split": {f: statistics.median(d[f] for d in details["record"]) for f in details["record"][0]},
+        "split_kernel_threads_1": {f: statistics.median(d[f] for d in details["record_kernel_threads_1"])
+                                   for f in details["record_kernel_threads_1"][0]},
     }
     print(json.dumps(out, indent=None if args.json else 2))
     return out

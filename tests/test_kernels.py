@@ -374,3 +374,34 @@ def test_nan_without_a_mask_lands_in_the_underflow_slot():
     expected[2] -= old
     expected[2, 0] += 1
     assert torch.equal(got, expected)
+
+
+def test_kernel_thread_count_follows_the_setting_not_only_torch(monkeypatch):
+    """``NEUROSPEC_KERNEL_THREADS`` (``kernels.THREADS``) sets how many column ranges a call is split into,
+    whatever torch's thread count; bad values are clear errors."""
+    seen = []
+
+    def fake(out, j_start, j_stop, _out):
+        seen.append((j_start, j_stop))
+
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(kernels, "THREADS", 1)
+        kernels._in_parallel(fake, 10, 1000, None, None)
+        assert seen == [(0, 10)]
+        seen.clear()
+        monkeypatch.setattr(kernels, "THREADS", 3)
+        kernels._in_parallel(fake, 10, 1000, None, None)
+        assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setenv("NEUROSPEC_KERNEL_THREADS", "4")
+    assert kernels._threads_from_env() == 4
+    monkeypatch.setenv("NEUROSPEC_KERNEL_THREADS", "")
+    assert kernels._threads_from_env() is None
+    for bad in ("0", "two"):
+        monkeypatch.setenv("NEUROSPEC_KERNEL_THREADS", bad)
+        with pytest.warns(UserWarning, match="positive integer"):
+            assert kernels._threads_from_env() is None

@@ -27,8 +27,9 @@ Compilation: numba is imported only when the first CPU batch arrives; each kerne
 first call (about 3 s for both kernels in float32, once per machine and source version: ``cache=True`` keeps the
 machine code in ``__pycache__`` next to this file, or in numba's cache directory when that is read-only).
 
-Threads: the columns are split into ``torch.get_num_threads()`` contiguous ranges, one per thread (the calling
-thread and a small pool of Python threads; the kernels release the GIL). numba's own parallel loops are not used:
+Threads: the columns are split into ``torch.get_num_threads()`` contiguous ranges (``NEUROSPEC_KERNEL_THREADS``
+sets another count, e.g. 1: inside a forward pass torch's own threads may still hold the cores), one per thread (the
+calling thread and a small pool of Python threads; the kernels release the GIL). numba's own parallel loops are not used:
 inside them the loops lost their vectorisation (about 3x slower per thread), and their threading layers would
 start a second pool beside torch's OpenMP one. The pool threads sleep between batches, so they take nothing from
 the forward pass. Inside a range, columns go in blocks of 256 so that a block's partial sums stay in the L1 cache
@@ -48,6 +49,27 @@ from torch import Tensor
 
 ENABLED = os.environ.get("NEUROSPEC_NO_KERNELS", "") not in ("1", "true", "yes")
 """False: always use the torch code (``NEUROSPEC_NO_KERNELS=1``)."""
+
+
+def _threads_from_env() -> int | None:
+    text = os.environ.get("NEUROSPEC_KERNEL_THREADS", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import warnings
+
+        warnings.warn(f"NEUROSPEC_KERNEL_THREADS must be a positive integer, got {text!r}: ignored (the kernels use "
+                      "torch.get_num_threads() threads)", stacklevel=2)
+        return None
+    return value
+
+
+THREADS = _threads_from_env()
+"""Threads of a kernel call (``NEUROSPEC_KERNEL_THREADS``, read at import); None: ``torch.get_num_threads()``."""
 
 MOMENT_ROWS = 10
 """Rows of :func:`moments`' result: sum(x - shift), sum (x - shift)^2, sum |x|, sum sqrt|x|, count x > 0, min, max,
@@ -285,7 +307,7 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
     (``args[-1]`` is ``out``): the calling thread takes the first range, pool threads the others."""
     global _pool
     *front, out = args
-    parts = max(1, min(torch.get_num_threads(), width, numel // _MIN_PER_THREAD))
+    parts = max(1, min(THREADS or torch.get_num_threads(), width, numel // _MIN_PER_THREAD))
     if parts == 1:
         kernel(*front, 0, width, out)
         return
