@@ -9,7 +9,8 @@ Arms, interleaved in one process (bare, record, then again in rotated order), me
   central moments, mapping difficulty), then :func:`neurospec.sparsity.wasserstein.score_outputs` (W1, shape
   statistics, difficulty); the scoring time is reported separately as ``score_s``.
 
-- ``record_kernel_threads_1``: the same with the kernels on one thread (``NEUROSPEC_KERNEL_THREADS=1``).
+- ``record_kernel_threads_1``: the same with the kernels on one thread (``NEUROSPEC_KERNEL_THREADS=1``);
+- ``record_hist_every_4``: the same with the histograms fed every 4th token (``--hist-every 4``).
 
 Target: ``record_ratio = record / bare <= 1.15``. Defaults: 128 sequences of 256 tokens of the bundled ``prose``
 corpus, batch 8. ``--tiny`` runs a tiny random Llama on random tokens instead (a check that the script runs).
@@ -100,12 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from neurospec.record import kernels
 
-    def record(kernel_threads: int | None = None):
+    def record(kernel_threads: int | None = None, hist_every: int = 1):
         def arm() -> dict:
             kernels.THREADS = kernel_threads
             try:
                 t0 = time.perf_counter()
-                outs = record_outputs(model, blocks, modules=modules, batch_size=args.batch, pairs=args.pairs)
+                outs = record_outputs(model, blocks, modules=modules, batch_size=args.batch, pairs=args.pairs,
+                                      hist_every=hist_every)
                 sync()
                 t1 = time.perf_counter()
                 score_outputs(outs)
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         return arm
 
     # record_kernel_threads_1: the same on one kernel thread (NEUROSPEC_KERNEL_THREADS=1)
-    arms = {"bare": bare, "record": record(), "record_kernel_threads_1": record(1)}
+    # record_hist_every_4: the histograms (W1) from every 4th token, the moments from all (``--hist-every 4``)
+    arms = {"bare": bare, "record": record(), "record_kernel_threads_1": record(1),
+            "record_hist_every_4": record(hist_every=4)}
     times: dict[str, list[float]] = {k: [] for k in arms}
     details: dict[str, list[dict]] = {k: [] for k in arms}
     with torch.no_grad():
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats, "bare_s": med["bare"], "record_s": med["record"],
         "record_ratio": med["record"] / med["bare"],
         "record_ratio_kernel_threads_1": med["record_kernel_threads_1"] / med["bare"],
+        "record_ratio_hist_every_4": med["record_hist_every_4"] / med["bare"],
         "split": {f: statistics.median(d[f] for d in details["record"]) for f in details["record"][0]},
         "split_kernel_threads_1": {f: statistics.median(d[f] for d in details["record_kernel_threads_1"])
                                    for f in details["record_kernel_threads_1"][0]},

@@ -217,3 +217,32 @@ def test_constant_neuron_gets_nan_not_an_error():
     st.update(x)
     w = w1_from_stats(st)
     assert math.isnan(float(w[0])) and math.isfinite(float(w[1]))
+
+
+def test_hist_every_scores_the_sampled_tokens_with_moments_of_all_tokens():
+    """``hist_every = 4``: the histogram holds rows 0, 4, 8, ... of each batch, the z-scoring uses the moments of
+    every token; W1 equals the exact integral over exactly those rows, z-scored by the full mean and std, within
+    the histogram's resolution."""
+    from neurospec.sparsity.outputs import new_outputs
+
+    x = _planted(4000)
+    acc, acc1 = new_outputs("m", 3, hist_every=4), new_outputs("m", 3)
+    sampled = []
+    for part in x.split(1000):  # batches of 1000 rows: rows 0, 4, ... of each
+        acc.update(torch.zeros(part.shape[0], 2), part)
+        acc1.update(torch.zeros(part.shape[0], 2), part)
+        sampled.append(part[::4])
+    sub = torch.cat(sampled).double()
+    assert int(acc.stats.histogram().counts.sum()) == sub.shape[0] * 3
+    full = x.double()
+    z = (sub - full.mean(0)) / full.std(0, unbiased=False)
+    want = w1_exact(z, normalise="none")
+    got = w1_from_stats(acc.stats)
+    h = acc.stats.histogram()
+    resolution = (h.hi - h.lo) / h.bins / full.std(0, unbiased=False)
+    assert torch.all((got - want).abs() <= resolution), (got, want, resolution)
+    # the moments are those of every token, as without sampling
+    for k, v in acc1.moments.compute().items():
+        assert torch.allclose(acc.moments.compute()[k], v, rtol=1e-12, equal_nan=True), k
+    with pytest.raises(NeurospecError, match="hist_every"):
+        new_outputs("m", 3, hist_every=0)

@@ -138,6 +138,7 @@ def test_cli_json_contract_and_figures(model_dir, tmp_path, monkeypatch):
     (["--tokens", 8, "--seq-len", 8], "at least 16 tokens"),
     (["--top", 0], "--top"),
     (["--patterns", "3:2"], "N:M"),
+    (["--hist-every", 0], "--hist-every"),
 ])
 def test_cli_bad_input_is_one_clear_line(model_dir, args, message):
     r = invoke("wasserstein", "--model", model_dir, "--task", "prose", "--seq-len", 16, "--tokens", 64, *args)
@@ -177,3 +178,15 @@ def test_headless_encoder_is_judged_by_representation_distance(monkeypatch):
     assert min(expected) > 1e-6  # pruning moved the representation (float32 rounding is about 1e-7)
     order = W.method_ordering(model, calib, ev, patterns=["50%"], methods=("magnitude",))
     assert order["metric"] == "cosine_distance" and order["patterns"]["50%"]["magnitude"] > 1e-6
+
+
+def test_cli_hist_every_bins_a_quarter_of_the_tokens(model_dir, tmp_path):
+    """``--hist-every 4`` is in the JSON and changes the scores (the histograms hold a quarter of the tokens)."""
+    args = ["wasserstein", "--model", model_dir, "--task", "prose", "--tokens", 256, "--seq-len", 16, "--layers",
+            "1", "--json"]
+    one, four = invoke(*args), invoke(*args, "--hist-every", 4)
+    assert one.exit_code == 0 and four.exit_code == 0, (one.output, four.output)
+    a, b = json.loads(one.stdout), json.loads(four.stdout)
+    assert (a["hist_every"], b["hist_every"]) == (1, 4)
+    assert a["scores"].keys() == b["scores"].keys()
+    assert any(a["scores"][k]["mean"] != b["scores"][k]["mean"] for k in a["scores"])

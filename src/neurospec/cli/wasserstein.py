@@ -53,6 +53,9 @@ def wasserstein_cmd(
     top: float = typer.Option(0.03, "--top", help="fraction of each layer's neurons called Wasserstein neurons"),
     normalise: str = typer.Option("zscore", "--normalise", help="zscore (mean, population std) or none"),
     pairs: int = typer.Option(64, "--pairs", help="random token pairs per batch for the mapping difficulty"),
+    hist_every: int = typer.Option(1, "--hist-every", help="bin every k-th token into the histograms W1 reads "
+                                                           "(about k times cheaper binning; the moments see every "
+                                                           "token)"),
     experiment: bool = typer.Option(False, "--experiment", help="also sparsify the top neurons against other "
                                                                 "selections (SparseGPT, 50%% and 2:4)"),
     patterns: str = typer.Option("50%,2:4", "--patterns", help="patterns of the experiment, comma-separated"),
@@ -93,6 +96,7 @@ def wasserstein_cmd(
     check_model_options(device, dtype)
     check_int("--tokens", tokens)
     check_int("--pairs", pairs)
+    check_int("--hist-every", hist_every)
     check_int("--draws", draws)
     check_fraction("--top", top)
     check_choice("--normalise", normalise, ("zscore", "none"))
@@ -111,13 +115,15 @@ def wasserstein_cmd(
                          f"{runs} sparsified models of the row experiment and {2 * len(pats)} of the method "
                          "ordering, each calibrated and evaluated; the SparseGPT solves come on top")
     scores = wasserstein_scores(loaded, data.collect, layers=chosen, scope="all" if all_linear else "mlp_in",
-                                batch_size=batch_size, pairs=pairs, seed=seed, normalise=normalise)
+                                batch_size=batch_size, pairs=pairs, seed=seed, normalise=normalise,
+                                hist_every=hist_every)
     result: dict = {
         "model": model,
         "task": data.name,
         "tokens": int(data.collect.numel()),
         "top": top,
         "normalise": normalise,
+        "hist_every": hist_every,
         "scores": {name: s.summary(top) for name, s in scores.items()},
     }
     corr = None

@@ -70,15 +70,15 @@ def _net(model):
 
 def wasserstein_scores(model, blocks: torch.Tensor, *, layers: Sequence[int | str] | None = None,
                        scope: str = "mlp_in", batch_size: int = 8, pairs: int = 64, seed: int = 0,
-                       normalise: str = "zscore", hist_bins: int = 256, min_tokens: int = 16
-                       ) -> dict[str, ModuleScores]:
+                       normalise: str = "zscore", hist_bins: int = 256, min_tokens: int = 16,
+                       hist_every: int = 1) -> dict[str, ModuleScores]:
     """Per chosen module (``layers.L.<path>``), the per-neuron scores over the tokens of ``blocks``."""
     n_tokens = int(blocks.numel()) if not blocks.is_floating_point() else int(blocks.shape[0])
     if n_tokens < min_tokens:
         raise NeurospecError(f"scoring output distributions needs at least {min_tokens} tokens, got {n_tokens}: "
                              "give more tokens (--tokens)")
     outs = record_outputs(model, blocks, layers=layers, scope=scope, batch_size=batch_size, pairs=pairs,
-                          seed=seed, hist_bins=hist_bins)
+                          seed=seed, hist_bins=hist_bins, hist_every=hist_every)
     return score_outputs(outs, normalise=normalise, min_tokens=min_tokens)
 
 
