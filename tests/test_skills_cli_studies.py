@@ -28,7 +28,8 @@ def test_skills_studies_json_contract_and_saved_pruned_model(model_dir, tmp_path
                             "--beyond-epochs", "1", "--json", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     # each study says when it starts, and the perturbation of the tuned model counts its steps
-    for label in ("pruning fruit: 0/1", "agreement fruit: 0/1", "lora tuning fruit: 0/1", "lora: perturb fruit"):
+    for label in ("pruning fruit: 0/1", "agreement fruit: 0/1", "lora tuning fruit: 0/1", "lora: perturb fruit",
+                  "lora tuning fruit: 2/2 (100%)"):
         assert label in r.stderr, (label, r.stderr)
     res = json.loads(r.stdout)
     assert [(row["task"], row["keep"], row["n_kept"]) for row in res["pruning"]] == [("fruit", 0.1, 20)]

@@ -139,8 +139,11 @@ def test_soft_prompt_trains_saves_and_is_reused(tmp_path):
     task = _task(10)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     cfg = SoftPromptConfig(length=4, epochs=3, lr=0.01, batch_size=6)
-    sp = train_soft_prompt(pm, task, seed=0, config=cfg, out=tmp_path / "p")
+    steps = []
+    sp = train_soft_prompt(pm, task, seed=0, config=cfg, out=tmp_path / "p", progress=lambda *a: steps.append(a))
     assert not sp.reused and sp.prompt.vectors.shape == (4, 64)
+    total = len(sp.losses)  # every optimiser step is reported, against the right total
+    assert steps == [(f"soft prompt {task.name} seed 0", k, total) for k in range(1, total + 1)] and total > 3
     first, last = sum(sp.losses[:2]) / 2, sum(sp.losses[-2:]) / 2
     assert last < first
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())

@@ -127,7 +127,8 @@ def _verbaliser(loaded: LoadedModel, task: LabelledTask, words: Mapping[str, str
         return verbaliser_ids(loaded.tokenizer, list(letters[: task.n_classes]), decoder=decoder)
 
 
-def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: SkillsConfig, out: Path):
+def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: SkillsConfig, out: Path,
+          progress: Callable[[str, int, int], None] | None = None):
     """``[(prompt or None, info)]``: the prompt runs of a task."""
     if task.kind == "image":
         if pm.readout == "probe":
@@ -141,21 +142,23 @@ def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: Skill
         return [(prompt, {"prompt": "hard", "template": template})]
     runs = []
     for k in range(cfg.seeds):
-        sp = train_soft_prompt(pm, task, seed=k, config=cfg.soft, out=out / "prompts" / task.name / f"seed{k}")
+        sp = train_soft_prompt(pm, task, seed=k, config=cfg.soft, out=out / "prompts" / task.name / f"seed{k}",
+                               progress=progress)
         probe = None if pm.probe is None else {n: v.clone() for n, v in pm.probe.state_dict().items()}
         runs.append((sp.prompt, {"prompt": "soft", "seed": k, "dev_accuracy": sp.dev_accuracy, "reused": sp.reused,
                                  "probe": probe}))
     return runs
 
 
-def _task_predictivity(loaded: LoadedModel, task: LabelledTask, cfg: SkillsConfig, out: Path):
+def _task_predictivity(loaded: LoadedModel, task: LabelledTask, cfg: SkillsConfig, out: Path,
+                       progress: Callable[[str, int, int], None] | None = None):
     """Prompt runs and predictivity of one task on one model: ``(pm, runs, per_run, scores, accuracies)`` with
     ``per_run`` ``{site: [per-sub-task predictivity [S, width] per run]}`` and ``scores`` ``{site: [width]}``."""
     sites = loaded.sites.of_kind("mlp")
     lm = task.kind == "text" and loaded.head in ("causal-lm", "masked-lm")
     pm = PromptedModel(loaded, task.n_classes, max_tokens=cfg.max_tokens,
                        verbaliser=_verbaliser(loaded, task, cfg.verbaliser) if lm else None)
-    runs = _runs(loaded, pm, task, cfg, out)
+    runs = _runs(loaded, pm, task, cfg, out, progress)
     per_run: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     accs = []
     for prompt, info in runs:
@@ -202,7 +205,7 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
     for n_done, task in enumerate(built):
         if progress is not None:
             progress(f"skills {task.name}", n_done, len(built))
-        pm, runs, per_run, scores, accs = _task_predictivity(loaded, task, cfg, out)
+        pm, runs, per_run, scores, accs = _task_predictivity(loaded, task, cfg, out, progress)
         if pm.readout == "probe":
             result["notes"].append(
                 f"{task.name}: the model has no LM head usable here ({loaded.head}); predictions come from a linear "
@@ -241,7 +244,7 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
                                              "tasks": {}}
             if progress is not None:
                 progress(f"skills {task.name} (random copy)", n_done, len(built))
-            _, _, _, rscores, raccs = _task_predictivity(rnd, task, cfg, out / RANDOM_DIR)
+            _, _, _, rscores, raccs = _task_predictivity(rnd, task, cfg, out / RANDOM_DIR, progress)
             save_tensors(out / RANDOM_DIR / "scores" / f"{task.name}.safetensors",
                          {f"{s}/score": v for s, v in rscores.items()}, {"task": task.name})
             result["random_baseline"]["tasks"][task.name] = {"accuracy": raccs} | compare_with_random(
@@ -293,7 +296,8 @@ def _extra_studies(result: dict, loaded: LoadedModel, pm: PromptedModel, task: L
         if task.kind == "text":
             hard = hard_prompt(loaded, cfg.template or ("\nAnswer:" if pm.decoder else "Category:"))
         tuned = tune_model(pm, task, hard, config=dataclasses.replace(cfg.tuning, method=cfg.beyond,
-                                                                      batch_size=cfg.batch_size))
+                                                                      batch_size=cfg.batch_size),
+                           progress=progress)
         rows = perturbation_study(tuned.pm, *task.split("test"), hard, scores, cfg.ps, methods=cfg.methods,
                                   n_random=cfg.n_random, std=cfg.noise_std, key=task.name,
                                   batch_size=cfg.batch_size, per_class=cfg.perturb_examples,

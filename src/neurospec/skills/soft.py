@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,8 +109,10 @@ def load_soft_prompt(pm: PromptedModel, path: Path, key: dict) -> SoftPrompt | N
 
 
 def train_soft_prompt(pm: PromptedModel, task: LabelledTask, *, seed: int = 0,
-                      config: SoftPromptConfig | None = None, out: str | Path | None = None) -> SoftPrompt:
-    """Train (or, if ``out`` holds a matching one, load) a soft prompt for ``task`` on ``pm``'s frozen model."""
+                      config: SoftPromptConfig | None = None, out: str | Path | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> SoftPrompt:
+    """Train (or, if ``out`` holds a matching one, load) a soft prompt for ``task`` on ``pm``'s frozen model.
+    ``progress(label, step, total)`` hears every optimiser step."""
     from peft.tuners.prompt_tuning import PromptEmbedding
     from transformers import get_linear_schedule_with_warmup
 
@@ -173,6 +176,8 @@ def train_soft_prompt(pm: PromptedModel, task: LabelledTask, *, seed: int = 0,
                 sched.step()
                 losses.append(float(loss.detach()))
                 step += 1
+                if progress is not None:
+                    progress(f"soft prompt {task.name} seed {seed}", step, total)
             with torch.no_grad():
                 acc = pm.accuracy(dev_items, dev_labels, current(), cfg.batch_size)
             if acc > best[0]:

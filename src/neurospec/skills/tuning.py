@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -110,8 +111,10 @@ def _merge_lora(model: nn.Module) -> None:
 
 
 def tune_model(pm: PromptedModel, task: LabelledTask, prompt: Prompt | None, *, seed: int = 0,
-               config: TuningConfig | None = None) -> Tuned:
-    """Train ``config.method`` on a copy of ``pm``'s model for ``task`` (module docstring)."""
+               config: TuningConfig | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> Tuned:
+    """Train ``config.method`` on a copy of ``pm``'s model for ``task`` (module docstring); ``progress(label,
+    step, total)`` hears every optimiser step."""
     cfg = config or TuningConfig()
     loaded = pm.loaded
     model = copy.deepcopy(loaded.model).eval()
@@ -174,6 +177,8 @@ def tune_model(pm: PromptedModel, task: LabelledTask, prompt: Prompt | None, *, 
             sched.step()
             losses.append(float(loss.detach()))
             step += 1
+            if progress is not None:
+                progress(f"{cfg.method} tuning {task.name}", step, total)
         with torch.no_grad():
             acc = tpm.accuracy(dev_items, dev_labels, prompt, cfg.batch_size)
         if acc > best[0]:
