@@ -77,3 +77,29 @@ def test_cli_random_baseline_and_prompt_lr(model_dir, tmp_path):
     r = CliRunner().invoke(app, ["skills", "--model", str(model_dir), "--task", f"fruit={one}",
                                  "--perturb-examples", "-1", "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "perturb_examples" in r.output
+
+
+def test_cli_attention_neurons_as_an_option(model_dir, tmp_path):
+    """``--kinds mlp,attn``: attention outputs are scored, selected, perturbed and compared with the random copy
+    beside the MLP neurons; the skill set keeps the same fraction of each site; bad kinds are one clear line."""
+    one = _csv(tmp_path / "one.csv", "apple", "zebra")
+    base = ["skills", "--model", str(model_dir), "--task", f"fruit={one}", "--p", "0.1", "--ps", "0.1",
+            "--methods", "zero", "--json"]
+    r = CliRunner().invoke(app, [*base, "--kinds", "mlp,attn", "--random-baseline", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    from neurospec.models.loading import load_model
+
+    sites = load_model(str(model_dir)).sites
+    attn, mlp = sites.of_kind("attn"), sites.of_kind("mlp")
+    assert set(res["predictivity"]) == {s.name for s in (*mlp, *attn)}
+    ids = res["skill_neurons"]["fruit"]
+    for s in (*mlp, *attn):
+        assert sum(1 for i in ids if i.startswith(s.name + ":")) == round(0.1 * s.width)
+    assert res["perturbation"]["fruit"][0]["n_neurons"] == len(ids)
+    assert {s.name for s in attn} <= set(res["random_baseline"]["tasks"]["fruit"]["sites"])
+    only = CliRunner().invoke(app, [*base, "--kinds", "attn", "--out", str(tmp_path / "a")])
+    assert only.exit_code == 0, only.output
+    assert set(json.loads(only.stdout)["predictivity"]) == {s.name for s in attn}
+    bad = CliRunner().invoke(app, [*base, "--kinds", "mlp,conv", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "kinds must be" in bad.output

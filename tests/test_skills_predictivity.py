@@ -65,8 +65,9 @@ def _brute_force(pm, task, prompt, sites):
     return out
 
 
-@pytest.mark.parametrize("family,n_classes", [("llama", 2), ("llama", 3), ("bert", 3)])
-def test_streaming_predictivity_matches_brute_force(family, n_classes):
+@pytest.mark.parametrize("family,n_classes,kind", [("llama", 2, "mlp"), ("llama", 3, "mlp"), ("bert", 3, "mlp"),
+                                                   ("llama", 2, "attn"), ("bert", 3, "attn")])
+def test_streaming_predictivity_matches_brute_force(family, n_classes, kind):
     loaded = _loaded(family)
     task = _task(n_classes)
     pm = PromptedModel(loaded, n_classes, readout="lm",
@@ -74,7 +75,7 @@ def test_streaming_predictivity_matches_brute_force(family, n_classes):
     if loaded.head == "masked-lm":
         loaded.tokenizer.add_special_tokens({"mask_token": "[EOS]"})
     prompt = hard_prompt(loaded, "cls:")
-    sites = loaded.sites.of_kind("mlp")
+    sites = loaded.sites.of_kind(kind)
     counts = prompt_statistics(pm, task, prompt, sites, batch_size=4)
     ref = _brute_force(pm, task, prompt, sites)
     for s in sites:

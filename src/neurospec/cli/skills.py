@@ -75,6 +75,8 @@ def skills_cmd(
     prompt_length: int = typer.Option(16, "--prompt-length", help="soft prompt vectors"),
     batch_size: int = opt.batch_size(16),
     max_tokens: int = typer.Option(64, "--max-tokens", help="tokens kept of each text"),
+    kinds: str = typer.Option("mlp", "--kinds", help="site kinds whose neurons are scored: mlp (the FFN "
+                                                    "activations), attn (the attention outputs), or mlp,attn"),
     seed: int = opt.seed("seed of the task splits"),
     device: str = opt.device(),
     dtype: str = opt.dtype(),
@@ -103,6 +105,7 @@ def skills_cmd(
                        aggregate=aggregate, p=p, ps=_floats(ps, "--ps"),
                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_random=n_random,
                        noise_std=noise_std, batch_size=batch_size, max_tokens=max_tokens, task_seed=seed,
+                       kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
                        perturb_examples=perturb_examples, sets_per_forward=sets_per_forward,
                        random_baseline=random_baseline, random_seed=random_seed,
                        soft=SoftPromptConfig(length=prompt_length, epochs=epochs, lr=prompt_lr, batch_size=batch_size),

@@ -25,7 +25,7 @@ import torch
 from neurospec.data.labelled import LabelledTask, load_labelled
 from neurospec.errors import NeurospecError
 from neurospec.models.loading import LoadedModel, random_init_copy
-from neurospec.models.sites import NeuronId
+from neurospec.models.sites import SITE_KINDS, NeuronId
 from neurospec.record import layout
 from neurospec.record.store import atomic_write_json, save_tensors
 from neurospec.score.selective import SCORERS
@@ -69,6 +69,9 @@ class SkillsConfig:
     batch_size: int = 16
     max_tokens: int = 64
     task_seed: int = 0
+    # Site kinds whose neurons are scored: the MLP activations (the paper's neurons), and the attention outputs
+    # (the input of the output projection, one neuron per head dimension) as an option.
+    kinds: tuple[str, ...] = ("mlp",)
     soft: SoftPromptConfig = field(default_factory=SoftPromptConfig)
     # Extra studies (off by default): kept fractions of skill-based pruning, a directory for the model pruned to
     # the top ``p`` (one task only), agreement with selective-pruning neurons, tuning beyond prompts.
@@ -101,6 +104,8 @@ class SkillsConfig:
             raise NeurospecError(f"seeds must be at least 1, got {self.seeds}")
         for m in self.methods:
             parse_method(m, self.noise_std)
+        if not self.kinds or any(k not in SITE_KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
+            raise NeurospecError(f"kinds must be distinct site kinds among {SITE_KINDS}, got {list(self.kinds)}")
         if not 0 < self.p <= 0.5 or any(not 0 < q <= 1 for q in self.ps):
             raise NeurospecError("p must lie in (0, 0.5] and every fraction of ps in (0, 1]")
 
@@ -125,6 +130,15 @@ def _verbaliser(loaded: LoadedModel, task: LabelledTask, words: Mapping[str, str
         if task.n_classes > len(letters):
             raise NeurospecError(f"task {task.name!r} has {task.n_classes} classes: give --verbaliser words") from None
         return verbaliser_ids(loaded.tokenizer, list(letters[: task.n_classes]), decoder=decoder)
+
+
+def _sites(loaded: LoadedModel, cfg: SkillsConfig):
+    """The sites whose neurons are scored (``cfg.kinds``); an error when the model has none of them."""
+    sites = loaded.sites.select(kinds=cfg.kinds)
+    if not sites:
+        raise NeurospecError(f"the model has no site of kind {', '.join(cfg.kinds)}: choose other kinds "
+                             f"(it has {', '.join(sorted({s.kind for s in loaded.sites.sites})) or 'none'})")
+    return sites
 
 
 def _runs(loaded: LoadedModel, pm: PromptedModel, task: LabelledTask, cfg: SkillsConfig, out: Path,
@@ -154,7 +168,7 @@ def _task_predictivity(loaded: LoadedModel, task: LabelledTask, cfg: SkillsConfi
                        progress: Callable[[str, int, int], None] | None = None):
     """Prompt runs and predictivity of one task on one model: ``(pm, runs, per_run, scores, accuracies)`` with
     ``per_run`` ``{site: [per-sub-task predictivity [S, width] per run]}`` and ``scores`` ``{site: [width]}``."""
-    sites = loaded.sites.of_kind("mlp")
+    sites = _sites(loaded, cfg)
     lm = task.kind == "text" and loaded.head in ("causal-lm", "masked-lm")
     pm = PromptedModel(loaded, task.n_classes, max_tokens=cfg.max_tokens,
                        verbaliser=_verbaliser(loaded, task, cfg.verbaliser) if lm else None)
@@ -195,7 +209,7 @@ def run_skills(loaded: LoadedModel, tasks: Sequence[str | LabelledTask], out: st
     if cfg.random_baseline and getattr(loaded.model, "config", None) is None:
         raise NeurospecError("--random-baseline rebuilds the model from its Hugging Face config, and this model has "
                              "none; run without --random-baseline")
-    sites = loaded.sites.of_kind("mlp")
+    sites = _sites(loaded, cfg)
     widths = {s.name: s.width for s in sites}
     result: dict[str, Any] = {"model": loaded.describe(), "config": cfg.to_dict(), "tasks": {}, "readout": {},
                               "accuracy": {}, "predictivity": {s.name: {} for s in sites}, "skill_neurons": {},
@@ -267,7 +281,7 @@ def _extra_studies(result: dict, loaded: LoadedModel, pm: PromptedModel, task: L
         if progress is not None:
             progress(f"{study} {task.name}", 0, 1)
 
-    sites = loaded.sites.of_kind("mlp")
+    sites = _sites(loaded, cfg)
     if cfg.prune_keeps or cfg.save_pruned is not None:
         starts("pruning")
         means = token_means(pm, task.split("train")[0], prompt, sites, batch_size=cfg.batch_size)
