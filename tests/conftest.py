@@ -23,3 +23,15 @@ def model_dir(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NEUROSPEC_CACHE", str(tmp_path / "cache"))
     return save_tiny_lm(tmp_path / "tiny")
+
+
+@pytest.fixture(params=[1, 3])
+def threads(request, monkeypatch):
+    """Run the CPU kernels on one thread, and split across three column ranges even for small inputs."""
+    from neurospec.record import kernels
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    yield request.param
+    torch.set_num_threads(old)

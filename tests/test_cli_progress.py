@@ -12,11 +12,17 @@ from tiny import write_corpus
 _register()
 
 
-def test_log_lines_say_done_total_and_time_left(monkeypatch):
-    clock = iter([100.0, 110.0, 130.0, 170.0, 175.0])
+def _lines(monkeypatch, times):
+    """The lines LogLines prints, with time.monotonic() returning ``times`` one call after another."""
+    clock = iter(times)
     monkeypatch.setattr("time.monotonic", lambda: next(clock))
     lines = []
     monkeypatch.setattr(common.err, "print", lambda text, **kw: lines.append(text))
+    return lines
+
+
+def test_log_lines_say_done_total_and_time_left(monkeypatch):
+    lines = _lines(monkeypatch, [100.0, 110.0, 130.0, 170.0, 175.0])
     log = common.LogLines("tokens", every=60)
     log("words", 0, 1000)       # t=100: the start of a label is always shown
     log("words", 100, 1000)     # t=110: within a minute of the last line: quiet
@@ -33,10 +39,7 @@ def test_log_lines_say_done_total_and_time_left(monkeypatch):
 def test_counted_steps_keep_one_timer_while_their_label_changes(monkeypatch):
     """Steps whose label names the current step (``skills TASK``, ``ablation METHOD``): every new label is shown,
     and elapsed time and time left cover the whole count, not the current label."""
-    clock = iter([0.0, 300.0, 600.0, 900.0])
-    monkeypatch.setattr("time.monotonic", lambda: next(clock))
-    lines = []
-    monkeypatch.setattr(common.err, "print", lambda text, **kw: lines.append(text))
+    lines = _lines(monkeypatch, [0.0, 300.0, 600.0, 900.0])
     log = common.LogLines(every=60)
     log("skills a", 0, 3, key="steps")
     log("skills b", 1, 3, key="steps")
@@ -53,10 +56,7 @@ def test_counted_steps_keep_one_timer_while_their_label_changes(monkeypatch):
 def test_a_new_phase_under_the_same_key_gets_its_own_timer(monkeypatch):
     """A long first phase (prompt training: 1 step in an hour) must not make the next phase (84 perturbations at
     a minute each) look like a day: a new total, or a count that starts over, restarts the timer."""
-    clock = iter([0.0, 3600.0, 3600.0, 3720.0, 3780.0, 3900.0])
-    monkeypatch.setattr("time.monotonic", lambda: next(clock))
-    lines = []
-    monkeypatch.setattr(common.err, "print", lambda text, **kw: lines.append(text))
+    lines = _lines(monkeypatch, [0.0, 3600.0, 3600.0, 3720.0, 3780.0, 3900.0])
     log = common.LogLines(every=60)
     log("train", 0, 1, key="steps")
     log("train", 1, 1, key="steps")

@@ -40,16 +40,6 @@ def assert_same_counts(b: Binner, x: torch.Tensor, keep: torch.Tensor | None = N
     assert int(got.sum()) == (x.numel() if keep is None else int(keep.sum()))
 
 
-@pytest.fixture(params=[1, 3])
-def threads(request, monkeypatch):
-    """Run the kernels on one thread, and split across three column ranges even for small batches."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def adversarial_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``name -> (values that fit the grid, values to bin)``, float32 ``[tokens, width]``."""
     g = torch.Generator().manual_seed(1)

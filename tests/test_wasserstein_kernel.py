@@ -46,16 +46,6 @@ def _planted_stats(width: int = 150, n: int = 2000, seed: int = 0) -> NeuronStat
     return st
 
 
-@pytest.fixture(params=[1, 3])
-def threads(request, monkeypatch):
-    """One thread, and three column ranges even for few neurons."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def _both(st: NeuronStats, monkeypatch, chunk: int = 1024, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     got = w1_from_stats(st, **kw)
     monkeypatch.setattr(kernels, "ENABLED", False)
