@@ -86,3 +86,14 @@ def test_record_reports_progress_on_stderr_when_it_is_not_a_terminal(model_dir, 
     assert lines and lines[-1].startswith("words: 256/256 tokens (100%)") and lines[-1].endswith("done"), r.stderr
     assert any(re.search(r"tokens \(\d+%\), .* elapsed, about .* left$", ln) for ln in lines), r.stderr
     assert r.stdout.lstrip().startswith("{")  # the JSON result alone on stdout
+
+
+def test_a_new_label_at_zero_with_the_same_total_gets_its_own_timer(monkeypatch):
+    """Two one-step studies in a row (``pruning 0/1`` then ``agreement 0/1``): the second's elapsed time starts at
+    its own start, not the first's."""
+    lines = _lines(monkeypatch, [0.0, 600.0, 700.0])
+    log = common.LogLines(every=60)
+    log("pruning t", 0, 1, key="steps")
+    log("agreement t", 0, 1, key="steps")   # t=600: a new timer
+    log("agreement t", 1, 1, key="steps")   # t=700: 100 s of agreement
+    assert lines[-1] == "agreement t: 1/1 (100%), 1m40s elapsed, done"

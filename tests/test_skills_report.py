@@ -29,3 +29,19 @@ def test_report_draws_skills_figures_from_a_tiny_run(tmp_path):
     res = json.loads((tmp_path / "skills.json").read_text())
     assert "Skill neurons: pruning" in html and "Skill neurons and selective pruning" in html
     assert html.count("<img") == 5 and f"{res['agreement']['fruit']['chance']:.4g}" in html
+
+
+def test_predictivity_lines_follow_one_site_kind_each(tmp_path):
+    """With MLP and attention sites scored, each task gets one line per kind, its layers in order, its values
+    from that kind's sites only (not a zigzag between the kinds of each layer)."""
+    from neurospec.report.skills_figures import predictivity_per_layer, predictivity_series
+
+    pred = {f"layers.{i}.{k}": {"t": {"mean": 0.6 + i / 10 + (0.2 if k == "attn" else 0.0), "skill_mean": None}}
+            for i in range(3) for k in ("mlp", "attn")}
+    res = {"predictivity": pred, "skill_neurons": {"t": []}, "config": {"p": 0.1, "kinds": ["mlp", "attn"]}}
+    series = predictivity_series(res)
+    assert set(series) == {("t", "mlp"), ("t", "attn")}
+    layers, mean, _ = series[("t", "attn")]
+    assert layers == [0, 1, 2] and mean == [pred[f"layers.{i}.attn"]["t"]["mean"] for i in range(3)]
+    assert series[("t", "mlp")][1] == [pred[f"layers.{i}.mlp"]["t"]["mean"] for i in range(3)]
+    assert predictivity_per_layer(res, tmp_path / "p").stat().st_size > 1000

@@ -403,9 +403,10 @@ class LogLines:
         now = time.monotonic()
         key = label if key is None else key
         start = self._start.get(key)
-        if start is None or start[2] != total or done < self._done.get(key, 0):
-            # a new count under the same key (a phase with another total, or one that starts over): a new timer,
-            # so that the rate of the earlier phase does not predict this one
+        if (start is None or start[2] != total or done < self._done.get(key, 0)
+                or (done == 0 and label != self._label.get(key))):
+            # a new count under the same key (a phase with another total, one that starts over, or another label
+            # at 0): a new timer, so that the rate and time of the earlier phase do not leak into this one
             self._start[key] = (now, done, total)
             self._done[key] = done
             self._label.pop(key, None)

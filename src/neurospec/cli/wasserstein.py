@@ -55,7 +55,8 @@ def wasserstein_cmd(
     pairs: int = typer.Option(64, "--pairs", help="random token pairs per batch for the mapping difficulty"),
     hist_every: int = typer.Option(1, "--hist-every", help="bin every k-th token into the histograms W1 reads "
                                                            "(about k times cheaper binning; the moments see every "
-                                                           "token)"),
+                                                           "token); k coprime to --seq-len (3, 5) spreads the "
+                                                           "sample over positions"),
     experiment: bool = typer.Option(False, "--experiment", help="also sparsify the top neurons against other "
                                                                 "selections (SparseGPT, 50%% and 2:4)"),
     patterns: str = typer.Option("50%,2:4", "--patterns", help="patterns of the experiment, comma-separated"),

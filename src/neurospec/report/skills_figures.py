@@ -29,19 +29,33 @@ def load_skills_result(run_dir: Path) -> dict | None:
     return None
 
 
+def predictivity_series(res: dict) -> dict[tuple[str, str], tuple[list[int], list[float], list[float | None]]]:
+    """``{(task, site kind): (layers, mean predictivity, skill-neuron mean)}``, layers in order: one line per site
+    kind, so that MLP and attention sites of the same layer are never joined."""
+    by_kind: dict[str, list[str]] = {}
+    for s in sorted(res["predictivity"], key=lambda s: parse_site_name(s)[0]):
+        by_kind.setdefault(parse_site_name(s)[1], []).append(s)
+    return {(task, kind): ([parse_site_name(s)[0] for s in sites],
+                           [res["predictivity"][s][task]["mean"] for s in sites],
+                           [res["predictivity"][s][task]["skill_mean"] for s in sites])
+            for task in res["skill_neurons"] for kind, sites in by_kind.items()}
+
+
 def predictivity_per_layer(res: dict, path: Path) -> Path:
-    """Per task: the mean predictivity of all neurons of a layer (dashed) and of its skill neurons (solid)."""
+    """Per task (and site kind, when several were scored): the mean predictivity of all neurons of a layer (dashed)
+    and of its skill neurons (solid)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    sites = sorted(res["predictivity"], key=lambda s: parse_site_name(s)[0])
-    layers = [parse_site_name(s)[0] for s in sites]
-    for k, task in enumerate(res["skill_neurons"]):
-        colour = f"C{k % 10}"
-        mean = [res["predictivity"][s][task]["mean"] for s in sites]
-        skill = [res["predictivity"][s][task]["skill_mean"] for s in sites]
-        ax.plot(layers, mean, "--", color=colour, label=f"{task}: all neurons")
-        ax.plot(layers, [np.nan if v is None else v for v in skill], "-o", color=colour, ms=3,
-                label=f"{task}: skill neurons")
+    series = predictivity_series(res)
+    kinds = list(dict.fromkeys(kind for _, kind in series))
+    tasks = list(dict.fromkeys(task for task, _ in series))
+    markers = "os^v"
+    for (task, kind), (layers, mean, skill) in series.items():
+        colour = f"C{tasks.index(task) % 10}"
+        what = f"{task}, {kind}" if len(kinds) > 1 else task
+        ax.plot(layers, mean, "--", color=colour, label=f"{what}: all neurons")
+        ax.plot(layers, [np.nan if v is None else v for v in skill], f"-{markers[kinds.index(kind) % 4]}",
+                color=colour, ms=3, label=f"{what}: skill neurons")
     ax.axhline(0.5, color="#bbbbbb", lw=1, zorder=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("predictivity (mean)")
@@ -100,7 +114,8 @@ def skills_sections(run_dir: Path, figdir: Path) -> list[str]:
     png = predictivity_per_layer(res, figdir / "skills_predictivity")
     out.append(section(
         "Skill neurons: predictivity per layer",
-        f"Mean predictivity (max over prompt positions of max(Acc, 1 - Acc); 0.5 = chance) of all MLP neurons "
+        f"Mean predictivity (max over prompt positions of max(Acc, 1 - Acc); 0.5 = chance) of all neurons of each "
+        f"scored site ({', '.join(res['config'].get('kinds', ['mlp']))}) "
         f"(dashed) and of the top {p:g} per layer (solid), per task.", img(png, "predictivity per layer")))
     if res.get("perturbation"):
         png = perturbation_curves(res["perturbation"], figdir / "skills_perturbation")

@@ -3,7 +3,8 @@
 Perturbation (a forward pre-hook on each site's reading module, removed on exit; the model's weights never
 change): ``noise`` adds Gaussian noise (std 0.1 by default) to the chosen neurons, one noise vector per example
 broadcast over all its positions (as the published code does); ``noise:STD`` the same with that std (a sweep:
-``noise:0.3``, ``noise:1``, ...); ``zero`` sets them to 0 at every position.
+``noise:0.3``, ``noise:1``, ...; each method's draws are seeded by its name, so ``noise`` and ``noise:0.1`` draw
+differently); ``zero`` sets them to 0 at every position.
 
 :func:`perturbation_study` compares, for each fraction ``p``, the test accuracy with the skill neurons perturbed
 against ``n_random`` (>= 20) random sets with the same number of neurons in every layer. The p-value of "the skill
@@ -191,6 +192,8 @@ def perturbation_study(pm: PromptedModel, items, labels, prompt: Prompt | None, 
     order = by_length(pm, items)
     items, labels = _take(items, order), labels[order]
     base = pm.accuracy(items, labels, prompt, batch_size)
+    for method in methods:
+        parse_method(method, std)  # every method checked before any forward pass
     todo = [p for p in ps if p > 0]
     total, done = len(todo) * len(methods) * (1 + n_random), 0
     rows = []

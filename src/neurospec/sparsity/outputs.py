@@ -323,7 +323,10 @@ def record_outputs(
     :class:`ModuleOutputs`. The model is not changed (hooks are removed, no weight is touched).
 
     ``hist_every = k``: the histograms (and so W1) see every k-th token of each batch, the moments every token;
-    about k times cheaper binning for a W1 estimated from ``1/k`` of the tokens."""
+    about k times cheaper binning for a W1 estimated from ``1/k`` of the tokens. Rows are the batch's tokens in
+    order (sequence by sequence), so with a sequence length divisible by ``k`` the same positions of every sequence
+    are sampled, the first among them (often an outlier): choose ``k`` coprime to the sequence length (3 or 5 for
+    256) to spread the sample over positions."""
     net = model.model if isinstance(model, LoadedModel) else model
     if modules is None:
         modules = choose_linears(net, layers, scope=scope)
