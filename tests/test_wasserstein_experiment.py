@@ -105,6 +105,9 @@ def test_cli_json_contract_and_figures(model_dir, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     want = experiment_tokens(128, 32, 16, 1, 2)
     assert sum(counted) - 2 - 16 == want  # the estimate is exact in forward-pass tokens (2 + 16: its own passes)
+    # every sparsified model reports its step: 1 pattern x (2 draws + 4 selections), then 3 methods
+    assert "rows 2:4 random: 1/6" in r.stderr and "rows 2:4 weight_norm: 6/6 (100%)" in r.stderr, r.stderr
+    assert "methods 2:4 sparsegpt: 3/3 (100%)" in r.stderr, r.stderr
     line = next(x for x in r.stderr.splitlines() if x.startswith("wasserstein: this takes about "))
     assert f"about {want:,} forward-pass tokens" in line and "6 sparsified models of the row experiment" in line
     res = json.loads(r.stdout)

@@ -14,6 +14,7 @@ from rich.table import Table
 from neurospec.cli import options as opt
 from neurospec.cli.app import command
 from neurospec.cli.common import (
+    Steps,
     check_choice,
     check_fraction,
     check_int,
@@ -129,8 +130,9 @@ def wasserstein_cmd(
     }
     corr = None
     if experiment:
-        rows = row_experiment(loaded, scores, data.collect, data.eval, patterns=pats, fraction=top, draws=draws,
-                              seed=seed, batch_size=batch_size)
+        with Steps() as steps:
+            rows = row_experiment(loaded, scores, data.collect, data.eval, patterns=pats, fraction=top,
+                                  draws=draws, seed=seed, batch_size=batch_size, progress=steps)
         first = next(iter(rows["patterns"]))
         result["experiment"] = {sel: {"delta_loss": r["delta_loss"], "pvalue": r["pvalue"]}
                                 for sel, r in rows["patterns"][first].items()}
@@ -142,7 +144,9 @@ def wasserstein_cmd(
         corr = error_correlation(loaded, scores, data.collect, data.eval, pattern=pats[0], batch_size=batch_size)
         result["error_correlation"] = {"pattern": corr["pattern"], "pooled": corr["pooled"],
                                        "per_module": corr["spearman"]}
-        result["methods"] = method_ordering(loaded, data.collect, data.eval, patterns=pats, batch_size=batch_size)
+        with Steps() as steps:
+            result["methods"] = method_ordering(loaded, data.collect, data.eval, patterns=pats,
+                                                batch_size=batch_size, progress=steps)
     if out_dir is not None:
         from neurospec.report.wasserstein_figures import error_vs_w1, w1_distributions
 

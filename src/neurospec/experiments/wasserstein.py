@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -161,8 +161,10 @@ def _pruned_loss(loaded, refs: Mapping[str, LinearRef], rows: Mapping[str, torch
 
 def row_experiment(model, scores: Mapping[str, ModuleScores], calibration: torch.Tensor, eval_blocks: torch.Tensor, *,
                    patterns: Sequence[str | SparsityPattern] = DEFAULT_PATTERNS, fraction: float = 0.03,
-                   draws: int = 10, seed: int = 0, batch_size: int = 8, method: str = "sparsegpt") -> dict:
+                   draws: int = 10, seed: int = 0, batch_size: int = 8, method: str = "sparsegpt",
+                   progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Loss increase of pruning each selection's rows, per pattern, with p-values against the random draws.
+    ``progress(label, done, total)`` hears every sparsified and evaluated model.
 
     Returns ``{"metric", "dense_loss", "counts": {module: k}, "patterns": {key: {selection: {"delta_loss", "pvalue"},
     "random": {"delta_loss" (mean), "draws": [...]}}}}``; ``pvalue`` is None for the random selection itself.
@@ -176,13 +178,23 @@ def row_experiment(model, scores: Mapping[str, ModuleScores], calibration: torch
     dense, _ = judge(model)
     out: dict = {"metric": judge.metric, "dense_loss": dense, "counts": sel.counts, "fraction": fraction,
                  "draws": draws, "patterns": {}}
+    total = len(patterns) * (len(sel.random) + len(sel.fixed))
+    done = 0
+
+    def loss(rows, pat: SparsityPattern, what: str) -> float:
+        nonlocal done
+        value = _pruned_loss(model, refs, rows, pat, calibration, judge, batch_size, method) - dense
+        done += 1
+        if progress is not None:
+            progress(f"rows {pattern_key(pat)} {what}", done, total)
+        return value
+
     for p in patterns:
         pat = parse_pattern(p)
-        rnd = [_pruned_loss(model, refs, rows, pat, calibration, judge, batch_size, method) - dense
-               for rows in sel.random]
+        rnd = [loss(rows, pat, "random") for rows in sel.random]
         res = {}
         for name, rows in sel.fixed.items():
-            delta = _pruned_loss(model, refs, rows, pat, calibration, judge, batch_size, method) - dense
+            delta = loss(rows, pat, name)
             res[name] = {"delta_loss": delta, "pvalue": random_pvalue(delta, rnd)}
         res["random"] = {"delta_loss": sum(rnd) / len(rnd), "pvalue": None, "draws": rnd}
         out["patterns"][pattern_key(pat)] = res
@@ -205,19 +217,24 @@ def error_correlation(model, scores: Mapping[str, ModuleScores], calibration: to
 
 def method_ordering(model, calibration: torch.Tensor, eval_blocks: torch.Tensor, *,
                     patterns: Sequence[str | SparsityPattern] = DEFAULT_PATTERNS,
-                    methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"), batch_size: int = 8) -> dict:
+                    methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"), batch_size: int = 8,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Perplexity of the dense model and of each method over every linear module of the blocks, per pattern:
     ``{"metric": "perplexity", "dense": ppl, "patterns": {key: {method: ppl}}}``; for an encoder without a
     language-model head the cosine distance to the dense model instead (``metric``: ``cosine_distance``)."""
     judge = _Judge(model, eval_blocks, batch_size)
     _, dense = judge(model)
     out: dict = {"metric": "perplexity" if judge.lm else "cosine_distance", "dense": dense, "patterns": {}}
+    done, total = 0, len(patterns) * len(methods)
     for p in patterns:
         pat = parse_pattern(p)
         row = {}
         for m in methods:
             res = sparsify(_net(model), m, pattern=pat, calibration=calibration, batch_size=batch_size)
             row[m] = judge(_with_model(model, res.model))[1]
+            done += 1
+            if progress is not None:
+                progress(f"methods {pattern_key(pat)} {m}", done, total)
         out["patterns"][pattern_key(pat)] = row
     return out
 
