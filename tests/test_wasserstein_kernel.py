@@ -83,17 +83,21 @@ def test_kernel_keeps_the_top_three_percent_and_nan_rows(monkeypatch):
     assert torch.equal(top_neurons(got, 0.03), top_neurons(ref, 0.03))
 
 
-def test_location_and_scale_are_those_of_compute():
-    """W1 reads mean, std, min and max from the state without ``compute()`` (whose peak is costly): the same
-    values bit for bit, also for a neuron without data and one whose variance rounds below zero."""
-    from neurospec.sparsity.wasserstein import _location_scale
-
-    st = _planted_stats(width=20, n=300)
-    st._state["count"][3] = 0
-    st._state["sum"][3] = st._state["sum_sq"][3] = 0.0
-    st._state["sum_sq"][4] = st._state["sum"][4] ** 2 / st._state["count"][4] * (1 - 1e-15)  # var rounds below 0
-    full = st.compute()
-    mine = _location_scale(st)
-    for key in ("mean", "std", "min", "max"):
-        assert torch.equal(mine[key].nan_to_num(7.5), full[key].nan_to_num(7.5)), key
-    assert math.isnan(float(mine["mean"][3]))
+def test_location_and_scale_match_the_samples():
+    """W1 reads ``NeuronStats.location_scale()`` (mean, population std, min, max without the costly peak of
+    ``compute()``): equal to the samples' own statistics; a constant neuron whose variance rounds below zero gets
+    std 0, a neuron without data NaN."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(500, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 1e-3, 1.0, 1.0]) + 2.0
+    x[:, 3] = 1.1  # constant: here sum_sq / n - mean^2 rounds below 0 (to -2e-16)
+    st = NeuronStats(5)
+    st.update(x)
+    got = st.location_scale()
+    assert torch.allclose(got["mean"], x.mean(0), rtol=1e-12)
+    assert torch.allclose(got["std"][[0, 1, 2, 4]], x.std(0, unbiased=False)[[0, 1, 2, 4]], rtol=1e-6)
+    assert 0.0 <= float(got["std"][3]) < 1e-6  # not NaN
+    assert torch.equal(got["min"], x.amin(0)) and torch.equal(got["max"], x.amax(0))
+    empty = NeuronStats(1)
+    empty.update(torch.full((10, 1), math.nan))  # no finite value
+    none = empty.location_scale()
+    assert all(math.isnan(float(none[k][0])) for k in ("mean", "std", "min", "max")) and float(none["count"][0]) == 0

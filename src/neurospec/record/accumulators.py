@@ -414,33 +414,44 @@ class NeuronStats(Accumulator):
         ``OUT_OF_RANGE_WARN`` (1%) of its mass out of range, as its peak and quantiles are then unreliable.
         """
         s = self._state
-        count = s["count"].double()
+        base = self.location_scale()
+        count = base["count"]
         has = count > 0
         n = torch.where(has, count, 1.0)
 
         def mean_of(name: str) -> Tensor:
             return torch.where(has, s[name] / n, math.nan)
 
-        mean = mean_of("sum")
-        mean_sq = mean_of("sum_sq")
-        var = (mean_sq - mean * mean).clamp(min=0.0)
         return {
             "count": count,
             "nonfinite": s["nonfinite"].double(),
-            "mean": mean,
-            "var": var,
-            "std": var.sqrt(),
-            "rms": mean_sq.sqrt(),
+            "mean": base["mean"],
+            "var": base["var"],
+            "std": base["std"],
+            "rms": base["rms"],
             "mean_abs": mean_of("sum_abs"),
             "mean_sqrt_abs": mean_of("sum_sqrt_abs"),
             "frac_pos": torch.where(has, s["pos_count"].double() / n, math.nan),
             "mean_pos": mean_of("pos_sum"),
             "mean_neg": mean_of("neg_sum"),
-            "min": torch.where(has, s["min"], math.nan),
-            "max": torch.where(has, s["max"], math.nan),
+            "min": base["min"],
+            "max": base["max"],
             "peak": peak(self),
             "out_of_range": self._out_of_range(),
         }
+
+    def location_scale(self) -> dict[str, Tensor]:
+        """``count, mean, var, std, rms, min, max`` as :meth:`compute` gives them, from the sums and extremes alone
+        (no histogram work: the peak costs more than, e.g., a W1 score from the histogram)."""
+        s = self._state
+        count = s["count"].double()
+        has = count > 0
+        n = torch.where(has, count, 1.0)
+        mean = torch.where(has, s["sum"] / n, math.nan)
+        mean_sq = torch.where(has, s["sum_sq"] / n, math.nan)
+        var = (mean_sq - mean * mean).clamp(min=0.0)
+        return {"count": count, "mean": mean, "var": var, "std": var.sqrt(), "rms": mean_sq.sqrt(),
+                "min": torch.where(has, s["min"], math.nan), "max": torch.where(has, s["max"], math.nan)}
 
     def _out_of_range(self) -> Tensor:
         counts = self._state["hist"]

@@ -67,7 +67,7 @@ def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int 
         raise NeurospecError(f"normalise must be one of {NORMALISE}, got {normalise!r}")
     if points < 2:
         raise NeurospecError(f"points must be >= 2, got {points}")
-    s = _location_scale(stats)
+    s = stats.location_scale()  # without the histogram peak of compute(), which costs more than the W1 kernel
     h = stats.histogram()
     if normalise == "zscore":
         mean, std = s["mean"], s["std"]
@@ -84,20 +84,6 @@ def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int 
         part = Histogram(h.counts[odd], h.lo[odd], h.hi[odd], h.min[odd], h.max[odd])
         out[odd] = _w1_torch(s["min"][odd], s["max"][odd], mean[odd], std[odd], part, steps, chunk)
     return out
-
-
-def _location_scale(stats: NeuronStats) -> dict[str, Tensor]:
-    """``mean, std, min, max`` of :meth:`NeuronStats.compute`, by the same formulas from the state, without the
-    statistics W1 does not need (the histogram peak alone costs more than the kernel's W1)."""
-    s = stats.state_view()
-    count = s["count"].double()
-    has = count > 0
-    n = torch.where(has, count, 1.0)
-    mean = torch.where(has, s["sum"] / n, math.nan)
-    mean_sq = torch.where(has, s["sum_sq"] / n, math.nan)
-    var = (mean_sq - mean * mean).clamp(min=0.0)
-    return {"mean": mean, "std": var.sqrt(), "min": torch.where(has, s["min"], math.nan),
-            "max": torch.where(has, s["max"], math.nan)}
 
 
 def _w1_torch(mn_all: Tensor, mx_all: Tensor, mean: Tensor, std: Tensor, h: Histogram, steps: Tensor,
