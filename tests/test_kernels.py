@@ -395,3 +395,73 @@ def test_kernel_thread_count_follows_the_setting_not_only_torch(monkeypatch):
         monkeypatch.setenv("NEUROSPEC_KERNEL_THREADS", bad)
         with pytest.warns(UserWarning, match="positive integer"):
             assert kernels._threads_from_env() is None
+
+
+# ------------------------------------------------------------------------------- fused moments + histogram
+def grid_batches(seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Batches that move the grids in every way: ranges that grow by many levels at once, a neuron constant at 0
+    (finest level) that then jumps, a huge-mean neuron, values near float32's limits, tiny negative values at a
+    level above 0, new minima below the window, a single-row batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate((50, 1, 33, 120, 7, 64, 90)):
+        x = torch.randn(n, 9, generator=g, dtype=torch.float64)
+        x[:, 0] *= 10.0 ** (3 * i - 9)  # from 1e-9 up to 1e9: the level rises batch after batch
+        x[:, 1] = 0.0 if i < 3 else x[:, 1] * 1e3  # constant 0 (finest level), then wide
+        x[:, 2] = 1e6 + 1e-3 * x[:, 2]  # large mean, small spread
+        x[:, 3] = x[:, 3] - 2.0 * i  # new minima below the window in every batch
+        x[:, 4] = -1e-45 if i % 2 else x[:, 4] * 100.0  # tiny negatives (-0 products at a coarse level)
+        x[:, 5] = x[:, 5].abs() * (3e37 if i == 5 else 1.0)  # one batch near float32's largest values
+        x[:, 6] = torch.where(x[:, 6] > 0, x[:, 6], 0.0)  # ReLU-like: exact zeros
+        x[:, 7] = torch.floor(x[:, 7] * 4) / 4  # values on bin edges
+        x[:, 8] = torch.where(torch.arange(n) % 2 == 0, 0.5, 16.5)  # 17 cells of width 1: one too many for 16
+        out.append(x.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("every", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_histogram_moves_grids_exactly_as_the_torch_path(monkeypatch, every, dtype, threads):
+    """The fused kernel fits each neuron's grid, moves its counts and bins the batch itself: the whole state equals
+    the torch path's (fit_grid, regrid, Binner.counts_torch) bit for bit, batch after batch."""
+    data = grid_batches(11, dtype)
+    fast = NeuronStats(9, hist_bins=16, hist_sample_every=every)
+    slow = NeuronStats(9, hist_bins=16, hist_sample_every=every)
+    calls = []
+    real = kernels.moments_histogram
+    monkeypatch.setattr(kernels, "moments_histogram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for x in data:
+        fast.update(x)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        slow.update(x)
+        monkeypatch.setattr(kernels, "ENABLED", True)
+        a, b = fast.state_dict(), slow.state_dict()
+        for key in ("hist", "hist_lo", "hist_hi", "min", "max", "count"):
+            assert torch.equal(a[key], b[key]), key
+        assert torch.equal(fast.grid().last, slow.grid().last)
+    assert len(calls) == len(data)
+    levels = fast.grid().level
+    assert int(levels[0]) > 0 and int(levels[4]) > 0  # the grids really moved up
+    assert int(levels[8]) == 1 or every > 1  # 0.5 and 16.5 share no 16-cell window below level 1
+
+
+def test_fused_histogram_leaves_non_finite_neurons_to_the_caller(threads):
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(12))
+    x[5, 1], x[9, 3] = math.nan, math.inf
+    counts = torch.zeros(4 * 18, dtype=torch.int64)
+    grid = Grid.empty(4)
+    level, first, last = grid.level.clone(), grid.first.clone(), grid.last.clone()
+    part, done = kernels.moments_histogram(x, counts, level, first, last, 16)
+    assert done.tolist() == [True, False, True, False]
+    view = counts.view(4, 18)
+    assert int(view[1].sum()) == 0 and int(view[3].sum()) == 0 and bool(first[[1, 3]].isnan().all())
+    ref = fit_grid(Grid.empty(4), x.double().amin(0), x.double().amax(0), 16)
+    for j in (0, 2):
+        assert int(level[j]) == int(ref.level[j]) and float(first[j]) == float(ref.first[j])
+        want = Binner(Grid(ref.level[[j]], ref.first[[j]], ref.last[[j]]), 16).counts_torch(x[:, [j]])
+        assert torch.equal(view[j], want)
+    torch.testing.assert_close(part, kernels.moments(x), rtol=0.0, atol=0.0, equal_nan=True)
+    with pytest.raises(ValueError, match="level must be a contiguous"):
+        kernels.moments_histogram(x, counts, level.double(), first, last, 16)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.moments_histogram(x, counts[:-1], level, first, last, 16)

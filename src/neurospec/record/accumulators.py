@@ -270,19 +270,29 @@ class NeuronStats(Accumulator):
         return self._grid
 
     # --------------------------------------------------------------------------------------------- update
-    def update(self, x: Tensor, moments: Tensor | None = None) -> None:
+    def update(self, x: Tensor, higher: bool = False) -> Tensor | None:
         """Add a batch ``x`` ``[tokens, width]`` (any float dtype, any device).
 
-        ``moments``: the result of :func:`neurospec.record.kernels.moments` for this very batch (contiguous, on the
-        CPU) with ``step = hist_sample_every``, when the caller has taken it already (it may hold extra rows);
-        otherwise it is taken here."""
+        A CPU batch takes one fused kernel pass (:func:`neurospec.record.kernels.moments_histogram`): the float64
+        partials and the histogram of every neuron whose grid holds the batch; the other neurons (a new extreme
+        outside the window, non-finite values, the first batch) are binned afterwards on their widened grid.
+        Returns the kernel's partials (with ``higher``, also the 3rd and 4th power sums about the shift, rows
+        :data:`~neurospec.record.kernels.HIGHER_ROWS`), or None on the torch path (other devices, kernels off)."""
         x = as_rows(x, self.width, "NeuronStats")
         if x.shape[0] == 0:
-            return
+            return None
         sampled = None  # (min, max) over the rows the histogram sees, when already known
-        if moments is not None or kernels.usable(x):  # one fused pass on the CPU (float64 partials)
-            x = x.contiguous()  # (a copy only for a strided view; both kernels then read it in place)
-            part = kernels.moments(x, self.hist_sample_every) if moments is None else moments[: kernels.MOMENT_ROWS]
+        done = None  # the neurons the kernel binned
+        fused = None
+        if kernels.usable(x):  # one fused pass on the CPU (float64 partials, grid and histogram)
+            x = x.contiguous()  # (a copy only for a strided view; the kernel then reads it in place)
+            old = self.grid()
+            grid = Grid(old.level.clone(), old.first.clone(), old.last.clone())
+            fused, done = kernels.moments_histogram(x, self._state["hist"].view(-1), grid.level, grid.first,
+                                                    grid.last, self.hist_bins, self.hist_sample_every, higher)
+            self._set_grid(grid, moved=not (torch.equal(grid.level, old.level) and torch.equal(grid.first,
+                                                                                               old.first)))
+            part = fused[: kernels.MOMENT_ROWS]
             sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
         else:
             part = _fast_partials(x).to("cpu", torch.float64)
@@ -294,7 +304,18 @@ class NeuronStats(Accumulator):
             keep = torch.isfinite(x)
             batch_min, batch_max = self._add_exact(_masked_partials(x, keep))
             sampled = None
-        self._add_histogram(x, keep, batch_min, batch_max, sampled)
+        if done is None or not bool(done.all()):
+            self._add_histogram(x, keep, batch_min, batch_max, sampled, done)
+        return fused
+
+    def _set_grid(self, grid: Grid, moved: bool) -> None:
+        """Make ``grid`` the histogram's grid (``moved``: some window changed, so the stored edges follow)."""
+        if moved:
+            lo, hi = grid.edges(self.hist_bins)
+            self._state["hist_lo"].copy_(lo)
+            self._state["hist_hi"].copy_(hi)
+            self._binner = None
+        self._grid = grid
 
     def _add_fast(self, part: Tensor, n: int) -> None:
         s = self._state
@@ -334,9 +355,10 @@ class NeuronStats(Accumulator):
         batch_min: Tensor,
         batch_max: Tensor,
         sampled: tuple[Tensor, Tensor] | None = None,
+        done: Tensor | None = None,
     ) -> None:
         """Widen the grid to the extremes of the rows the histogram sees (``sampled``, when known), then bin those
-        rows."""
+        rows, of every neuron but those ``done`` already (binned by the fused kernel on their unchanged grid)."""
         k = self.hist_sample_every
         if k > 1 and sampled is not None:
             batch_min, batch_max = sampled
@@ -350,19 +372,29 @@ class NeuronStats(Accumulator):
                 batch_max = torch.where(ks, xs, -math.inf).amax(0)
             both = torch.stack([batch_min, batch_max]).to("cpu", torch.float64)  # one transfer
             batch_min, batch_max = both[0], both[1]
+        if done is not None:  # the neurons the kernel binned keep their grid
+            batch_min = torch.where(done, math.inf, batch_min)
+            batch_max = torch.where(done, -math.inf, batch_max)
         old = self.grid()
         new = fit_grid(old, batch_min, batch_max, self.hist_bins)
         s = self._state
-        if not (torch.equal(new.level, old.level) and torch.equal(new.first, old.first)):
+        moved = not (torch.equal(new.level, old.level) and torch.equal(new.first, old.first))
+        if moved:
             regrid(s["hist"], old, new, inplace=True)
-            lo, hi = new.edges(self.hist_bins)
-            s["hist_lo"].copy_(lo)
-            s["hist_hi"].copy_(hi)
-            self._binner = None
-        self._grid = new
-        if self._binner is None:
-            self._binner = Binner(new, self.hist_bins)
-        self._binner.add_to(s["hist"].view(-1), x, keep, k)
+        self._set_grid(new, moved)
+        todo = None if done is None else (~done).nonzero().squeeze(1)
+        if todo is None or todo.numel() == self.width:
+            if self._binner is None:
+                self._binner = Binner(new, self.hist_bins)
+            self._binner.add_to(s["hist"].view(-1), x, keep, k)
+            return
+        # Only the neurons left: their columns of the sampled rows, binned on their part of the grid.
+        rows = x[::k] if k > 1 else x
+        kept = None if keep is None else (keep[::k] if k > 1 else keep)[:, todo.to(x.device)]
+        sub = Binner(Grid(new.level[todo], new.first[todo], new.last[todo]), self.hist_bins)
+        counts = torch.zeros(todo.numel() * (self.hist_bins + 2), dtype=torch.int64)
+        sub.add_to(counts, rows[:, todo.to(x.device)], kept)
+        s["hist"].index_add_(0, todo, counts.view(todo.numel(), self.hist_bins + 2))
 
     # --------------------------------------------------------------------------------------------- merge
     @classmethod

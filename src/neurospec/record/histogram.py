@@ -42,9 +42,9 @@ from neurospec.record.base import scratch
 
 PEAK_ASSIGN = ("overlap", "centre")
 PEAK_METHODS = ("histogram", "kde")
-MIN_LEVEL = -126
+MIN_LEVEL = kernels.MIN_LEVEL
 """The finest bin width is ``2**-126`` (the smallest normal float32): it only matters for constant neurons."""
-CELL_LIMIT = 2**23
+CELL_LIMIT = kernels.CELL_LIMIT
 """Cell indices stay in ``[-CELL_LIMIT, CELL_LIMIT)``, so that window positions are exact float32 integers."""
 
 

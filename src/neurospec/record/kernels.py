@@ -1,30 +1,35 @@
 """Fused CPU kernels (numba) for the per-batch work of :class:`~neurospec.record.accumulators.NeuronStats`.
 
-Two kernels, each one read pass over a batch ``x`` ``[tokens, width]`` (float32 or float64, C-contiguous, on the
-CPU):
+The kernels read a batch ``x`` ``[tokens, width]`` (float32 or float64, C-contiguous, on the CPU):
 
-- :func:`moments`: per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of
-  x > 0, min and max (and min and max over every ``step``-th row, for a histogram fed only those rows), all
-  accumulated in float64; optionally also the sums of the 3rd and 4th powers of ``x - shift`` (the shape
-  statistics of the output-side recording, :mod:`neurospec.sparsity.outputs`). A non-finite entry makes that neuron's sums non-finite, so the caller still detects it
-  with one check of the small result.
-- :func:`histogram_add`: each entry's histogram slot, exactly as :meth:`~neurospec.record.histogram.Binner.counts_torch`
-  computes it, added in place to the int64 counts (the accumulator's state), optionally only where ``keep``.
+- :func:`moments_histogram` (what ``NeuronStats.update`` calls): one read of ``x`` for everything. Per block of
+  columns: per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of x > 0, min
+  and max (and min and max over every ``step``-th row, the rows a sampled histogram sees), all accumulated in
+  float64, optionally also the sums of the 3rd and 4th powers of ``x - shift`` (the shape statistics of the
+  output-side recording, :mod:`neurospec.sparsity.outputs`); then, while the block is still in the L2 cache, each
+  neuron's histogram grid widened to the new values (as :func:`~neurospec.record.histogram.fit_grid`), its counts
+  moved where the window changed (as :func:`~neurospec.record.histogram.regrid`), and the block's rows binned in
+  place into the int64 counts (as :meth:`~neurospec.record.histogram.Binner.counts_torch` bins them, in x's
+  dtype). A neuron with a non-finite value gets non-finite sums and is not binned: the caller takes the masked
+  path for it.
+- :func:`moments`: the same partial sums alone.
+- :func:`histogram_add`: each entry's histogram slot on a given grid, added in place to the int64 counts,
+  optionally only where ``keep`` (the masked path).
 
-A third, :func:`move_rows`, serves :class:`~neurospec.record.reservoir.Reservoir`: it merges the rows that beat
-the sample's keys into the key-sorted sample in place, writing only the rows that move. A fourth,
+A fourth, :func:`move_rows`, serves :class:`~neurospec.record.reservoir.Reservoir`: it merges the rows that beat
+the sample's keys into the key-sorted sample in place, writing only the rows that move. A fifth,
 :func:`w1_normal`, reads a finished histogram: the W1 distance of each neuron's distribution to N(0, 1)
 (:func:`neurospec.sparsity.wasserstein.w1_from_stats`), one pass per neuron instead of a searchsorted, gathers and
 a dozen passes over a ``[neurons, 1024]`` grid.
 
-The first two replace about a dozen torch passes over the batch, a batch-sized scratch buffer and a single-threaded
-``bincount``. The torch code stays the reference: it runs for tensors on other devices, when numba cannot be
-imported, and when the environment variable ``NEUROSPEC_NO_KERNELS=1`` is set (read at import; tests flip
-:data:`ENABLED`). Results agree with the torch path: histogram counts exactly, sums to float rounding (more
+They replace about a dozen torch passes over the batch, a batch-sized scratch buffer, a single-threaded
+``bincount`` and the torch grid checks of every batch. The torch code stays the reference: it runs for tensors on
+other devices, when numba cannot be imported, and when the environment variable ``NEUROSPEC_NO_KERNELS=1`` is set (read at import; tests flip
+:data:`ENABLED`). Results agree with the torch path: histogram counts, grids and edges exactly, sums to float rounding (more
 accurate here, as the torch path sums each batch in its dtype).
 
 Compilation: numba is imported only when the first CPU batch arrives; each kernel is compiled per dtype on its
-first call (about 3 s for both kernels in float32, once per machine and source version: ``cache=True`` keeps the
+first call (about 5 s for the kernels in float32, once per machine and source version: ``cache=True`` keeps the
 machine code in ``__pycache__`` next to this file, or in numba's cache directory when that is read-only).
 
 Threads: the columns are split into ``torch.get_num_threads()`` contiguous ranges (``NEUROSPEC_KERNEL_THREADS``
@@ -32,8 +37,8 @@ sets another count, e.g. 1: inside a forward pass torch's own threads may still 
 calling thread and a small pool of Python threads; the kernels release the GIL). numba's own parallel loops are not used:
 inside them the loops lost their vectorisation (about 3x slower per thread), and their threading layers would
 start a second pool beside torch's OpenMP one. The pool threads sleep between batches, so they take nothing from
-the forward pass. Inside a range, columns go in blocks of 256 so that a block's partial sums stay in the L1 cache
-and its histogram counts in the L2 cache.
+the forward pass. Inside a range, columns go in blocks of at most 256 so that a block's partial sums stay in the L1 cache
+and its histogram counts (and, with binning, its rows) in the L2 cache.
 """
 
 from __future__ import annotations
@@ -83,6 +88,13 @@ SHIFT_ROWS)``: close to the batch's mean, so that the sums of ``x - shift`` stay
 is large compared with their spread."""
 
 _BLOCK = 256  # columns per block (its partial sums stay in the L1 cache, its histogram counts in the L2 cache)
+_BLOCK_BYTES = 1 << 20  # with binning, a block of columns over all rows at most this large (it stays in the L2 cache)
+CELL_LIMIT = 2**23
+"""Histogram cell indices stay in ``[-CELL_LIMIT, CELL_LIMIT)`` (:data:`neurospec.record.histogram.CELL_LIMIT`)."""
+_CELL_LIMIT = float(CELL_LIMIT)
+MIN_LEVEL = -126
+"""The finest histogram level (:data:`neurospec.record.histogram.MIN_LEVEL`)."""
+_MIN_LEVEL = MIN_LEVEL
 _MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
 _LOCK = threading.Lock()
 _pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its threads, the process that made it)
@@ -98,6 +110,9 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is unavailable
+_nb_cell: Any = None  # helpers of the moments kernel (set by _compile; globals, not closure cells, so that
+_nb_fit_one: Any = None  # numba's on-disk cache can key the kernel that calls them)
+_nb_regrid_row: Any = None
 
 
 def _compile() -> dict[str, Any]:
@@ -114,12 +129,73 @@ def _compile() -> dict[str, Any]:
     njit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @njit
-    def moments_kernel(x, shift_rows, step, higher, j_start, j_stop, out):  # pragma: no cover - compiled
+    def cell_one(v, lv):  # pragma: no cover - compiled
+        # histogram.cells: floor(v / 2**level), a negative value whose quotient underflows to -0 in cell -1
+        c = np.floor(v * math.ldexp(1.0, -lv))
+        if c == 0.0 and v < 0.0:
+            c = -1.0
+        return c
+
+    global _nb_cell, _nb_fit_one, _nb_regrid_row  # module globals, so that the callers' cache entries hold
+    _nb_cell = cell_one
+
+    @njit
+    def fit_one(a, b, lv, f, la, bins, spread_bits):  # pragma: no cover - compiled
+        # histogram.fit_grid for one neuron with new extremes a <= b (finite): its (level, first, last).
+        has = f == f
+        if has:
+            ca = _nb_cell(a, lv)
+            cb = _nb_cell(b, lv)
+            if ca >= f and cb < f + bins and cb < _CELL_LIMIT:
+                return lv, f, max(la, cb)
+        mag = max(abs(a), abs(b))
+        bound = max(np.floor(np.log2(mag)) - 25.0, np.floor(np.log2(0.5 * b - 0.5 * a)) - spread_bits)
+        if bound != bound:
+            bound = -np.inf
+        bound = min(max(bound, np.float64(_MIN_LEVEL)), 1100.0)
+        new_level = max(lv, np.int64(bound))
+        if has:
+            scale = math.ldexp(1.0, -(new_level - lv))
+            lo = min(np.floor(f * scale), _nb_cell(a, new_level))
+            hi = max(np.floor(la * scale), _nb_cell(b, new_level))
+        else:
+            lo = _nb_cell(a, new_level)
+            hi = _nb_cell(b, new_level)
+        while hi - lo >= bins or lo < -_CELL_LIMIT or hi >= _CELL_LIMIT:
+            new_level += 1
+            lo = np.floor(lo / 2.0)
+            hi = np.floor(hi / 2.0)
+        return new_level, lo, hi
+
+    _nb_fit_one = fit_one
+
+    @njit
+    def regrid_row(counts, row, bins, old_level, old_first, new_level, new_first):  # pragma: no cover
+        # histogram.regrid for one neuron: regular bin i (cell old_first + i) goes to cell
+        # floor((old_first + i) / 2**up) of the new grid; under/overflow stay.
+        scale = math.ldexp(1.0, -(new_level - old_level))
+        moved = np.zeros(bins + 2, dtype=np.int64)
+        moved[0] = counts[row]
+        moved[bins + 1] = counts[row + bins + 1]
+        for i in range(bins):
+            cnt = counts[row + 1 + i]
+            if cnt != 0:
+                t = np.int64(np.floor((old_first + i) * scale) - new_first) + 1
+                moved[min(max(t, 1), bins)] += cnt
+        for i in range(bins + 2):
+            counts[row + i] = moved[i]
+
+    _nb_regrid_row = regrid_row
+
+    @njit
+    def moments_kernel(x, shift_rows, step, higher, block, binning, counts, level, first, last, bins, spread_bits,
+                       done, j_start, j_stop, out):  # pragma: no cover - compiled
         n = x.shape[0]
         every = max(1, n // shift_rows)
         taken = (n - 1) // every + 1
-        for j0 in range(j_start, j_stop, _BLOCK):
-            j1 = min(j0 + _BLOCK, j_stop)
+        stride = bins + 2
+        for j0 in range(j_start, j_stop, block):
+            j1 = min(j0 + block, j_stop)
             m = j1 - j0
             s1 = np.zeros(m)
             s2 = np.zeros(m)
@@ -178,6 +254,70 @@ def _compile() -> dict[str, Any]:
             if higher:
                 out[10, j0:j1] = s3
                 out[11, j0:j1] = s4
+            if not binning:
+                continue
+            # The histogram, from the block just read (still in the L2 cache). Each neuron with finite values
+            # gets the grid of its old values and this batch's (fit_grid, from its old grid and the extremes of the
+            # rows the histogram sees), its counts moved to it where it changed (regrid), then its values binned;
+            # a neuron with a non-finite value is left untouched for the caller (``done`` False).
+            sc = np.empty(m, dtype=x.dtype)  # 2**-level and first - 1, in x's dtype (as Binner.counts_torch)
+            sh = np.empty(m, dtype=x.dtype)
+            top = np.empty(1, dtype=x.dtype)
+            top[0] = bins + 1
+            zero = np.zeros(1, dtype=x.dtype)
+            inside = np.zeros(m, dtype=np.bool_)
+            count_inside = 0
+            for k in range(m):
+                j = j0 + k
+                ok = np.isfinite(s1[k]) and np.isfinite(s2[k]) and smn[k] <= smx[k]
+                done[j] = ok
+                inside[k] = ok
+                if not ok:
+                    sc[k] = 0.0
+                    sh[k] = 0.0
+                    continue
+                count_inside += 1
+                lv, f, la = _nb_fit_one(smn[k], smx[k], level[j], first[j], last[j], bins, spread_bits)
+                if first[j] == first[j] and (lv != level[j] or f != first[j]):
+                    _nb_regrid_row(counts, j * stride, bins, level[j], first[j], lv, f)
+                level[j] = lv
+                first[j] = f
+                last[j] = la
+                sc[k] = math.ldexp(1.0, -lv)
+                sh[k] = f - 1.0
+            if count_inside == 0:
+                continue
+            hi = top[0]
+            lo = zero[0]
+            cb = counts[j0 * stride : j1 * stride]
+            slot = np.empty(m, dtype=np.int32)
+            offset = np.empty(m, dtype=np.int32)
+            for k in range(m):
+                offset[k] = k * stride
+            if count_inside == m:  # every value finite: no NaN guard, no test per neuron
+                for i in range(0, n, step):
+                    row = x[i, j0:j1]
+                    for k in range(m):  # (vectorised, in x's dtype: float32 input gets twice the lanes)
+                        v = row[k]
+                        t = np.floor(v * sc[k])
+                        t -= (t == lo) & (v < lo)  # a tiny negative product that rounds to -0 is in cell -1
+                        t = min(max(t - sh[k], lo), hi)
+                        slot[k] = np.int32(t) + offset[k]
+                    for k in range(m):
+                        cb[slot[k]] += 1
+            else:
+                for i in range(0, n, step):
+                    row = x[i, j0:j1]
+                    for k in range(m):
+                        v = row[k]
+                        t = np.floor(v * sc[k])
+                        t -= (t == lo) & (v < lo)
+                        t = min(max(t - sh[k], lo), hi)
+                        t = t if t == t else lo
+                        slot[k] = np.int32(t) + offset[k]
+                    for k in range(m):
+                        if inside[k]:
+                            cb[slot[k]] += 1
 
     @njit
     def hist_kernel(x, keep, use_keep, scale, shift, bins, step, j_start, j_stop, counts):  # pragma: no cover
@@ -328,15 +468,64 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
             f.result()
 
 
+_NO_BINS = None  # dummy histogram arguments of a moments-only call (made on first use)
+
+
 def moments(x: Tensor, step: int = 1, higher: bool = False) -> Tensor:
     """Float64 ``[MOMENT_ROWS, width]`` partial results of a CPU batch ``x`` ``[tokens, width]`` (see
     :data:`MOMENT_ROWS` and :data:`SHIFT_ROWS`); with ``higher``, ``[MOMENT_ROWS + 2, width]``: also the sums of
     ``(x - shift)^3`` and ``(x - shift)^4`` (rows :data:`HIGHER_ROWS`), from the same read of ``x``."""
+    global _NO_BINS
     x = x.contiguous()
     out = torch.empty(MOMENT_ROWS + (2 if higher else 0), x.shape[1], dtype=torch.float64)
+    if _NO_BINS is None:
+        import numpy as np
+
+        f = np.zeros(1)
+        _NO_BINS = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), f, f, 0, 0.0,
+                    np.zeros(1, dtype=np.bool_))
     _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), SHIFT_ROWS, int(step), bool(higher),
-                 out.numpy())
+                 _BLOCK, False, *_NO_BINS, out.numpy())
     return out
+
+
+def moments_histogram(
+    x: Tensor, counts: Tensor, level: Tensor, first: Tensor, last: Tensor, bins: int, step: int = 1,
+    higher: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`moments` of ``x`` and, from the same read, its histogram on grids widened as needed.
+
+    ``counts``: int64 ``[width * (bins + 2)]`` (C-contiguous, CPU), the histogram on the grid ``level`` (int64
+    ``[width]``), ``first``, ``last`` (float64 ``[width]``, NaN for a neuron without values;
+    :class:`~neurospec.record.histogram.Grid`). For each neuron whose values in ``x`` are all finite, in place:
+    the grid becomes that of its old values and the rows ``0, step, 2 * step, ...`` of ``x``
+    (:func:`~neurospec.record.histogram.fit_grid`), its counts move to it
+    (:func:`~neurospec.record.histogram.regrid`), and those rows are binned into ``counts`` (as
+    :meth:`~neurospec.record.histogram.Binner.counts_torch` bins them, in x's dtype). A neuron with a NaN or
+    infinite value is not touched: the caller bins it with a mask. Returns ``(partials, done)``: the partials of
+    :func:`moments` and bool ``[width]``, True where the neuron was binned.
+
+    The columns go in blocks of at most about 1 MB of ``x`` over all rows, so that the binning reads the block from
+    the L2 cache where the moments just left it: one read of ``x`` from memory instead of two."""
+    x = x.contiguous()
+    width = x.shape[1]
+    for name, t, dtype in (("counts", counts, torch.int64), ("level", level, torch.int64),
+                           ("first", first, torch.float64), ("last", last, torch.float64)):
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"moments_histogram: {name} must be a contiguous {dtype} CPU tensor")
+    if counts.numel() != width * (bins + 2) or level.shape != (width,) or first.shape != (width,) \
+            or last.shape != (width,):
+        raise ValueError("moments_histogram: counts, level, first and last do not match x's width and bins")
+    out = torch.empty(MOMENT_ROWS + (2 if higher else 0), width, dtype=torch.float64)
+    done = torch.zeros(width, dtype=torch.bool)
+    per_column = max(1, x.shape[0]) * x.element_size()
+    block = max(16, min(_BLOCK, _BLOCK_BYTES // per_column // 16 * 16))
+    _in_parallel(
+        _compile()["moments"], width, x.numel(), x.numpy(), SHIFT_ROWS, int(step), bool(higher), block, True,
+        counts.numpy(), level.numpy(), first.numpy(), last.numpy(), int(bins), float(math.ceil(math.log2(bins))),
+        done.numpy(), out.numpy(),
+    )
+    return out, done
 
 
 def histogram_add(

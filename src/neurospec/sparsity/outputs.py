@@ -272,16 +272,13 @@ class ModuleOutputs:
     def update(self, x: Tensor, y: Tensor) -> None:
         w = self.stats.width
         flat = _rows(y, w, self.name)
-        if flat.shape[0] and kernels.usable(flat):
-            # One read of the outputs for every moment (CPU): the histogram statistics' partials and the 3rd and
-            # 4th power sums about the same shift.
-            flat = flat.contiguous()
-            part = kernels.moments(flat, self.stats.hist_sample_every, higher=True)
-            self.stats.update(flat, moments=part)
+        # One read of the outputs for every moment and the histogram (CPU kernel): the histogram statistics'
+        # partials and the 3rd and 4th power sums about the same shift.
+        part = self.stats.update(flat, higher=True)
+        if part is not None:
             r3, r4 = kernels.HIGHER_ROWS
             self.moments.add_shifted(flat.shape[0], part[_SHIFT], part[[_SUM_C, _SUM_SQ_C, r3, r4]])
         else:
-            self.stats.update(flat)
             self.moments.update(flat)
         self.difficulty.update(x, flat)
 
