@@ -465,3 +465,41 @@ def test_fused_histogram_leaves_non_finite_neurons_to_the_caller(threads):
         kernels.moments_histogram(x, counts, level.double(), first, last, 16)
     with pytest.raises(ValueError, match="do not match"):
         kernels.moments_histogram(x, counts[:-1], level, first, last, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_openmp_team_equals_the_python_pool_and_one_thread(monkeypatch, dtype):
+    """The moments kernel run by torch's OpenMP team (each thread claiming column ranges) gives exactly what the
+    Python pool and a single call give: every column range is done once."""
+    if kernels._openmp_team() is None:
+        pytest.skip("no OpenMP runtime loaded by torch in this process")
+    monkeypatch.setattr(kernels, "_MIN_PER_THREAD", 1)
+    old = torch.get_num_threads()
+    x = grid_batches(13, dtype)[3]
+    x = torch.cat([x, -x * 3, x + 1], dim=1)  # 27 columns over 5 ranges
+
+    def run() -> tuple[torch.Tensor, ...]:
+        counts = torch.zeros(27 * 18, dtype=torch.int64)
+        grid = Grid.empty(27)
+        level, first, last = grid.level.clone(), grid.first.clone(), grid.last.clone()
+        part, done = kernels.moments_histogram(x, counts, level, first, last, 16, 2, True)
+        return part, done, counts, level, first, last, kernels.moments(x, 3)
+
+    calls = []
+    real = kernels._in_parallel
+    monkeypatch.setattr(kernels, "_in_parallel", lambda *a: calls.append(1) or real(*a))
+    try:
+        torch.set_num_threads(5)
+        team = run()
+        assert not calls  # the team ran it, not the pool
+        monkeypatch.setattr(kernels, "_team", False)
+        pool = run()
+        assert calls
+        monkeypatch.setattr(kernels, "THREADS", 1)
+        single = run()
+    finally:
+        torch.set_num_threads(old)
+    for a, b, c in zip(team, pool, single, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+        torch.testing.assert_close(a, c, rtol=0.0, atol=0.0, equal_nan=True)
+    assert int(team[2].sum()) == 27 * len(range(0, x.shape[0], 2))  # every sampled value binned once

@@ -101,11 +101,13 @@ _pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its threads, 
 
 
 def _after_fork_in_child() -> None:
-    """A forked child gets a fresh lock (the parent's may have been held by another thread at the fork) and no pool
-    (the parent's pool threads do not exist in the child)."""
-    global _LOCK, _pool
+    """A forked child gets a fresh lock (the parent's may have been held by another thread at the fork), no pool
+    (the parent's pool threads do not exist in the child) and no OpenMP team (libgomp hangs in a child forked after
+    its threads started; torch runs serially there for the same reason)."""
+    global _LOCK, _pool, _team
     _LOCK = threading.Lock()
     _pool = None
+    _team = False  # an OpenMP runtime whose threads the parent used is unusable here (as torch, run serially)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -113,6 +115,9 @@ _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is una
 _nb_cell: Any = None  # helpers of the moments kernel (set by _compile; globals, not closure cells, so that
 _nb_fit_one: Any = None  # numba's on-disk cache can key the kernel that calls them)
 _nb_regrid_row: Any = None
+_nb_moments: Any = None
+_nb_as_pointer: Any = None
+_nb_claim: Any = None
 
 
 def _compile() -> dict[str, Any]:
@@ -123,6 +128,8 @@ def _compile() -> dict[str, Any]:
     try:
         import numba
         import numpy as np
+        from numba import types
+        from numba.extending import intrinsic
     except Exception:  # noqa: BLE001 - any import failure means: use the torch code
         _jit = {}
         return _jit
@@ -431,7 +438,54 @@ def _compile() -> dict[str, Any]:
             right = t * (0.5 * (1.0 + math.erf(t / sqrt2))) + math.exp(-0.5 * t * t) / sqrt_2pi
             out[j] = inside + left + right
 
-    _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel, "w1": w1_kernel}
+    global _nb_moments, _nb_as_pointer, _nb_claim
+    _nb_moments = moments_kernel
+
+    @intrinsic
+    def as_pointer(typingctx, address):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+        return types.voidptr(types.int64), codegen
+
+    @intrinsic
+    def claim(typingctx, address):  # pragma: no cover - compiled
+        # atomically add 1 to the int64 at ``address``; returns the value before
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+            return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+        return types.int64(types.int64), codegen
+
+    _nb_as_pointer, _nb_claim = as_pointer, claim
+
+    @numba.cfunc(types.void(types.CPointer(types.int64)), cache=True, nogil=True, error_model="numpy")
+    def moments_team(meta):  # pragma: no cover - compiled
+        # Run by every thread of an OpenMP team (_in_team): each claims column ranges until none is left.
+        n, width, parts = meta[1], meta[2], meta[21]
+        counts = numba.carray(_nb_as_pointer(meta[9]), (meta[10],), dtype=np.int64)
+        level = numba.carray(_nb_as_pointer(meta[11]), (meta[14],), dtype=np.int64)
+        first = numba.carray(_nb_as_pointer(meta[12]), (meta[14],), dtype=np.float64)
+        last = numba.carray(_nb_as_pointer(meta[13]), (meta[14],), dtype=np.float64)
+        done = numba.carray(_nb_as_pointer(meta[17]), (meta[18],), dtype=np.bool_)
+        out = numba.carray(_nb_as_pointer(meta[19]), (meta[20], width), dtype=np.float64)
+        counter = meta[22]
+        while True:
+            p = _nb_claim(counter)
+            if p >= parts:
+                break
+            j0, j1 = width * p // parts, width * (p + 1) // parts
+            if meta[3] == 4:
+                x32 = numba.carray(_nb_as_pointer(meta[0]), (n, width), dtype=np.float32)
+                _nb_moments(x32, meta[4], meta[5], meta[6] != 0, meta[7], meta[8] != 0, counts, level, first, last,
+                            meta[15], np.float64(meta[16]), done, j0, j1, out)
+            else:
+                x64 = numba.carray(_nb_as_pointer(meta[0]), (n, width), dtype=np.float64)
+                _nb_moments(x64, meta[4], meta[5], meta[6] != 0, meta[7], meta[8] != 0, counts, level, first, last,
+                            meta[15], np.float64(meta[16]), done, j0, j1, out)
+
+    _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel, "w1": w1_kernel,
+            "moments_team": moments_team}
     return _jit
 
 
@@ -440,6 +494,66 @@ def usable(x: Tensor) -> bool:
     if not ENABLED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
     return bool(_compile())
+
+
+_team: Any = None  # GOMP_parallel of the OpenMP runtime torch runs on (ctypes), False when there is none
+
+
+def _openmp_team() -> Any:
+    """``GOMP_parallel`` of the OpenMP library torch's own threads come from (libgomp; Intel's and LLVM's runtimes
+    export it too), found among the libraries this process has loaded; None when there is none (other platforms,
+    ``NEUROSPEC_KERNEL_TEAM=0``)."""
+    global _team
+    if _team is None:
+        _team = False
+        if os.environ.get("NEUROSPEC_KERNEL_TEAM", "") not in ("0", "false", "no"):
+            try:
+                with open("/proc/self/maps") as f:
+                    paths = {line.split()[-1] for line in f if "/lib" in line}
+                libs = sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp")))
+                torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+                libs.sort(key=lambda p: not p.startswith(torch_lib))  # torch's own copy first
+                if libs:
+                    import ctypes
+
+                    fn = ctypes.CDLL(libs[0]).GOMP_parallel
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                    fn.restype = None
+                    _team = fn
+            except (OSError, AttributeError):
+                _team = False
+    return _team or None
+
+
+def _parts(width: int, numel: int) -> int:
+    return max(1, min(THREADS or torch.get_num_threads(), width, numel // _MIN_PER_THREAD))
+
+
+def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: bool, counts: Any, level: Any,
+                  first: Any, last: Any, bins: int, spread_bits: int, done: Any, out: Tensor) -> None:
+    """Run the moments kernel over ``x``'s columns: in torch's own OpenMP team when there is one (its worker
+    threads, which spin for a while after each of torch's parallel regions, take the other column ranges at once
+    instead of sharing a core with a pool thread), else on the Python pool (:func:`_in_parallel`)."""
+    import numpy as np
+
+    width = x.shape[1]
+    parts = _parts(width, x.numel())
+    team = _openmp_team() if parts > 1 else None
+    xs = x.numpy()
+    if team is None:
+        _in_parallel(_compile()["moments"], width, x.numel(), xs, SHIFT_ROWS, int(step), bool(higher), block,
+                     bool(binning), counts, level, first, last, int(bins), float(spread_bits), done, out.numpy())
+        return
+    outs = out.numpy()
+    meta = np.array([
+        xs.ctypes.data, xs.shape[0], width, xs.itemsize, SHIFT_ROWS, int(step), int(higher), int(block),
+        int(binning), counts.ctypes.data, counts.shape[0], level.ctypes.data, first.ctypes.data, last.ctypes.data,
+        level.shape[0], int(bins), int(spread_bits), done.ctypes.data, done.shape[0], outs.ctypes.data,
+        outs.shape[0], parts, 0,
+    ], dtype=np.int64)
+    counter = np.zeros(1, dtype=np.int64)  # the next column range to claim
+    meta[22] = counter.ctypes.data
+    team(_compile()["moments_team"].address, meta.ctypes.data, parts, 0)
 
 
 def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
@@ -482,10 +596,10 @@ def moments(x: Tensor, step: int = 1, higher: bool = False) -> Tensor:
         import numpy as np
 
         f = np.zeros(1)
-        _NO_BINS = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), f, f, 0, 0.0,
-                    np.zeros(1, dtype=np.bool_))
-    _in_parallel(_compile()["moments"], x.shape[1], x.numel(), x.numpy(), SHIFT_ROWS, int(step), bool(higher),
-                 _BLOCK, False, *_NO_BINS, out.numpy())
+        _NO_BINS = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), f, f, 0, 0, np.zeros(1, dtype=np.bool_))
+    counts, level, first, last, bins, bits, done = _NO_BINS
+    _compile()
+    _moments_call(x, step, higher, _BLOCK, False, counts, level, first, last, bins, bits, done, out)
     return out
 
 
@@ -520,11 +634,9 @@ def moments_histogram(
     done = torch.zeros(width, dtype=torch.bool)
     per_column = max(1, x.shape[0]) * x.element_size()
     block = max(16, min(_BLOCK, _BLOCK_BYTES // per_column // 16 * 16))
-    _in_parallel(
-        _compile()["moments"], width, x.numel(), x.numpy(), SHIFT_ROWS, int(step), bool(higher), block, True,
-        counts.numpy(), level.numpy(), first.numpy(), last.numpy(), int(bins), float(math.ceil(math.log2(bins))),
-        done.numpy(), out.numpy(),
-    )
+    _compile()
+    _moments_call(x, step, higher, block, True, counts.numpy(), level.numpy(), first.numpy(), last.numpy(), bins,
+                  math.ceil(math.log2(bins)), done.numpy(), out)
     return out, done
 
 
