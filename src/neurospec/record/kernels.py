@@ -250,11 +250,14 @@ def _compile() -> dict[str, Any]:
                         d2 = d * d
                         s3[k] += d2 * d
                         s4[k] += d2 * d2
-                if i % step == 0:
+                if step > 1 and i % step == 0:
                     for k in range(m):
                         w = np.float64(row[k])
                         smn[k] = w if w < smn[k] else smn[k]
                         smx[k] = w if w > smx[k] else smx[k]
+            if step == 1:  # every row is sampled: the extremes are the batch's
+                smn[:] = mn
+                smx[:] = mx
             out[0, j0:j1] = s1
             out[1, j0:j1] = s2
             out[2, j0:j1] = sa
