@@ -503,3 +503,58 @@ def test_openmp_team_equals_the_python_pool_and_one_thread(monkeypatch, dtype):
         torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
         torch.testing.assert_close(a, c, rtol=0.0, atol=0.0, equal_nan=True)
     assert int(team[2].sum()) == 27 * len(range(0, x.shape[0], 2))  # every sampled value binned once
+
+
+def test_kernels_reject_other_dtypes_and_bin_counts():
+    """The team path reads raw memory: any dtype but float32/float64 is refused before it runs."""
+    for dtype in (torch.int16, torch.float16, torch.int64):
+        with pytest.raises(ValueError, match="float32 or float64"):
+            kernels.moments(torch.ones(64, 8, dtype=dtype))
+    g = Grid.empty(4)
+    with pytest.raises(ValueError, match="bins must be in"):
+        kernels.moments_histogram(torch.ones(8, 4), torch.zeros(4 * 3, dtype=torch.int64), g.level.clone(),
+                                  g.first.clone(), g.last.clone(), 1)
+    with pytest.raises(ValueError, match="hist_bins must be in"):
+        NeuronStats(2, hist_bins=1)  # (values on both sides of 0 never fit one bin: the grid search never ends)
+
+
+@pytest.mark.parametrize("bins", [2, 3, 12, 17])
+@pytest.mark.parametrize("every", [1, 3])
+def test_fused_path_with_some_non_finite_neurons_and_any_bin_count(monkeypatch, bins, every):
+    """Batches where only some neurons hold NaN or inf (the kernel bins the others, the masked path these), with
+    bin counts that are not powers of two: the same state as the torch path, batch after batch."""
+    data = grid_batches(14, torch.float32)
+    data[2][1, 3], data[3][4, 5], data[3][0, 0] = math.nan, math.inf, -math.inf
+    data[5][:, 6] = math.nan  # a neuron with no finite value in a batch
+    fast = NeuronStats(9, hist_bins=bins, hist_sample_every=every)
+    slow = NeuronStats(9, hist_bins=bins, hist_sample_every=every)
+    for x in data:
+        fast.update(x)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        slow.update(x)
+        monkeypatch.setattr(kernels, "ENABLED", True)
+        a, b = fast.state_dict(), slow.state_dict()
+        for key in ("hist", "hist_lo", "hist_hi", "min", "max", "count", "nonfinite"):
+            torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=0.0, equal_nan=True, msg=key)
+    assert int(fast.state_dict()["nonfinite"].sum()) > 3
+
+
+def test_grid_coarsened_past_the_float64_range_keeps_negative_cells():
+    """A grid moved up by more than ~1,074 levels at once: a negative cell's quotient underflows to -0 but still
+    belongs to cell -1, so the result does not depend on how the values were split into batches."""
+    tiny, huge = torch.tensor([[-1e-300]], dtype=torch.float64), torch.tensor([[1e300]], dtype=torch.float64)
+    for enabled in (True, False):
+        kernels_on = kernels.ENABLED
+        kernels.ENABLED = enabled
+        try:
+            split = NeuronStats(1, hist_bins=16)
+            split.update(tiny)
+            split.update(huge)
+            once = NeuronStats(1, hist_bins=16)
+            once.update(torch.cat([tiny, huge]))
+        finally:
+            kernels.ENABLED = kernels_on
+        a, b = split.state_dict(), once.state_dict()
+        for key in ("hist", "hist_lo", "hist_hi"):
+            assert torch.equal(a[key], b[key]), (enabled, key)
+        assert float(a["hist_lo"][0]) < 0  # the window starts below the negative value

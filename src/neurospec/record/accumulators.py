@@ -79,6 +79,11 @@ def _raise_to(grid: Grid, level: Tensor, bins: int) -> Grid:
     return fit_grid(moved, none, -none, bins)
 
 
+def _grid_moved(old: Grid, new: Grid) -> bool:
+    """Whether some window changed (level or first cell; NaN, a neuron without values, equals NaN here)."""
+    return not (torch.equal(new.level, old.level) and torch.equal(new.first.nan_to_num(0.5), old.first.nan_to_num(0.5)))
+
+
 def _fast_partials(x: Tensor) -> Tensor:
     """Per-neuron partial results ``[8, width]`` (x's dtype and device) of a batch ``x`` ``[tokens, width]``.
 
@@ -201,6 +206,9 @@ class NeuronStats(Accumulator):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"NeuronStats: {name} must be a positive int, got {value!r}")
+        if not 2 <= hist_bins <= kernels.MAX_BINS:
+            # (one bin cannot hold values on both sides of 0 at any level: cells -1 and 0 never merge)
+            raise ValueError(f"NeuronStats: hist_bins must be in [2, {kernels.MAX_BINS}], got {hist_bins}")
         self.width = width
         self.hist_bins = hist_bins
         self.hist_sample_every = hist_sample_every
@@ -290,8 +298,7 @@ class NeuronStats(Accumulator):
             grid = Grid(old.level.clone(), old.first.clone(), old.last.clone())
             fused, done = kernels.moments_histogram(x, self._state["hist"].view(-1), grid.level, grid.first,
                                                     grid.last, self.hist_bins, self.hist_sample_every, higher)
-            self._set_grid(grid, moved=not (torch.equal(grid.level, old.level) and torch.equal(grid.first,
-                                                                                               old.first)))
+            self._set_grid(grid, moved=_grid_moved(old, grid))
             part = fused[: kernels.MOMENT_ROWS]
             sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
         else:
@@ -378,7 +385,7 @@ class NeuronStats(Accumulator):
         old = self.grid()
         new = fit_grid(old, batch_min, batch_max, self.hist_bins)
         s = self._state
-        moved = not (torch.equal(new.level, old.level) and torch.equal(new.first, old.first))
+        moved = _grid_moved(old, new)
         if moved:
             regrid(s["hist"], old, new, inplace=True)
         self._set_grid(new, moved)

@@ -120,8 +120,10 @@ def cells(v: Tensor, level: Tensor) -> Tensor:
 
 
 def _coarsen(c: Tensor, steps: Tensor) -> Tensor:
-    """Cell indices ``c`` moved up ``steps`` (>= 0) levels: ``floor(c / 2**steps)`` (exact)."""
-    return torch.floor(c * torch.exp2(-steps.double()))
+    """Cell indices ``c`` moved up ``steps`` (>= 0) levels: ``floor(c / 2**steps)`` (exact; a negative cell whose
+    quotient underflows to -0, over more than about 1,050 levels, still goes to cell -1)."""
+    q = torch.floor(c * torch.exp2(-steps.double()))
+    return torch.where((q == 0) & (c < 0), -1.0, q)
 
 
 def fit_grid(grid: Grid, vmin: Tensor, vmax: Tensor, bins: int) -> Grid:

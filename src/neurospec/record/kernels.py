@@ -99,6 +99,8 @@ _BLOCK_BYTES = 1 << 20  # with binning, a block of columns over all rows at most
 CELL_LIMIT = 2**23
 """Histogram cell indices stay in ``[-CELL_LIMIT, CELL_LIMIT)`` (:data:`neurospec.record.histogram.CELL_LIMIT`)."""
 _CELL_LIMIT = float(CELL_LIMIT)
+MAX_BINS = 1 << 20
+"""The most histogram bins per neuron (slots of a block of columns stay int32 indices)."""
 MIN_LEVEL = -126
 """The finest histogram level (:data:`neurospec.record.histogram.MIN_LEVEL`)."""
 _MIN_LEVEL = MIN_LEVEL
@@ -119,6 +121,7 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is unavailable
+_nb_coarsen: Any = None
 _nb_cell: Any = None  # helpers of the moments kernel (set by _compile; globals, not closure cells, so that
 _nb_fit_one: Any = None  # numba's on-disk cache can key the kernel that calls them)
 _nb_regrid_row: Any = None
@@ -150,8 +153,17 @@ def _compile() -> dict[str, Any]:
             c = -1.0
         return c
 
-    global _nb_cell, _nb_fit_one, _nb_regrid_row  # module globals, so that the callers' cache entries hold
-    _nb_cell = cell_one
+    @njit
+    def coarsen_one(c, up):  # pragma: no cover - compiled
+        # histogram._coarsen: floor(c / 2**up), a negative cell whose quotient underflows to -0 in cell -1
+        q = np.floor(c * math.ldexp(1.0, -up))
+        if q == 0.0 and c < 0.0:
+            q = -1.0
+        return q
+
+    global _nb_cell, _nb_coarsen, _nb_fit_one, _nb_regrid_row  # module globals, so that the callers' cache
+    _nb_cell = cell_one  # entries hold
+    _nb_coarsen = coarsen_one
 
     @njit
     def fit_one(a, b, lv, f, la, bins, spread_bits):  # pragma: no cover - compiled
@@ -169,9 +181,8 @@ def _compile() -> dict[str, Any]:
         bound = min(max(bound, np.float64(_MIN_LEVEL)), 1100.0)
         new_level = max(lv, np.int64(bound))
         if has:
-            scale = math.ldexp(1.0, -(new_level - lv))
-            lo = min(np.floor(f * scale), _nb_cell(a, new_level))
-            hi = max(np.floor(la * scale), _nb_cell(b, new_level))
+            lo = min(_nb_coarsen(f, new_level - lv), _nb_cell(a, new_level))
+            hi = max(_nb_coarsen(la, new_level - lv), _nb_cell(b, new_level))
         else:
             lo = _nb_cell(a, new_level)
             hi = _nb_cell(b, new_level)
@@ -187,14 +198,13 @@ def _compile() -> dict[str, Any]:
     def regrid_row(counts, row, bins, old_level, old_first, new_level, new_first):  # pragma: no cover
         # histogram.regrid for one neuron: regular bin i (cell old_first + i) goes to cell
         # floor((old_first + i) / 2**up) of the new grid; under/overflow stay.
-        scale = math.ldexp(1.0, -(new_level - old_level))
         moved = np.zeros(bins + 2, dtype=np.int64)
         moved[0] = counts[row]
         moved[bins + 1] = counts[row + bins + 1]
         for i in range(bins):
             cnt = counts[row + 1 + i]
             if cnt != 0:
-                t = np.int64(np.floor((old_first + i) * scale) - new_first) + 1
+                t = np.int64(_nb_coarsen(old_first + i, new_level - old_level) - new_first) + 1
                 moved[min(max(t, 1), bins)] += cnt
         for i in range(bins + 2):
             counts[row + i] = moved[i]
@@ -489,7 +499,7 @@ def _compile() -> dict[str, Any]:
                 x32 = numba.carray(_nb_as_pointer(meta[0]), (n, width), dtype=np.float32)
                 _nb_moments(x32, meta[4], meta[5], meta[6] != 0, meta[7], meta[8] != 0, counts, level, first, last,
                             meta[15], np.float64(meta[16]), done, j0, j1, out)
-            else:
+            elif meta[3] == 8:
                 x64 = numba.carray(_nb_as_pointer(meta[0]), (n, width), dtype=np.float64)
                 _nb_moments(x64, meta[4], meta[5], meta[6] != 0, meta[7], meta[8] != 0, counts, level, first, last,
                             meta[15], np.float64(meta[16]), done, j0, j1, out)
@@ -511,22 +521,20 @@ _team: Any = None  # GOMP_parallel of the OpenMP runtime torch runs on (ctypes),
 
 def _openmp_team() -> Any:
     """``GOMP_parallel`` of the OpenMP library torch's own threads come from (libgomp; Intel's and LLVM's runtimes
-    export it too), found among the libraries this process has loaded; None when there is none (other platforms,
-    ``NEUROSPEC_KERNEL_TEAM=0``)."""
+    export it too), as torch's ``libtorch_cpu.so`` resolves it; None when there is none (other platforms, a torch
+    without OpenMP, ``NEUROSPEC_KERNEL_TEAM=0``)."""
     global _team
     if _team is None:
         _team = False
         if os.environ.get("NEUROSPEC_KERNEL_TEAM", "") not in ("0", "false", "no"):
             try:
-                with open("/proc/self/maps") as f:
-                    paths = {line.split()[-1] for line in f if "/lib" in line}
-                libs = sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp")))
-                torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-                libs.sort(key=lambda p: not p.startswith(torch_lib))  # torch's own copy first
-                if libs:
-                    import ctypes
+                import ctypes
 
-                    fn = ctypes.CDLL(libs[0]).GOMP_parallel
+                # The symbol as torch's own library resolves it (dlsym searches the library's dependencies first):
+                # the runtime whose threads torch uses, wherever it was installed from.
+                lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+                if os.path.exists(lib):
+                    fn = ctypes.CDLL(lib).GOMP_parallel
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
                     fn.restype = None
                     _team = fn
@@ -546,6 +554,9 @@ def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: bool,
     instead of sharing a core with a pool thread), else on the Python pool (:func:`_in_parallel`)."""
     import numpy as np
 
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"the moments kernel reads contiguous float32 or float64 CPU tensors, got {x.dtype} on "
+                         f"{x.device}")
     width = x.shape[1]
     parts = _parts(width, x.numel())
     team = _openmp_team() if parts > 1 else None
@@ -601,7 +612,8 @@ def moments(x: Tensor, step: int = 1, higher: bool = False) -> Tensor:
     ``(x - shift)^3`` and ``(x - shift)^4`` (rows :data:`HIGHER_ROWS`), from the same read of ``x``."""
     global _NO_BINS
     x = x.contiguous()
-    out = torch.empty(MOMENT_ROWS + (2 if higher else 0), x.shape[1], dtype=torch.float64)
+    # NaN until written: a column range left undone (it never should be) reads as non-finite, never as sums
+    out = torch.full((MOMENT_ROWS + (2 if higher else 0), x.shape[1]), math.nan, dtype=torch.float64)
     if _NO_BINS is None:
         import numpy as np
 
@@ -640,7 +652,9 @@ def moments_histogram(
     if counts.numel() != width * (bins + 2) or level.shape != (width,) or first.shape != (width,) \
             or last.shape != (width,):
         raise ValueError("moments_histogram: counts, level, first and last do not match x's width and bins")
-    out = torch.empty(MOMENT_ROWS + (2 if higher else 0), width, dtype=torch.float64)
+    if not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"moments_histogram: bins must be in [2, {MAX_BINS}], got {bins}")
+    out = torch.full((MOMENT_ROWS + (2 if higher else 0), width), math.nan, dtype=torch.float64)  # (see moments)
     done = torch.zeros(width, dtype=torch.bool)
     per_column = max(1, x.shape[0]) * x.element_size()
     block = max(16, min(_BLOCK, _BLOCK_BYTES // per_column // 16 * 16))

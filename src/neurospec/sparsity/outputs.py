@@ -295,6 +295,8 @@ def new_outputs(name: str, width: int, *, pairs: int = 64, seed: int = 0, hist_b
     histogram (the moments see every token)."""
     if not isinstance(hist_every, int) or hist_every < 1:
         raise NeurospecError(f"hist_every must be a positive integer (1: every token), got {hist_every!r}")
+    if not isinstance(hist_bins, int) or not 2 <= hist_bins <= kernels.MAX_BINS:
+        raise NeurospecError(f"hist_bins must be an integer in [2, {kernels.MAX_BINS}], got {hist_bins!r}")
     return ModuleOutputs(name, NeuronStats(width, hist_bins=hist_bins, hist_sample_every=hist_every),
                          CentralMoments(width),
                          MappingDifficulty(width, pairs=pairs, seed=seed))
