@@ -419,26 +419,33 @@ def grid_batches(seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("every", [1, 2, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_histogram_moves_grids_exactly_as_the_torch_path(monkeypatch, every, dtype, threads):
-    """The fused kernel fits each neuron's grid, moves its counts and bins the batch itself: the whole state equals
-    the torch path's (fit_grid, regrid, Binner.counts_torch) bit for bit, batch after batch."""
-    data = grid_batches(11, dtype)
-    fast = NeuronStats(9, hist_bins=16, hist_sample_every=every)
-    slow = NeuronStats(9, hist_bins=16, hist_sample_every=every)
-    calls = []
-    real = kernels.moments_histogram
-    monkeypatch.setattr(kernels, "moments_histogram", lambda *a, **k: calls.append(1) or real(*a, **k))
+def feed_both_paths(monkeypatch, data: list[torch.Tensor], *, bins: int, every: int) -> NeuronStats:
+    """Feed ``data`` batch by batch to a NeuronStats on the kernel path and one on the torch path; after every batch
+    their histograms, edges, extremes, counts and grids must be equal bit for bit. Returns the kernel path's."""
+    fast = NeuronStats(data[0].shape[1], hist_bins=bins, hist_sample_every=every)
+    slow = NeuronStats(data[0].shape[1], hist_bins=bins, hist_sample_every=every)
     for x in data:
         fast.update(x)
         monkeypatch.setattr(kernels, "ENABLED", False)
         slow.update(x)
         monkeypatch.setattr(kernels, "ENABLED", True)
         a, b = fast.state_dict(), slow.state_dict()
-        for key in ("hist", "hist_lo", "hist_hi", "min", "max", "count"):
-            assert torch.equal(a[key], b[key]), key
-        assert torch.equal(fast.grid().last, slow.grid().last)
+        for key in ("hist", "hist_lo", "hist_hi", "min", "max", "count", "nonfinite"):
+            torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=0.0, equal_nan=True, msg=key)
+        assert torch.equal(fast.grid().last.nan_to_num(0.5), slow.grid().last.nan_to_num(0.5))
+    return fast
+
+
+@pytest.mark.parametrize("every", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_histogram_moves_grids_exactly_as_the_torch_path(monkeypatch, every, dtype, threads):
+    """The fused kernel fits each neuron's grid, moves its counts and bins the batch itself: the whole state equals
+    the torch path's (fit_grid, regrid, Binner.counts_torch) bit for bit, batch after batch."""
+    data = grid_batches(11, dtype)
+    calls = []
+    real = kernels.moments_histogram
+    monkeypatch.setattr(kernels, "moments_histogram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = feed_both_paths(monkeypatch, data, bins=16, every=every)
     assert len(calls) == len(data)
     levels = fast.grid().level
     assert int(levels[0]) > 0 and int(levels[4]) > 0  # the grids really moved up
@@ -516,6 +523,15 @@ def test_kernels_reject_other_dtypes_and_bin_counts():
                                   g.first.clone(), g.last.clone(), 1)
     with pytest.raises(ValueError, match="hist_bins must be in"):
         NeuronStats(2, hist_bins=1)  # (values on both sides of 0 never fit one bin: the grid search never ends)
+    from neurospec.errors import NeurospecError
+    from neurospec.record.recorder import RecordConfig
+    from neurospec.sparsity.outputs import new_outputs
+
+    for bad in (1, kernels.MAX_BINS + 1):
+        with pytest.raises(NeurospecError, match="hist_bins must be in"):
+            RecordConfig(hist_bins=bad)
+        with pytest.raises(NeurospecError, match="hist_bins must be in"):
+            new_outputs("m", 4, hist_bins=bad)
 
 
 @pytest.mark.parametrize("bins", [2, 3, 12, 17])
@@ -526,16 +542,7 @@ def test_fused_path_with_some_non_finite_neurons_and_any_bin_count(monkeypatch, 
     data = grid_batches(14, torch.float32)
     data[2][1, 3], data[3][4, 5], data[3][0, 0] = math.nan, math.inf, -math.inf
     data[5][:, 6] = math.nan  # a neuron with no finite value in a batch
-    fast = NeuronStats(9, hist_bins=bins, hist_sample_every=every)
-    slow = NeuronStats(9, hist_bins=bins, hist_sample_every=every)
-    for x in data:
-        fast.update(x)
-        monkeypatch.setattr(kernels, "ENABLED", False)
-        slow.update(x)
-        monkeypatch.setattr(kernels, "ENABLED", True)
-        a, b = fast.state_dict(), slow.state_dict()
-        for key in ("hist", "hist_lo", "hist_hi", "min", "max", "count", "nonfinite"):
-            torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=0.0, equal_nan=True, msg=key)
+    fast = feed_both_paths(monkeypatch, data, bins=bins, every=every)
     assert int(fast.state_dict()["nonfinite"].sum()) > 3
 
 

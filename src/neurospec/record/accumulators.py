@@ -39,7 +39,17 @@ from neurospec.record.base import (
     to_safetensors,
 )
 from neurospec.record.comoments import CoMoments, spearman_from_samples
-from neurospec.record.histogram import Binner, Grid, Histogram, fit_grid, peak, quantiles, rebin, regrid
+from neurospec.record.histogram import (
+    Binner,
+    Grid,
+    Histogram,
+    check_bins,
+    fit_grid,
+    peak,
+    quantiles,
+    rebin,
+    regrid,
+)
 from neurospec.record.reservoir import Reservoir
 
 __all__ = [
@@ -206,9 +216,7 @@ class NeuronStats(Accumulator):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"NeuronStats: {name} must be a positive int, got {value!r}")
-        if not 2 <= hist_bins <= kernels.MAX_BINS:
-            # (one bin cannot hold values on both sides of 0 at any level: cells -1 and 0 never merge)
-            raise ValueError(f"NeuronStats: hist_bins must be in [2, {kernels.MAX_BINS}], got {hist_bins}")
+        check_bins(hist_bins)
         self.width = width
         self.hist_bins = hist_bins
         self.hist_sample_every = hist_sample_every

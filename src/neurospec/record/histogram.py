@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from neurospec.errors import NeurospecError
 from neurospec.record import kernels
 from neurospec.record.base import scratch
 
@@ -120,10 +121,18 @@ def cells(v: Tensor, level: Tensor) -> Tensor:
 
 
 def _coarsen(c: Tensor, steps: Tensor) -> Tensor:
-    """Cell indices ``c`` moved up ``steps`` (>= 0) levels: ``floor(c / 2**steps)`` (exact; a negative cell whose
-    quotient underflows to -0, over more than about 1,050 levels, still goes to cell -1)."""
-    q = torch.floor(c * torch.exp2(-steps.double()))
-    return torch.where((q == 0) & (c < 0), -1.0, q)
+    """Cell indices ``c`` moved up ``steps`` (>= 0) levels: ``floor(c / 2**steps)``, i.e. the cells of the values
+    ``c`` at level ``steps`` (exact; a negative cell whose quotient underflows to -0, over more than about 1,050
+    levels, still goes to cell -1)."""
+    return cells(c, steps)
+
+
+def check_bins(bins: object) -> int:
+    """``bins`` if it is a usable bin count per neuron, else a :class:`NeurospecError` (a ``ValueError``)."""
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 2 <= bins <= kernels.MAX_BINS:
+        raise NeurospecError(f"hist_bins must be in [2, {kernels.MAX_BINS}] (one bin cannot hold values on both "
+                             f"sides of 0 at any level), got {bins!r}")
+    return bins
 
 
 def fit_grid(grid: Grid, vmin: Tensor, vmax: Tensor, bins: int) -> Grid:

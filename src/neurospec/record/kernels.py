@@ -121,7 +121,6 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is unavailable
-_nb_coarsen: Any = None
 _nb_cell: Any = None  # helpers of the moments kernel (set by _compile; globals, not closure cells, so that
 _nb_fit_one: Any = None  # numba's on-disk cache can key the kernel that calls them)
 _nb_regrid_row: Any = None
@@ -147,23 +146,15 @@ def _compile() -> dict[str, Any]:
 
     @njit
     def cell_one(v, lv):  # pragma: no cover - compiled
-        # histogram.cells: floor(v / 2**level), a negative value whose quotient underflows to -0 in cell -1
+        # histogram.cells: floor(v / 2**level), a negative value whose quotient underflows to -0 in cell -1; a cell
+        # index moved up ``lv`` levels is the same (histogram._coarsen)
         c = np.floor(v * math.ldexp(1.0, -lv))
         if c == 0.0 and v < 0.0:
             c = -1.0
         return c
 
-    @njit
-    def coarsen_one(c, up):  # pragma: no cover - compiled
-        # histogram._coarsen: floor(c / 2**up), a negative cell whose quotient underflows to -0 in cell -1
-        q = np.floor(c * math.ldexp(1.0, -up))
-        if q == 0.0 and c < 0.0:
-            q = -1.0
-        return q
-
-    global _nb_cell, _nb_coarsen, _nb_fit_one, _nb_regrid_row  # module globals, so that the callers' cache
-    _nb_cell = cell_one  # entries hold
-    _nb_coarsen = coarsen_one
+    global _nb_cell, _nb_fit_one, _nb_regrid_row  # module globals, so that the callers' cache entries hold
+    _nb_cell = cell_one
 
     @njit
     def fit_one(a, b, lv, f, la, bins, spread_bits):  # pragma: no cover - compiled
@@ -181,8 +172,8 @@ def _compile() -> dict[str, Any]:
         bound = min(max(bound, np.float64(_MIN_LEVEL)), 1100.0)
         new_level = max(lv, np.int64(bound))
         if has:
-            lo = min(_nb_coarsen(f, new_level - lv), _nb_cell(a, new_level))
-            hi = max(_nb_coarsen(la, new_level - lv), _nb_cell(b, new_level))
+            lo = min(_nb_cell(f, new_level - lv), _nb_cell(a, new_level))
+            hi = max(_nb_cell(la, new_level - lv), _nb_cell(b, new_level))
         else:
             lo = _nb_cell(a, new_level)
             hi = _nb_cell(b, new_level)
@@ -204,7 +195,7 @@ def _compile() -> dict[str, Any]:
         for i in range(bins):
             cnt = counts[row + 1 + i]
             if cnt != 0:
-                t = np.int64(_nb_coarsen(old_first + i, new_level - old_level) - new_first) + 1
+                t = np.int64(_nb_cell(old_first + i, new_level - old_level) - new_first) + 1
                 moved[min(max(t, 1), bins)] += cnt
         for i in range(bins + 2):
             counts[row + i] = moved[i]
@@ -481,7 +472,8 @@ def _compile() -> dict[str, Any]:
 
     @numba.cfunc(types.void(types.CPointer(types.int64)), cache=True, nogil=True, error_model="numpy")
     def moments_team(meta):  # pragma: no cover - compiled
-        # Run by every thread of an OpenMP team (_in_team): each claims column ranges until none is left.
+        # Run by every thread of an OpenMP team (_moments_call, which writes ``meta``): each claims column
+        # ranges until none is left.
         n, width, parts = meta[1], meta[2], meta[21]
         counts = numba.carray(_nb_as_pointer(meta[9]), (meta[10],), dtype=np.int64)
         level = numba.carray(_nb_as_pointer(meta[11]), (meta[14],), dtype=np.int64)
@@ -582,7 +574,7 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
     (``args[-1]`` is ``out``): the calling thread takes the first range, pool threads the others."""
     global _pool
     *front, out = args
-    parts = max(1, min(THREADS or torch.get_num_threads(), width, numel // _MIN_PER_THREAD))
+    parts = _parts(width, numel)
     if parts == 1:
         kernel(*front, 0, width, out)
         return

@@ -36,10 +36,11 @@ from neurospec.errors import NeurospecError, RunStoreError, TaskError
 from neurospec.models.experts import observe_site
 from neurospec.models.loading import FINGERPRINT_VERSION, LoadedModel
 from neurospec.models.sites import SITE_KINDS, Site
-from neurospec.record import kernels, store
+from neurospec.record import store
 from neurospec.record.accumulators import CoMoments, NeuronStats, Reservoir
 from neurospec.record.coactivation import ReluCoMoments
 from neurospec.record.distributed import all_reduce_, broadcast_object, check_same, gather_objects, together
+from neurospec.record.histogram import check_bins
 from neurospec.record.routing import ExpertRouting
 from neurospec.record.states import accumulators_from_tensors
 
@@ -74,9 +75,7 @@ class RecordConfig:
         for name in ("tokens", "eval_tokens", "seq_len", "batch_size", "hist_bins", "hist_sample_every"):
             if int(getattr(self, name)) < 1:
                 raise NeurospecError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 2 <= self.hist_bins <= kernels.MAX_BINS:
-            raise NeurospecError(f"hist_bins must be in [2, {kernels.MAX_BINS}] (one bin cannot hold values on both "
-                                 f"sides of 0), got {self.hist_bins}")
+        check_bins(self.hist_bins)
         if self.reservoir < 0:
             raise NeurospecError(f"reservoir must be >= 0, got {self.reservoir}")
         for k in (*self.kinds, *self.comoments, *self.relu_comoments):

@@ -32,6 +32,7 @@ from neurospec.models.loading import LoadedModel
 from neurospec.models.sites import find_sites
 from neurospec.record import kernels
 from neurospec.record.accumulators import _SHIFT, _SUM_C, _SUM_SQ_C, NeuronStats, quantiles
+from neurospec.record.histogram import check_bins
 from neurospec.sparsity.driver import LinearRef, list_linears, select_linears
 
 SCOPES = ("mlp_in", "all")
@@ -295,8 +296,7 @@ def new_outputs(name: str, width: int, *, pairs: int = 64, seed: int = 0, hist_b
     histogram (the moments see every token)."""
     if not isinstance(hist_every, int) or hist_every < 1:
         raise NeurospecError(f"hist_every must be a positive integer (1: every token), got {hist_every!r}")
-    if not isinstance(hist_bins, int) or not 2 <= hist_bins <= kernels.MAX_BINS:
-        raise NeurospecError(f"hist_bins must be an integer in [2, {kernels.MAX_BINS}], got {hist_bins!r}")
+    check_bins(hist_bins)
     return ModuleOutputs(name, NeuronStats(width, hist_bins=hist_bins, hist_sample_every=hist_every),
                          CentralMoments(width),
                          MappingDifficulty(width, pairs=pairs, seed=seed))
