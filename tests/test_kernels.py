@@ -67,6 +67,7 @@ def adversarial_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     extra = torch.tensor([[-1.0, 1e30], [-1e-45, 1e-45], [3e38, -3e38]])
     cases["constant_finest_level"] = (const, torch.cat([const, extra]))
     cases["one_row"] = (r[:1], r[:1])
+    cases["ragged_rows"] = (r[:199], r[:199])  # not a multiple of the kernel's four rows at a time
     cases["width_one"] = (r[:, :1], r[:, :1])
     return cases
 
@@ -154,7 +155,8 @@ def reference_moments(x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("name", ["random", "huge_mean_small_spread", "exact_zeros", "one_row", "width_one"])
+@pytest.mark.parametrize("name", ["random", "huge_mean_small_spread", "exact_zeros", "one_row", "ragged_rows",
+                                  "width_one"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_moments_kernel_against_float64_reference(name, dtype, threads):
     x = adversarial_cases()[name][1].to(dtype)
@@ -183,7 +185,7 @@ def test_moments_kernel_against_float64_reference(name, dtype, threads):
     torch.testing.assert_close(got[1], sums, rtol=1e-4, atol=1e-4 * float(got[1].max()))
 
 
-@pytest.mark.parametrize("name", ["random", "huge_mean_small_spread", "one_row"])
+@pytest.mark.parametrize("name", ["random", "huge_mean_small_spread", "one_row", "ragged_rows"])
 def test_moments_kernel_higher_power_sums_against_float64_reference(name, threads):
     """``higher=True`` adds sum (x - shift)^3 and ^4 and leaves the other rows exactly as they were."""
     x = adversarial_cases()[name][1].float()

@@ -2,16 +2,15 @@
 
 The kernels read a batch ``x`` ``[tokens, width]`` (float32 or float64, C-contiguous, on the CPU):
 
-- :func:`moments_histogram` (what ``NeuronStats.update`` calls): one read of ``x`` for everything. Per block of
-  columns: per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of x > 0, min
-  and max (and min and max over every ``step``-th row, the rows a sampled histogram sees), all accumulated in
-  float64, optionally also the sums of the 3rd and 4th powers of ``x - shift`` (the shape statistics of the
-  output-side recording, :mod:`neurospec.sparsity.outputs`); then, while the block is still in the L2 cache, each
-  neuron's histogram grid widened to the new values (as :func:`~neurospec.record.histogram.fit_grid`), its counts
-  moved where the window changed (as :func:`~neurospec.record.histogram.regrid`), and the block's rows binned in
-  place into the int64 counts (as :meth:`~neurospec.record.histogram.Binner.counts_torch` bins them, in x's
-  dtype). A neuron with a non-finite value gets non-finite sums and is not binned: the caller takes the masked
-  path for it.
+- :func:`moments_histogram` (what ``NeuronStats.update`` calls): everything in one call. Per block of columns:
+  per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of x > 0, min and max
+  (and min and max over every ``step``-th row, the rows a sampled histogram sees), all accumulated in float64,
+  optionally also the sums of the 3rd and 4th powers of ``x - shift`` (the shape statistics of the output-side
+  recording, :mod:`neurospec.sparsity.outputs`); then each neuron's histogram grid widened to the new values (as
+  :func:`~neurospec.record.histogram.fit_grid`), its counts moved where the window changed (as
+  :func:`~neurospec.record.histogram.regrid`), and the block's rows binned in place into the int64 counts (as
+  :meth:`~neurospec.record.histogram.Binner.counts_torch` bins them, in x's dtype). A neuron with a non-finite
+  value gets non-finite sums and is not binned: the caller takes the masked path for it.
 - :func:`moments`: the same partial sums alone.
 - :func:`histogram_add`: each entry's histogram slot on a given grid, added in place to the int64 counts,
   optionally only where ``keep`` (the masked path).
@@ -44,8 +43,16 @@ a pool thread and 4.5 ms for one thread, right after a matrix product, on this p
 forked after its threads started; torch itself runs serially there), the other kernels' way is used: the calling
 thread and a small pool of Python threads (the kernels release the GIL). numba's own parallel loops are not used:
 inside them the loops lost their vectorisation (about 3x slower per thread), and numba's OpenMP layer loads a
-second copy of libgomp with its own threads. Inside a range, columns go in blocks of at most 256 so that a block's
-partial sums stay in the L1 cache and its histogram counts (and, with binning, its rows) in the L2 cache.
+second copy of libgomp with its own threads.
+
+Memory access: a thread reads its column range row by row, in blocks of columns as wide as the L2 cache allows
+for the block's histogram counts (496 columns at 256 bins: 1 MB of int64 counts) and at most 1,024 for the moments
+alone. Wide blocks matter more than a block that fits the cache: each row's part of a block is one contiguous run
+that the hardware prefetcher follows, where blocks of 128 columns (512 bytes per row, each row in another page)
+made the moments twice as slow on this project's machine. The moments take four rows at a time (each float64 sum
+is read and written once per four values), and the block is read a second time for the binning, once its grids
+are known. (Binning during the first read on each neuron's old grid, with the few values outside it kept aside
+until the grid is widened, was tried: it is exact, but no faster.)
 """
 
 from __future__ import annotations
@@ -94,8 +101,9 @@ SHIFT_ROWS = 64
 SHIFT_ROWS)``: close to the batch's mean, so that the sums of ``x - shift`` stay accurate for neurons whose mean
 is large compared with their spread."""
 
-_BLOCK = 256  # columns per block (its partial sums stay in the L1 cache, its histogram counts in the L2 cache)
-_BLOCK_BYTES = 1 << 20  # with binning, a block of columns over all rows at most this large (it stays in the L2 cache)
+_BLOCK = 1024  # columns per block of the moments alone (twelve float64 sums each: 96 KB, in the L2 cache)
+_HIST_BLOCK = 256  # columns per block of histogram_add (int64 counts of 256 bins: 528 KB)
+_COUNT_BYTES = 1 << 20  # with binning, a block's histogram counts at most this large (they stay in the L2 cache)
 CELL_LIMIT = 2**23
 """Histogram cell indices stay in ``[-CELL_LIMIT, CELL_LIMIT)`` (:data:`neurospec.record.histogram.CELL_LIMIT`)."""
 _CELL_LIMIT = float(CELL_LIMIT)
@@ -229,34 +237,60 @@ def _compile() -> dict[str, Any]:
                 for k in range(m):
                     c[k] += np.float64(row[k])
             c /= taken
-            for i in range(n):
+            # Four rows at a time: their terms added in pairs, then into the float64 sums, so that each sum is read
+            # and written once per four values (one row at a time, the loads and stores of the sums, not the
+            # arithmetic, set the pace).
+            for i in range(0, n - n % 4, 4):
+                r0 = x[i, j0:j1]
+                r1 = x[i + 1, j0:j1]
+                r2 = x[i + 2, j0:j1]
+                r3 = x[i + 3, j0:j1]
+                for k in range(m):
+                    v0, v1, v2, v3 = r0[k], r1[k], r2[k], r3[k]
+                    a0, a1, a2, a3 = np.abs(v0), np.abs(v1), np.abs(v2), np.abs(v3)
+                    ck = c[k]
+                    d0, d1 = np.float64(v0) - ck, np.float64(v1) - ck
+                    d2, d3 = np.float64(v2) - ck, np.float64(v3) - ck
+                    e0, e1, e2, e3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
+                    s1[k] += (d0 + d1) + (d2 + d3)
+                    s2[k] += (e0 + e1) + (e2 + e3)
+                    sa[k] += (np.float64(a0) + np.float64(a1)) + (np.float64(a2) + np.float64(a3))
+                    sq[k] += np.float64((np.sqrt(a0) + np.sqrt(a1)) + (np.sqrt(a2) + np.sqrt(a3)))  # in x's dtype
+                    pc[k] += ((1.0 if v0 > 0.0 else 0.0) + (1.0 if v1 > 0.0 else 0.0)) \
+                        + ((1.0 if v2 > 0.0 else 0.0) + (1.0 if v3 > 0.0 else 0.0))
+                    w = np.float64(min(min(v0, v1), min(v2, v3)))  # (a NaN makes s1 NaN: its partials go unused)
+                    mn[k] = w if w < mn[k] else mn[k]
+                    w = np.float64(max(max(v0, v1), max(v2, v3)))
+                    mx[k] = w if w > mx[k] else mx[k]
+                    if higher:
+                        s3[k] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
+                        s4[k] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            for i in range(n - n % 4, n):
                 row = x[i, j0:j1]
                 for k in range(m):
                     v = row[k]
                     a = np.abs(v)
-                    r = np.sqrt(a)  # in x's dtype, like the torch path
                     w = np.float64(v)
                     d = w - c[k]
-                    d2 = d * d
+                    e = d * d
                     s1[k] += d
-                    s2[k] += d2
+                    s2[k] += e
                     sa[k] += np.float64(a)
-                    sq[k] += np.float64(r)
+                    sq[k] += np.float64(np.sqrt(a))
                     pc[k] += 1.0 if w > 0.0 else 0.0
                     mn[k] = w if w < mn[k] else mn[k]
                     mx[k] = w if w > mx[k] else mx[k]
-                if higher:  # the same loop again over the row just read (still in the L1 cache)
-                    for k in range(m):
-                        d = np.float64(row[k]) - c[k]
-                        d2 = d * d
-                        s3[k] += d2 * d
-                        s4[k] += d2 * d2
-                if step > 1 and i % step == 0:
+                    if higher:
+                        s3[k] += e * d
+                        s4[k] += e * e
+            if step > 1:
+                for i in range(0, n, step):
+                    row = x[i, j0:j1]
                     for k in range(m):
                         w = np.float64(row[k])
                         smn[k] = w if w < smn[k] else smn[k]
                         smx[k] = w if w > smx[k] else smx[k]
-            if step == 1:  # every row is sampled: the extremes are the batch's
+            else:  # every row is sampled: the extremes are the batch's
                 smn[:] = mn
                 smx[:] = mx
             out[0, j0:j1] = s1
@@ -274,15 +308,16 @@ def _compile() -> dict[str, Any]:
                 out[11, j0:j1] = s4
             if not binning:
                 continue
-            # The histogram, from the block just read (still in the L2 cache). Each neuron with finite values
-            # gets the grid of its old values and this batch's (fit_grid, from its old grid and the extremes of the
-            # rows the histogram sees), its counts moved to it where it changed (regrid), then its values binned;
-            # a neuron with a non-finite value is left untouched for the caller (``done`` False).
-            sc = np.empty(m, dtype=x.dtype)  # 2**-level and first - 1, in x's dtype (as Binner.counts_torch)
-            sh = np.empty(m, dtype=x.dtype)
-            top = np.empty(1, dtype=x.dtype)
-            top[0] = bins + 1
-            zero = np.zeros(1, dtype=x.dtype)
+            # The histogram, from the block read again. Each neuron with finite values gets the grid of its old
+            # values and this batch's (fit_grid, from its old grid and the extremes of the rows the histogram
+            # sees), its counts moved to it where it changed (regrid), then its values binned; a neuron with a
+            # non-finite value is left untouched for the caller (``done`` False).
+            sc = np.zeros(m, dtype=x.dtype)  # 2**-level and first - 1 of each neuron's grid, in x's dtype
+            sh = np.zeros(m, dtype=x.dtype)
+            slot = np.empty(m, dtype=np.int32)
+            offset = np.empty(m, dtype=np.int32)
+            for k in range(m):
+                offset[k] = k * stride
             inside = np.zeros(m, dtype=np.bool_)
             count_inside = 0
             for k in range(m):
@@ -291,8 +326,6 @@ def _compile() -> dict[str, Any]:
                 done[j] = ok
                 inside[k] = ok
                 if not ok:
-                    sc[k] = 0.0
-                    sh[k] = 0.0
                     continue
                 count_inside += 1
                 lv, f, la = _nb_fit_one(smn[k], smx[k], level[j], first[j], last[j], bins, spread_bits)
@@ -305,34 +338,26 @@ def _compile() -> dict[str, Any]:
                 sh[k] = f - 1.0
             if count_inside == 0:
                 continue
-            hi = top[0]
-            lo = zero[0]
             cb = counts[j0 * stride : j1 * stride]
-            slot = np.empty(m, dtype=np.int32)
-            offset = np.empty(m, dtype=np.int32)
-            for k in range(m):
-                offset[k] = k * stride
-            if count_inside == m:  # every value finite: no NaN guard, no test per neuron
-                for i in range(0, n, step):
-                    row = x[i, j0:j1]
-                    for k in range(m):  # (vectorised, in x's dtype: float32 input gets twice the lanes)
-                        v = row[k]
-                        t = np.floor(v * sc[k])
-                        t -= (t == lo) & (v < lo)  # a tiny negative product that rounds to -0 is in cell -1
-                        t = min(max(t - sh[k], lo), hi)
-                        slot[k] = np.int32(t) + offset[k]
+            ends = np.zeros(2, dtype=x.dtype)  # 0 and bins + 1 in x's dtype (so that the slots stay in it)
+            ends[1] = bins + 1
+            lo, hi = ends[0], ends[1]
+            for i in range(0, n, step):
+                row = x[i, j0:j1]
+                # Each value's slot (plus its neuron's offset), in x's dtype as Binner.counts_torch computes it:
+                # clip(floor(v * 2**-level) - (first - 1), 0, bins + 1), a tiny negative product that rounds to -0
+                # in cell -1. Vectorised (float32 input gets twice the lanes); then the increments (a scatter).
+                for k in range(m):
+                    v = row[k]
+                    t = np.floor(v * sc[k])
+                    t -= (t == lo) & (v < lo)
+                    t = min(max(t - sh[k], lo), hi)
+                    t = t if t == t else lo  # (NaN, in a neuron not binned here: any slot in bounds)
+                    slot[k] = np.int32(t) + offset[k]
+                if count_inside == m:
                     for k in range(m):
                         cb[slot[k]] += 1
-            else:
-                for i in range(0, n, step):
-                    row = x[i, j0:j1]
-                    for k in range(m):
-                        v = row[k]
-                        t = np.floor(v * sc[k])
-                        t -= (t == lo) & (v < lo)
-                        t = min(max(t - sh[k], lo), hi)
-                        t = t if t == t else lo
-                        slot[k] = np.int32(t) + offset[k]
+                else:
                     for k in range(m):
                         if inside[k]:
                             cb[slot[k]] += 1
@@ -342,8 +367,8 @@ def _compile() -> dict[str, Any]:
         n = x.shape[0]
         stride = bins + 2
         top = np.float64(bins + 1)
-        for j0 in range(j_start, j_stop, _BLOCK):
-            j1 = min(j0 + _BLOCK, j_stop)
+        for j0 in range(j_start, j_stop, _HIST_BLOCK):
+            j1 = min(j0 + _HIST_BLOCK, j_stop)
             m = j1 - j0
             slot = np.empty(m, dtype=np.int64)
             sc = scale[j0:j1]
@@ -555,7 +580,8 @@ def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: bool,
     xs = x.numpy()
     if team is None:
         _in_parallel(_compile()["moments"], width, x.numel(), xs, SHIFT_ROWS, int(step), bool(higher), block,
-                     bool(binning), counts, level, first, last, int(bins), float(spread_bits), done, out.numpy())
+                     bool(binning), counts, level, first, last, int(bins), float(spread_bits), done,
+                     out.numpy())
         return
     outs = out.numpy()
     meta = np.array([
@@ -633,8 +659,8 @@ def moments_histogram(
     infinite value is not touched: the caller bins it with a mask. Returns ``(partials, done)``: the partials of
     :func:`moments` and bool ``[width]``, True where the neuron was binned.
 
-    The columns go in blocks of at most about 1 MB of ``x`` over all rows, so that the binning reads the block from
-    the L2 cache where the moments just left it: one read of ``x`` from memory instead of two."""
+    The columns go in blocks whose int64 counts take at most about 1 MB (they stay in the L2 cache while the block's
+    rows are binned)."""
     x = x.contiguous()
     width = x.shape[1]
     for name, t, dtype in (("counts", counts, torch.int64), ("level", level, torch.int64),
@@ -648,8 +674,7 @@ def moments_histogram(
         raise ValueError(f"moments_histogram: bins must be in [2, {MAX_BINS}], got {bins}")
     out = torch.full((MOMENT_ROWS + (2 if higher else 0), width), math.nan, dtype=torch.float64)  # (see moments)
     done = torch.zeros(width, dtype=torch.bool)
-    per_column = max(1, x.shape[0]) * x.element_size()
-    block = max(16, min(_BLOCK, _BLOCK_BYTES // per_column // 16 * 16))
+    block = max(16, min(_BLOCK, _COUNT_BYTES // ((bins + 2) * 8) // 16 * 16))
     _compile()
     _moments_call(x, step, higher, block, True, counts.numpy(), level.numpy(), first.numpy(), last.numpy(), bins,
                   math.ceil(math.log2(bins)), done.numpy(), out)
