@@ -567,3 +567,39 @@ def test_grid_coarsened_past_the_float64_range_keeps_negative_cells():
         for key in ("hist", "hist_lo", "hist_hi"):
             assert torch.equal(a[key], b[key]), (enabled, key)
         assert float(a["hist_lo"][0]) < 0  # the window starts below the negative value
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_fused_kernel_non_finite_at_every_row_position(monkeypatch, rows, value, threads):
+    """A non-finite value in each position of a four-row group and in each remainder row, the neuron's true min
+    and max in other rows: that neuron is left to the masked path, the others are binned, and the state equals the
+    torch path's bit for bit."""
+    g = torch.Generator().manual_seed(20)
+    for r in range(rows):
+        x = torch.randn(rows, 4, generator=g)
+        x[:, 1] = torch.arange(rows, dtype=torch.float32) - 2.0  # its min and max in other rows than r
+        x[(r + 1) % rows, 2] = -7.0  # a neuron's min right next to its non-finite value
+        x[r, 1] = value
+        x[r, 2] = value
+        counts = torch.zeros(4 * 18, dtype=torch.int64)
+        grid = Grid.empty(4)
+        part, done = kernels.moments_histogram(x, counts, grid.level.clone(), grid.first.clone(),
+                                               grid.last.clone(), 16)
+        assert done.tolist() == [True, False, False, True]
+        assert not bool(torch.isfinite(part[:2, 1:3]).any())
+        assert bool(torch.isfinite(part[:, [0, 3]]).all())
+        data = [torch.randn(6, 4, generator=g), x, 3 * torch.randn(5, 4, generator=g)]
+        for every in (1, 2):
+            feed_both_paths(monkeypatch, data, bins=16, every=every)
+
+
+@pytest.mark.parametrize(("bins", "width"), [(16, 3100), (1000, 600), (1 << 16, 20)])
+def test_fused_kernel_several_column_blocks(monkeypatch, bins, width, threads):
+    """Column ranges wider than the kernel's block (1,024 columns at 16 bins, 128 at 1,000, 16 at 2**16 and above):
+    each block fits, moves and bins its own neurons exactly as the torch path."""
+    g = torch.Generator().manual_seed(21)
+    data = [torch.randn(n, width, generator=g) * (1 + 4 * i) for i, n in enumerate((9, 3, 22))]
+    data[1][2, width - 5] = math.nan
+    for every in (1, 3):
+        feed_both_paths(monkeypatch, data, bins=bins, every=every)

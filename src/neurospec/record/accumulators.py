@@ -9,8 +9,8 @@ This module also re-exports the other accumulators and the histogram readers, so
 ``from neurospec.record.accumulators import NeuronStats, Reservoir, CoMoments, peak, quantiles`` works.
 
 Where the state lives: always on the CPU, in float64 (sums) and int64 (counts). On the CPU the per-batch work is
-two fused kernels (:mod:`neurospec.record.kernels`: one pass each, float64 partial sums, histogram counts added in
-place). On other devices (or with ``NEUROSPEC_NO_KERNELS=1``) it runs in torch on the activation's device in
+one fused kernel call (:mod:`neurospec.record.kernels`: float64 partial sums, the grids widened, histogram counts
+added in place). On other devices (or with ``NEUROSPEC_NO_KERNELS=1``) it runs in torch on the activation's device in
 float32 (float64 for float64 input) and its results travel to the CPU once per batch: one ``[8, width]`` tensor of
 partial sums and one ``[width * (bins + 2)]`` histogram increment.
 
@@ -166,8 +166,8 @@ class NeuronStats(Accumulator):
     use every row). Saved files of earlier versions (whose histograms had edges fixed from the first batch) may
     carry a ``calib_margin`` in their metadata; :meth:`from_state_dict` ignores it.
 
-    Precision: each batch's partial sums are computed in float64 on the CPU (by the kernels) and in float32
-    (float64 for float64 input) by the torch path, those of moments
+    Precision: each batch's partial sums are computed in float64 on the CPU (by the kernels; the square roots of
+    |x| are added four at a time in x's dtype first) and in float32 (float64 for float64 input) by the torch path, those of moments
     after subtracting a shift near the batch's mean, then added into float64 state:
     relative error about 1e-7 per batch (the variance relative to itself, also for neurons whose mean is much
     larger than their spread), none from accumulation. ``pos_sum`` and ``neg_sum`` come from the batch's sum and
@@ -289,7 +289,7 @@ class NeuronStats(Accumulator):
     def update(self, x: Tensor, higher: bool = False) -> Tensor | None:
         """Add a batch ``x`` ``[tokens, width]`` (any float dtype, any device).
 
-        A CPU batch takes one fused kernel pass (:func:`neurospec.record.kernels.moments_histogram`): the float64
+        A CPU batch takes one fused kernel call (:func:`neurospec.record.kernels.moments_histogram`): the float64
         partials and the histogram of every neuron whose grid holds the batch; the other neurons (a new extreme
         outside the window, non-finite values, the first batch) are binned afterwards on their widened grid.
         Returns the kernel's partials (with ``higher``, also the 3rd and 4th power sums about the shift, rows
@@ -300,7 +300,7 @@ class NeuronStats(Accumulator):
         sampled = None  # (min, max) over the rows the histogram sees, when already known
         done = None  # the neurons the kernel binned
         fused = None
-        if kernels.usable(x):  # one fused pass on the CPU (float64 partials, grid and histogram)
+        if kernels.usable(x):  # one fused kernel call on the CPU (float64 partials, grid and histogram)
             x = x.contiguous()  # (a copy only for a strided view; the kernel then reads it in place)
             old = self.grid()
             grid = Grid(old.level.clone(), old.first.clone(), old.last.clone())

@@ -45,14 +45,15 @@ thread and a small pool of Python threads (the kernels release the GIL). numba's
 inside them the loops lost their vectorisation (about 3x slower per thread), and numba's OpenMP layer loads a
 second copy of libgomp with its own threads.
 
-Memory access: a thread reads its column range row by row, in blocks of columns as wide as the L2 cache allows
-for the block's histogram counts (496 columns at 256 bins: 1 MB of int64 counts) and at most 1,024 for the moments
-alone. Wide blocks matter more than a block that fits the cache: each row's part of a block is one contiguous run
+Memory access: a thread reads its column range row by row, in blocks of at least 16 and at most 1,024 columns;
+with a histogram, as many as keep the block's int64 counts within about 1 MB (the L2 cache of this project's
+benchmark machine holds them: 496 columns at 256 bins). Wide blocks matter more than a block that fits the cache: each row's part of a block is one contiguous run
 that the hardware prefetcher follows, where blocks of 128 columns (512 bytes per row, each row in another page)
 made the moments twice as slow on this project's machine. The moments take four rows at a time (each float64 sum
 is read and written once per four values), and the block is read a second time for the binning, once its grids
-are known. (Binning during the first read on each neuron's old grid, with the few values outside it kept aside
-until the grid is widened, was tried: it is exact, but no faster.)
+are known (with ``step > 1``, the sampled rows' extremes take one more pass over those rows). (Binning during the
+first read on each neuron's old grid, with the few values outside it kept aside until the grid is widened, was
+tried: it is exact, but no faster.)
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ THREADS = _threads_from_env()
 MOMENT_ROWS = 10
 """Rows of :func:`moments`' result: sum(x - shift), sum (x - shift)^2, sum |x|, sum sqrt|x|, count x > 0, min, max,
 the shift, and min and max over the rows ``0, step, 2 * step, ...`` (the first eight as in
-``accumulators._fast_partials``)."""
+``accumulators._fast_partials``). For a neuron with a NaN or infinite value its sums are not finite and its
+other rows are unspecified (the callers then take the masked path). The sum of sqrt|x| adds the square roots of
+four rows in x's dtype before adding them in float64."""
 HIGHER_ROWS = (MOMENT_ROWS, MOMENT_ROWS + 1)
 """Rows of :func:`moments`' result with ``higher=True``: sum (x - shift)^3 and sum (x - shift)^4."""
 SHIFT_ROWS = 64
@@ -647,7 +650,7 @@ def moments_histogram(
     x: Tensor, counts: Tensor, level: Tensor, first: Tensor, last: Tensor, bins: int, step: int = 1,
     higher: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`moments` of ``x`` and, from the same read, its histogram on grids widened as needed.
+    """:func:`moments` of ``x`` and, in the same call, its histogram on grids widened as needed.
 
     ``counts``: int64 ``[width * (bins + 2)]`` (C-contiguous, CPU), the histogram on the grid ``level`` (int64
     ``[width]``), ``first``, ``last`` (float64 ``[width]``, NaN for a neuron without values;
@@ -660,7 +663,7 @@ def moments_histogram(
     :func:`moments` and bool ``[width]``, True where the neuron was binned.
 
     The columns go in blocks whose int64 counts take at most about 1 MB (they stay in the L2 cache while the block's
-    rows are binned)."""
+    rows are binned), at least 16 and at most 1,024 columns."""
     x = x.contiguous()
     width = x.shape[1]
     for name, t, dtype in (("counts", counts, torch.int64), ("level", level, torch.int64),

@@ -273,8 +273,8 @@ class ModuleOutputs:
     def update(self, x: Tensor, y: Tensor) -> None:
         w = self.stats.width
         flat = _rows(y, w, self.name)
-        # One read of the outputs for every moment and the histogram (CPU kernel): the histogram statistics'
-        # partials and the 3rd and 4th power sums about the same shift.
+        # One kernel call for every moment and the histogram (CPU): the histogram statistics' partials and the
+        # 3rd and 4th power sums about the same shift.
         part = self.stats.update(flat, higher=True)
         if part is not None:
             r3, r4 = kernels.HIGHER_ROWS
