@@ -624,3 +624,20 @@ def test_registry_tags_and_unknown_kind():
 
         class Odd(Accumulator):
             reductions = {"x": "mean"}
+
+
+def test_fresh_neuronstats_grid_is_the_one_its_state_gives():
+    """A fresh NeuronStats starts from ``Grid.empty`` instead of deriving the grid from its empty state: the two
+    agree, and so do they after the state is reloaded."""
+    from neurospec.record.histogram import Grid
+
+    st = NeuronStats(7, hist_bins=16)
+    derived = Grid.from_state(st._state["hist"], st._state["hist_lo"], st._state["hist_hi"])
+    for got, want in zip((st.grid().level, st.grid().first, st.grid().last),
+                         (derived.level, derived.first, derived.last), strict=True):
+        assert torch.equal(got.nan_to_num(0.5), want.nan_to_num(0.5)) and got.dtype == want.dtype
+    st.update(torch.randn(9, 7, generator=torch.Generator().manual_seed(3)))
+    again = NeuronStats.from_state_dict(st.state_dict(), **st.meta())
+    for got, want in zip((st.grid().level, st.grid().first, st.grid().last),
+                         (again.grid().level, again.grid().first, again.grid().last), strict=True):
+        assert torch.equal(got.nan_to_num(0.5), want.nan_to_num(0.5))

@@ -223,6 +223,7 @@ class NeuronStats(Accumulator):
         self._grid: Grid | None = None  # derived from the state; None: not derived yet
         self._binner: Binner | None = None
         super().__init__()
+        self._grid = Grid.empty(width)  # what Grid.from_state derives from a fresh state, without the work
 
     def _initial_state(self) -> dict[str, Tensor]:
         w = self.width
