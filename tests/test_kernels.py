@@ -603,3 +603,26 @@ def test_fused_kernel_several_column_blocks(monkeypatch, bins, width, threads):
     data[1][2, width - 5] = math.nan
     for every in (1, 3):
         feed_both_paths(monkeypatch, data, bins=bins, every=every)
+
+
+def test_add_partials_equals_the_torch_state_update_bit_for_bit():
+    """``kernels.add_partials`` (the CPU path's state update) gives the state of ``NeuronStats._add_fast`` exactly,
+    batch after batch, for neurons of either sign and of both; partials with a NaN or inf change nothing."""
+    g = torch.Generator().manual_seed(30)
+    a, b = NeuronStats(6), NeuronStats(6)
+    for i in range(4):
+        x = torch.randn(37 + i, 6, generator=g) * (1 + 3 * i)
+        x[:, 0] = x[:, 0].abs() + 1.0  # positive only
+        x[:, 1] = -x[:, 1].abs() - 0.5  # negative only
+        x[:, 2] = 1e4 + x[:, 2]  # large mean, small spread
+        part = kernels.moments(x, 1)[: kernels.MOMENT_ROWS]
+        assert kernels.add_partials(part, x.shape[0], a._state)
+        b._add_fast(part, x.shape[0])
+        for name in kernels._STATE_SUMS:
+            assert torch.equal(a._state[name], b._state[name]), name
+    before = {k: a._state[k].clone() for k in kernels._STATE_SUMS}
+    for value in (math.nan, math.inf, -math.inf):
+        bad = part.clone()
+        bad[3, 4] = value
+        assert not kernels.add_partials(bad, 40, a._state)
+        assert all(torch.equal(before[k], a._state[k]) for k in before)

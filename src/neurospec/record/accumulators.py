@@ -313,7 +313,9 @@ class NeuronStats(Accumulator):
         else:
             part = _fast_partials(x).to("cpu", torch.float64)
         keep = None
-        if bool(torch.isfinite(part).all()):
+        if fused is not None and kernels.add_partials(part, x.shape[0], self._state):  # (as _add_fast, in numba)
+            batch_min, batch_max = part[_MIN], part[_MAX]
+        elif fused is None and bool(torch.isfinite(part).all()):
             self._add_fast(part, x.shape[0])
             batch_min, batch_max = part[_MIN], part[_MAX]
         else:
