@@ -19,7 +19,9 @@ A fourth, :func:`move_rows`, serves :class:`~neurospec.record.reservoir.Reservoi
 the sample's keys into the key-sorted sample in place, writing only the rows that move. A fifth,
 :func:`w1_normal`, reads a finished histogram: the W1 distance of each neuron's distribution to N(0, 1)
 (:func:`neurospec.sparsity.wasserstein.w1_from_stats`), one pass per neuron instead of a searchsorted, gathers and
-a dozen passes over a ``[neurons, 1024]`` grid.
+a dozen passes over a ``[neurons, 1024]`` grid. A sixth, :func:`add_partials`, adds a batch's partials into the
+``NeuronStats`` state (the torch ``_add_fast`` arithmetic, bit for bit) in one call instead of about twenty small
+tensor operations, each a few microseconds, that cost about 0.5 ms per update inside a forward pass.
 
 They replace about a dozen torch passes over the batch, a batch-sized scratch buffer, a single-threaded
 ``bincount`` and the torch grid checks of every batch. The torch code stays the reference: it runs for tensors on
