@@ -220,10 +220,11 @@ class NeuronStats(Accumulator):
         self.width = width
         self.hist_bins = hist_bins
         self.hist_sample_every = hist_sample_every
-        self._grid: Grid | None = None  # derived from the state; None: not derived yet
+        # derived from the state (None: not derived yet); a fresh state's is Grid.empty (what Grid.from_state
+        # would derive from it, without the work)
+        self._grid: Grid | None = Grid.empty(width)
         self._binner: Binner | None = None
         super().__init__()
-        self._grid = Grid.empty(width)  # what Grid.from_state derives from a fresh state, without the work
 
     def _initial_state(self) -> dict[str, Tensor]:
         w = self.width
