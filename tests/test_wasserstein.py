@@ -110,7 +110,86 @@ def test_module_outputs_moments_match_scipy_on_adversarial_batches(kernels_on, m
         assert float(err) < tol, (key, float(err))
 
 
-def test_mapping_difficulty_matches_a_brute_force_loop_over_the_same_pairs():
+def test_central_moments_kernel_combines_like_the_torch_code(monkeypatch):
+    """The CPU kernel (``kernels.central_add``) and the torch code of ``add_shifted`` give the same running state
+    (to float rounding) from the same power sums, over batches whose means jump far from the running mean; a
+    batch whose moments are not finite is refused by both, and leaves the state as it was."""
+    from neurospec.record import kernels
+
+    if not kernels.usable(torch.zeros(1)):
+        pytest.skip("numba is not importable")
+    g = torch.Generator().manual_seed(11)
+    accs = {on: CentralMoments(5) for on in (True, False)}
+    for k, (n, loc, scale) in enumerate([(1, 0.0, 1.0), (37, 5.0, 0.1), (500, -200.0, 30.0), (2, 1e4, 1e-3),
+                                         (1000, 0.0, 1.0)]):
+        y = (loc + scale * torch.randn(n, 5, generator=g).pow(3)).double()
+        shift = y[: max(1, n // 3)].mean(0) + 0.01 * k
+        d = y - shift
+        sums = torch.stack([d.sum(0), d.pow(2).sum(0), d.pow(3).sum(0), d.pow(4).sum(0)])
+        for on, acc in accs.items():
+            monkeypatch.setattr(kernels, "ENABLED", on)
+            acc.add_shifted(n, shift, sums)
+    a, b = accs[True], accs[False]
+    assert a.n == b.n == 1540
+    for name in ("mean", "m2", "m3", "m4"):
+        want = getattr(b, name)
+        err = ((getattr(a, name) - want).abs() / want.abs().clamp(min=1e-300)).max()
+        assert float(err) < 1e-12, (name, float(err))
+    bad = torch.ones(4, 5, dtype=torch.float64)
+    bad[3, 2] = math.inf
+    for on, acc in accs.items():
+        monkeypatch.setattr(kernels, "ENABLED", on)
+        before = [t.clone() for t in (acc.mean, acc.m2, acc.m3, acc.m4)]
+        with pytest.raises(NeurospecError, match="NaN or inf"):
+            acc.add_shifted(3, torch.zeros(5, dtype=torch.float64), bad)
+        assert acc.n == 1540
+        assert all(torch.equal(t, u) for t, u in zip(before, (acc.mean, acc.m2, acc.m3, acc.m4), strict=True))
+
+
+def test_mapping_difficulty_kernel_equals_the_torch_path(monkeypatch):
+    """The CPU kernel (``kernels.pair_distances``, its pair distances written into a buffer) and the torch path give
+    the same pairs, the same histogram of pair distances (counts and extremes exactly: ``|y_a - y_b|`` in y's dtype
+    on both), the same pair count, and the same ``dy / dx`` sums and largest ``dx`` to float32 rounding; also across
+    flushes of the buffer, a batch of float64 outputs among float32 ones, a pair of equal tokens (``dx = 0``, left
+    out), more pairs per batch than ``FLUSH_ROWS``, and a merge."""
+    from neurospec.record import kernels
+
+    if not kernels.usable(torch.zeros(1)):
+        pytest.skip("numba is not importable")
+    monkeypatch.setattr(MappingDifficulty, "FLUSH_ROWS", 48)
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for k, n in enumerate([30, 2, 41, 50, 64, 9, 33]):
+        x = torch.randn(n, 7, generator=g)
+        if k == 3:
+            x[n // 2 :] = x[0]  # a quarter of the pairs have dx = 0
+        y = (x @ torch.randn(7, 6, generator=g)).pow(3)
+        batches.append((x, y.double() if k == 5 else y))
+    for pairs in (20, 60):
+        accs = {}
+        for on in (True, False):
+            monkeypatch.setattr(kernels, "ENABLED", on)
+            acc = MappingDifficulty(6, pairs=pairs, seed=2)
+            for x, y in batches:
+                acc.update(x, y)
+            other = MappingDifficulty(6, pairs=pairs, seed=3)
+            other.update(*batches[0])
+            accs[on] = acc.merge(other)
+        a, b = accs[True], accs[False]
+        assert a.n == b.n and a.n > 0
+        assert a.max_dx == pytest.approx(b.max_dx, rel=1e-6)
+        assert torch.allclose(a.ratio_sum, b.ratio_sum, rtol=1e-5)
+        ha, hb = a.dy.histogram(), b.dy.histogram()
+        assert torch.equal(ha.counts, hb.counts) and torch.equal(ha.min, hb.min) and torch.equal(ha.max, hb.max)
+        assert int(a.dy.state_dict()["count"][0]) == a.n
+        assert torch.allclose(a.compute(), b.compute(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_mapping_difficulty_matches_a_brute_force_loop_over_the_same_pairs(kernels_on, monkeypatch):
+    from neurospec.record import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(5, 4)
     batches = [torch.randn(40, 5, generator=g) for _ in range(3)]

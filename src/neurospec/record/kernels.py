@@ -21,7 +21,10 @@ the sample's keys into the key-sorted sample in place, writing only the rows tha
 (:func:`neurospec.sparsity.wasserstein.w1_from_stats`), one pass per neuron instead of a searchsorted, gathers and
 a dozen passes over a ``[neurons, 1024]`` grid. A sixth, :func:`add_partials`, adds a batch's partials into the
 ``NeuronStats`` state (the torch ``_add_fast`` arithmetic, bit for bit) in one call instead of about twenty small
-tensor operations, each a few microseconds, that cost about 0.5 ms per update inside a forward pass.
+tensor operations, each a few microseconds, that cost about 0.5 ms per update inside a forward pass. Two more
+serve the output-side recording (:mod:`neurospec.sparsity.outputs`) the same way: :func:`central_add` merges a
+batch's power sums into the running central moments, :func:`pair_distances` does the mapping difficulty's work
+on its token pairs (together about 0.5 ms of torch operations per module and batch, inside the forward pass).
 
 They replace about a dozen torch passes over the batch, a batch-sized scratch buffer, a single-threaded
 ``bincount`` and the torch grid checks of every batch. The torch code stays the reference: it runs for tensors on
@@ -512,6 +515,65 @@ def _compile() -> dict[str, Any]:
             s_max[j] = max(s_max[j], mx)
         return True
 
+    @njit
+    def central_add_kernel(nb, na, shift, sums, mean, m2, m3, m4):  # pragma: no cover - compiled
+        # CentralMoments.add_shifted, then its _combine, operation by operation in float64 (integer powers as
+        # products); False, changing nothing, if some batch moment is not finite.
+        width = mean.shape[0]
+        n = na + nb
+        fa, fb, fn = np.float64(na), np.float64(nb), np.float64(n)
+        q4 = np.float64(na * na - na * nb + nb * nb)
+        aa, bb = np.float64(na * na), np.float64(nb * nb)
+        for rep in range(2):  # a check of every neuron first, then the update
+            for j in range(width):
+                e = sums[0, j] / fb
+                b2 = sums[1, j] - fb * e * e
+                b3 = sums[2, j] - 3.0 * e * sums[1, j] + 2.0 * fb * (e * e * e)
+                b4 = sums[3, j] - 4.0 * e * sums[2, j] + 6.0 * e * e * sums[1, j] - 3.0 * fb * (e * e * e * e)
+                b2 = 0.0 if b2 < 0.0 else b2
+                b4 = 0.0 if b4 < 0.0 else b4
+                mb = shift[j] + e
+                if rep == 0:
+                    if not (np.isfinite(mb) and np.isfinite(b2) and np.isfinite(b3) and np.isfinite(b4)):
+                        return False
+                    continue
+                a2, a3, a4 = m2[j], m3[j], m4[j]
+                delta = mb - mean[j]
+                d_n = delta / fn
+                m4[j] = (a4 + b4 + delta * (d_n * d_n * d_n) * fa * fb * q4
+                         + 6.0 * d_n * d_n * (aa * b2 + bb * a2) + 4.0 * d_n * (fa * b3 - fb * a3))
+                m3[j] = a3 + b3 + delta * d_n * d_n * fa * fb * (fa - fb) + 3.0 * d_n * (fa * b2 - fb * a2)
+                m2[j] = a2 + b2 + delta * d_n * fa * fb
+                mean[j] = mean[j] + d_n * fb
+        return True
+
+    @njit
+    def pair_distances_kernel(x, y, a, b, ratio_sum, buf, row0):  # pragma: no cover - compiled
+        # MappingDifficulty.update for the pairs (a[p], b[p]): dx = ||x_a - x_b|| (differences in x's dtype,
+        # squares summed in float64); for each pair with dx > 0, dy = |y_a - y_b| (in y's dtype) written to row
+        # row0 + (kept pairs so far) of buf, and dy / dx added to ratio_sum in float64. Returns (pairs kept,
+        # their largest dx).
+        kept = 0
+        top = 0.0
+        width = y.shape[1]
+        for p in range(a.shape[0]):
+            ra, rb = x[a[p]], x[b[p]]
+            acc = 0.0
+            for i in range(ra.shape[0]):
+                d = np.float64(ra[i] - rb[i])
+                acc += d * d
+            dx = np.sqrt(acc)
+            if not dx > 0.0:
+                continue
+            ya, yb, out = y[a[p]], y[b[p]], buf[row0 + kept]
+            for o in range(width):
+                dy = np.abs(ya[o] - yb[o])
+                out[o] = dy
+                ratio_sum[o] += np.float64(dy) / dx
+            kept += 1
+            top = max(top, dx)
+        return kept, top
+
     global _nb_moments, _nb_as_pointer, _nb_claim
     _nb_moments = moments_kernel
 
@@ -560,7 +622,8 @@ def _compile() -> dict[str, Any]:
                             meta[15], np.float64(meta[16]), done, j0, j1, out)
 
     _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel, "w1": w1_kernel,
-            "moments_team": moments_team, "add_partials": add_partials_kernel}
+            "moments_team": moments_team, "add_partials": add_partials_kernel, "central_add": central_add_kernel,
+            "pair_distances": pair_distances_kernel}
     return _jit
 
 
@@ -730,6 +793,29 @@ def add_partials(part: Tensor, n: int, state: dict[str, Tensor]) -> bool:
     caller then takes the masked path)."""
     arrays = [state[name].numpy() for name in _STATE_SUMS]
     return bool(_compile()["add_partials"](part.contiguous().numpy(), int(n), *arrays))
+
+
+def central_add(nb: int, na: int, shift: Tensor, sums: Tensor, mean: Tensor, m2: Tensor, m3: Tensor,
+                m4: Tensor) -> bool:
+    """:meth:`~neurospec.sparsity.outputs.CentralMoments.add_shifted` in one call: a batch of ``nb`` tokens,
+    given by its float64 power sums ``sums`` ``[4, width]`` about ``shift``, combined in place into the running
+    ``mean, m2, m3, m4`` (float64, CPU) of ``na`` tokens, with the torch code's float64 arithmetic in its order
+    (integer powers as products: equal to float rounding). Returns False, changing nothing, if a batch moment is
+    not finite."""
+    f64 = [t.contiguous().numpy() for t in (shift, sums)]
+    return bool(_compile()["central_add"](int(nb), int(na), *f64, mean.numpy(), m2.numpy(), m3.numpy(), m4.numpy()))
+
+
+def pair_distances(x: Tensor, y: Tensor, a: Tensor, b: Tensor, ratio_sum: Tensor, buf: Tensor,
+                   row0: int) -> tuple[int, float]:
+    """The per-batch work of :meth:`~neurospec.sparsity.outputs.MappingDifficulty.update` for the token pairs
+    ``(a[p], b[p])`` in one call: ``x`` ``[tokens, d]`` and ``y`` ``[tokens, width]`` C-contiguous CPU float
+    tensors of one dtype. Each pair's ``dx = ||x_a - x_b||`` (float64 sum of squares); for the pairs with ``dx >
+    0``, in order, ``|y_a - y_b|`` goes to rows ``row0, row0 + 1, ...`` of ``buf`` (y's dtype) and ``dy / dx`` is
+    added to ``ratio_sum`` (float64) in place. Returns (pairs kept, their largest dx)."""
+    kept, top = _compile()["pair_distances"](x.numpy(), y.numpy(), a.numpy(), b.numpy(), ratio_sum.numpy(),
+                                             buf.numpy(), int(row0))
+    return int(kept), float(top)
 
 
 def histogram_add(

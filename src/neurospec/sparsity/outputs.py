@@ -84,6 +84,9 @@ def _rows(y: Tensor, width: int, what: str) -> Tensor:
     return y if y.dtype in (torch.float32, torch.float64) else y.float()
 
 
+_NONFINITE = "CentralMoments: the outputs hold NaN or inf; check the model and its dtype"
+
+
 class CentralMoments:
     """Per-neuron count, mean and central moment sums ``M_k = sum (y - mean)^k`` for ``k = 2, 3, 4`` (float64).
 
@@ -119,6 +122,12 @@ class CentralMoments:
         about ``e = sum (y - shift) / n``) and combined as :meth:`update` does."""
         if n == 0:
             return
+        if kernels.usable(sums) and sums.dtype == torch.float64 and shift.dtype == torch.float64:
+            # one numba call instead of about thirty small tensor operations (the same float64 arithmetic)
+            if not kernels.central_add(n, self.n, shift, sums, self.mean, self.m2, self.m3, self.m4):
+                raise NeurospecError(_NONFINITE)
+            self.n += n
+            return
         s1, s2, s3, s4 = sums[0], sums[1], sums[2], sums[3]
         e = s1 / n
         m2 = s2 - n * e * e
@@ -131,7 +140,7 @@ class CentralMoments:
     @staticmethod
     def _check(part: Tensor) -> None:
         if not bool(torch.isfinite(part).all()):
-            raise NeurospecError("CentralMoments: the outputs hold NaN or inf; check the model and its dtype")
+            raise NeurospecError(_NONFINITE)
 
     def merge(self, other: CentralMoments) -> CentralMoments:
         if other.width != self.width:
@@ -206,6 +215,8 @@ class MappingDifficulty:
         self._dy = NeuronStats(width)
         self._pending: list[Tensor] = []  # pair distances not yet in ``dy`` (added in bulk: fewer, larger updates)
         self._pending_rows = 0
+        self._buf: Tensor | None = None  # the CPU kernel's pending pair distances: its first _buf_rows rows
+        self._buf_rows = 0
 
     FLUSH_ROWS = 256
     """Pair distances are held back until this many rows are pending, then added to the histogram in one update
@@ -223,6 +234,9 @@ class MappingDifficulty:
             rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
             self._pending, self._pending_rows = [], 0
             self._dy.update(rows)
+        if self._buf_rows:
+            rows, self._buf_rows = self._buf[: self._buf_rows], 0
+            self._dy.update(rows)
 
     def update(self, x: Tensor, y: Tensor) -> None:
         y = _rows(y, self.width, "MappingDifficulty")
@@ -230,6 +244,9 @@ class MappingDifficulty:
         if y.shape[0] < 2:
             return
         a, b = draw_pairs(y.shape[0], self.pairs, self.generator)
+        if kernels.usable(y) and x.device.type == "cpu":
+            self._update_cpu(x, y, a, b)
+            return
         a, b = a.to(y.device), b.to(y.device)
         dx = (x[a].to(y.dtype) - x[b].to(y.dtype)).norm(dim=1)
         keep = dx > 0
@@ -243,6 +260,26 @@ class MappingDifficulty:
         self._pending.append(dy)
         self._pending_rows += int(dy.shape[0])
         if self._pending_rows >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _update_cpu(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor) -> None:
+        """:meth:`update` in one kernel call (:func:`~neurospec.record.kernels.pair_distances`): the same pairs and
+        quantities, the input distances and the sum of ``dy / dx`` in float64, the pair distances written straight
+        into a buffer of ``max(FLUSH_ROWS, pairs)`` rows that is added to the histogram when full."""
+        rows = max(self.FLUSH_ROWS, self.pairs)
+        if self._pending or (self._buf is not None and self._buf.dtype != y.dtype):
+            self._flush()  # (rows from the torch path, or of another dtype, go first)
+            self._buf = None
+        if self._buf is None:
+            self._buf = torch.empty(rows, self.width, dtype=y.dtype)
+        if self._buf_rows + self.pairs > rows:
+            self._flush()
+        kept, top = kernels.pair_distances(x.to(y.dtype).contiguous(), y.contiguous(), a, b, self.ratio_sum,
+                                           self._buf, self._buf_rows)
+        self._buf_rows += kept
+        self.n += kept
+        self.max_dx = max(self.max_dx, top)
+        if self._buf_rows >= self.FLUSH_ROWS:
             self._flush()
 
     def merge(self, other: MappingDifficulty) -> MappingDifficulty:
