@@ -101,3 +101,28 @@ def test_location_and_scale_match_the_samples():
     empty.update(torch.full((10, 1), math.nan))  # no finite value
     none = empty.location_scale()
     assert all(math.isnan(float(none[k][0])) for k in ("mean", "std", "min", "max")) and float(none["count"][0]) == 0
+
+
+def test_quantile_kernel_equals_the_torch_path_bit_for_bit(monkeypatch):
+    """``histogram.quantiles`` on the CPU takes the numba kernel: the same bits as the torch code for neurons of
+    every shape, with under/overflow mass, a constant neuron, an emptied histogram and one with NaN edges, at the
+    probabilities 0 and 1 and the ones that fall exactly on a knot's mass (where ``searchsorted`` ties)."""
+    from neurospec.record.histogram import Histogram, quantiles
+
+    st = _planted_stats(width=120, n=1500, seed=5)
+    s = st._state
+    s["hist"][11] = 0  # an emptied histogram: NaN
+    s["hist_lo"][12] = math.nan  # an unusable window: NaN
+    h = st.histogram()
+    h = Histogram(h.counts, h.lo, h.hi, h.min, h.max)
+    total = float(h.counts[0].sum())
+    on_knot = float(h.counts[0, :40].sum()) / total  # exactly the mass of a knot of neuron 0
+    q = torch.tensor([0.0, 1e-4, 0.01, 0.25, 0.5, on_knot, 0.9, 0.999, 1.0], dtype=torch.float64)
+    got = quantiles(h, q)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    ref = quantiles(h, q)
+    assert got.shape == ref.shape == (9, 120)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.isnan(ref[:, 11]).all() and torch.isnan(ref[:, 12]).all() and int(torch.isnan(ref).sum()) == 18
+    keep = ~torch.isnan(ref)
+    assert torch.equal(got[keep], ref[keep])

@@ -351,6 +351,9 @@ def quantiles(stats_or_hist: Any, q: Tensor | float | list[float]) -> Tensor:
     q = torch.as_tensor(q, dtype=torch.float64, device=h.counts.device).reshape(-1)
     if ((q < 0) | (q > 1)).any() or torch.isnan(q).any():
         raise ValueError(f"quantile probabilities must lie in [0, 1], got {q.tolist()}")
+    if (kernels.usable(h.lo) and h.counts.device.type == "cpu" and not h.counts.is_floating_point()
+            and h.counts.dim() == 2 and h.counts.shape[1] >= 3):
+        return kernels.quantiles(q, h.counts, h.lo, h.hi, h.min, h.max)  # (one pass per neuron, the same bits)
     knots, cum, valid = _cdf_knots(h)
     k = knots.shape[1]
     target = (q[None, :] * cum[:, -1:]).contiguous()  # [width, q]
