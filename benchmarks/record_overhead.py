@@ -1,7 +1,8 @@
 """Recording overhead: time to record all default statistics at all sites / time of the bare forward pass.
 
 Both arms run the same model body (`model.base_model`) on the same batches in one process, interleaved, and the
-median over repeats is reported. Peak memory: two fresh subprocesses record 10k and 100k tokens; their peak RSS
+median over repeats is reported (and each round's own full / bare, ``ratio_per_round``, whose arms run close
+together). Peak memory: two fresh subprocesses record 10k and 100k tokens; their peak RSS
 must agree within 5% (memory must not grow with the number of tokens).
 
     MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/record_overhead.py --json
@@ -100,6 +101,11 @@ def main_overhead(args) -> dict:
         "ratio_kernel_threads_1": med["full_kernel_threads_1"] / med["bare"],
         "ratio_hist_every_4": med["hist_every_4"] / med["bare"],
         "ratio_with_reservoir": med["with_reservoir"] / med["bare"],
+        # each round's full / bare (arms of one round run close together): less sensitive to the host's speed
+        # drifting during the run than the ratio of the medians
+        "ratio_per_round": [f / b for f, b in zip(times["full"], times["bare"], strict=True)],
+        "ratio_median_of_rounds": statistics.median(f / b for f, b in zip(times["full"], times["bare"], strict=True)),
+        "seconds": times,
         "peak_rss_mib_after_arm": rss_after,
         "seconds_median": med,
         "sys_seconds_median": {k: statistics.median(v) for k, v in sys_times.items()},
