@@ -13,7 +13,7 @@ Arms, interleaved in one process (bare, record, then again in rotated order), me
 - ``record_hist_every_4``: the same with the histograms fed every 4th token (``--hist-every 4``).
 
 Each round's own ``record / bare`` is printed too (``record_ratio_per_round`` and its median): the arms of a round
-run close together, so these move less with the host's speed drifting over the run.
+run within a few minutes of each other, so these move less with the host's speed drifting over the whole run.
 
 Target: ``record_ratio = record / bare <= 1.15``. Defaults: 128 sequences of 256 tokens of the bundled ``prose``
 corpus, batch 8. ``--tiny`` runs a tiny random Llama on random tokens instead (a check that the script runs).
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         "record_ratio": med["record"] / med["bare"],
         "record_ratio_kernel_threads_1": med["record_kernel_threads_1"] / med["bare"],
         "record_ratio_hist_every_4": med["record_hist_every_4"] / med["bare"],
-        # each round's record / bare (arms of one round run minutes apart, not the length of a whole run): less
-        # sensitive to the host's speed drifting during the run than the ratio of the medians
+        # each round's record / bare (the arms of a round run within one round, a few minutes, rather than across
+        # the whole run): less sensitive to the host's speed drifting during the run than the ratio of the medians
         "record_ratio_per_round": [r / b for r, b in zip(times["record"], times["bare"], strict=True)],
         "record_ratio_median_of_rounds": statistics.median(r / b for r, b in zip(times["record"], times["bare"],
                                                                                  strict=True)),

@@ -185,6 +185,35 @@ def test_mapping_difficulty_kernel_equals_the_torch_path(monkeypatch):
         assert torch.allclose(a.compute(), b.compute(), rtol=1e-5)
 
 
+def test_mapping_difficulty_switching_paths_and_a_larger_flush_lose_no_pair(monkeypatch):
+    """Batches alternating between the torch path and the CPU kernel (rows pending in the torch path's list when
+    the kernel's buffer is first used, and the other way round), and FLUSH_ROWS raised after the kernel's buffer
+    exists (a new, larger buffer; nothing written past the old one's end), give the histogram of pair distances
+    and the sums of one torch-path accumulator."""
+    from neurospec.record import kernels
+
+    if not kernels.usable(torch.zeros(1)):
+        pytest.skip("numba is not importable")
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(40, 5, generator=g), torch.randn(40, 6, generator=g)) for _ in range(10)]
+    monkeypatch.setattr(MappingDifficulty, "FLUSH_ROWS", 32)
+    mixed = MappingDifficulty(6, pairs=12, seed=1)
+    ref = MappingDifficulty(6, pairs=12, seed=1)
+    for k, (x, y) in enumerate(batches):
+        if k == 5:
+            monkeypatch.setattr(MappingDifficulty, "FLUSH_ROWS", 100)  # the kernel's buffer (32 rows) is too small
+        monkeypatch.setattr(kernels, "ENABLED", k not in (0, 4))  # batch 3: 24 rows pending, 12 more do not fit
+        mixed.update(x, y)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        ref.update(x, y)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    assert mixed.n == ref.n == 120
+    ha, hb = mixed.dy.histogram(), ref.dy.histogram()
+    assert torch.equal(ha.counts, hb.counts) and torch.equal(ha.min, hb.min) and torch.equal(ha.max, hb.max)
+    assert int(mixed.dy.state_dict()["count"][0]) == 120
+    assert torch.allclose(mixed.ratio_sum, ref.ratio_sum, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernels_on", [True, False])
 def test_mapping_difficulty_matches_a_brute_force_loop_over_the_same_pairs(kernels_on, monkeypatch):
     from neurospec.record import kernels

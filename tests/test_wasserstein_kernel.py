@@ -103,7 +103,28 @@ def test_location_and_scale_match_the_samples():
     assert all(math.isnan(float(none[k][0])) for k in ("mean", "std", "min", "max")) and float(none["count"][0]) == 0
 
 
-def test_quantile_kernel_equals_the_torch_path_bit_for_bit(monkeypatch):
+def test_kernel_in_chunks_keeps_each_neurons_score_and_nan(threads, monkeypatch):
+    """Chunks of 7 neurons (the last one partial): neurons without a score in later chunks (an emptied histogram,
+    a constant neuron) stay NaN, and every other score equals the torch path's, so nothing of one chunk's buffers
+    leaks into the next."""
+    monkeypatch.setattr(kernels, "W1_CHUNK_POINTS", 7 * 1024)
+    st = _planted_stats(width=40, n=900, seed=8)
+    s = st._state
+    s["hist"][23] = 0
+    s["hist"][37] = 0
+    x = torch.full((50, 40), 2.0)
+    const = NeuronStats(40)
+    const.update(x)
+    for key in s:  # neuron 30: constant (std 0)
+        s[key][30] = const._state[key][30]
+    got, ref = _both(st, monkeypatch, chunk=16)
+    nan = torch.isnan(ref)
+    assert nan[[5, 23, 30, 37]].all() and int(nan.sum()) == 4
+    assert torch.equal(torch.isnan(got), nan)
+    torch.testing.assert_close(got[~nan], ref[~nan], rtol=1e-12, atol=0.0)
+
+
+def test_quantile_kernel_equals_the_torch_path_bit_for_bit(threads, monkeypatch):
     """``histogram.quantiles`` on the CPU takes the numba kernel: the same bits as the torch code for neurons of
     every shape, with under/overflow mass, a constant neuron, an emptied histogram and one with NaN edges, at the
     probabilities 0 and 1 and the ones that fall exactly on a knot's mass (where ``searchsorted`` ties)."""
@@ -116,9 +137,15 @@ def test_quantile_kernel_equals_the_torch_path_bit_for_bit(monkeypatch):
     h = st.histogram()
     h = Histogram(h.counts, h.lo, h.hi, h.min, h.max)
     total = float(h.counts[0].sum())
-    on_knot = float(h.counts[0, :40].sum()) / total  # exactly the mass of a knot of neuron 0
+    cums = h.counts[0].double().cumsum(0)
+    # a probability whose target mass q * total is exactly the mass of a knot of neuron 0 (searchsorted ties)
+    on_knot = next(float(c) / total for c in cums[10:200] if 0 < float(c) < total and float(c) / total * total == c)
     q = torch.tensor([0.0, 1e-4, 0.01, 0.25, 0.5, on_knot, 0.9, 0.999, 1.0], dtype=torch.float64)
+    calls = []
+    real = kernels.quantiles
+    monkeypatch.setattr(kernels, "quantiles", lambda *a: calls.append(1) or real(*a))
     got = quantiles(h, q)
+    assert calls  # the kernel path ran
     monkeypatch.setattr(kernels, "ENABLED", False)
     ref = quantiles(h, q)
     assert got.shape == ref.shape == (9, 120)

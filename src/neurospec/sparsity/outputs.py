@@ -265,14 +265,16 @@ class MappingDifficulty:
     def _update_cpu(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor) -> None:
         """:meth:`update` in one kernel call (:func:`~neurospec.record.kernels.pair_distances`): the same pairs and
         quantities, the input distances and the sum of ``dy / dx`` in float64, the pair distances written straight
-        into a buffer of ``max(FLUSH_ROWS, pairs)`` rows that is added to the histogram when full."""
+        into a buffer of ``max(FLUSH_ROWS, pairs)`` rows, added to the histogram once ``FLUSH_ROWS`` rows are
+        pending or when the next batch's pairs might not fit."""
         rows = max(self.FLUSH_ROWS, self.pairs)
-        if self._pending or (self._buf is not None and self._buf.dtype != y.dtype):
-            self._flush()  # (rows from the torch path, or of another dtype, go first)
-            self._buf = None
-        if self._buf is None:
-            self._buf = torch.empty(rows, self.width, dtype=y.dtype)
-        if self._buf_rows + self.pairs > rows:
+        buf = self._buf
+        if self._pending or (buf is not None and (buf.dtype != y.dtype or buf.shape[0] < rows)):
+            self._flush()  # (rows from the torch path, of another dtype, or in a buffer too small, go first)
+            buf = self._buf = None
+        if buf is None:
+            buf = self._buf = torch.empty(rows, self.width, dtype=y.dtype)
+        if self._buf_rows + self.pairs > buf.shape[0]:
             self._flush()
         kept, top = kernels.pair_distances(x.to(y.dtype).contiguous(), y.contiguous(), a, b, self.ratio_sum,
                                            self._buf, self._buf_rows)

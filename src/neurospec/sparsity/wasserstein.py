@@ -60,7 +60,8 @@ def w1_from_stats(stats: NeuronStats, *, normalise: str = "zscore", points: int 
                   chunk: int = 1024) -> Tensor:
     """``FloatTensor[width]`` (float64): W1 of each neuron's normalised output histogram to N(0, 1) (module doc).
 
-    On the CPU a numba kernel (:func:`neurospec.record.kernels.w1_normal`) does the work, one pass per neuron; the
+    On the CPU numba kernels do the work (:func:`neurospec.record.kernels.w1_normal`: per neuron, a pass that
+    walks the CDF's knots and one that integrates, torch's ``erf`` between them); the
     torch code (``chunk`` neurons at a time) is the reference and runs on other devices, without numba or with
     ``NEUROSPEC_NO_KERNELS=1``. The two agree to float rounding."""
     if normalise not in NORMALISE:
