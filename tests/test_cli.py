@@ -128,7 +128,10 @@ def test_torchrun_error_on_one_rank_stops_every_rank(model_dir, tmp_path):
 
 
 def test_allocator_tuning_respects_the_user(monkeypatch):
+    import neurospec
     from neurospec.cli.common import tune_allocator
+
+    assert neurospec.tune_allocator is tune_allocator  # the Python API's opt-in is the command line's own
 
     monkeypatch.setenv("NEUROSPEC_NO_MALLOPT", "1")
     assert tune_allocator() is False

@@ -26,6 +26,7 @@ _LAZY = {
     "RecordConfig": "neurospec.record.recorder",
     "open_run": "neurospec.record.store",
     "NeurospecError": "neurospec.errors",
+    "tune_allocator": "neurospec.allocator",
 }
 
 
