@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "neurospec"
 LAYERS = {
     "errors": 0,
     "runtime": 0,
+    "allocator": 0,
     "models": 1,
     "data": 1,
     "record": 2,
