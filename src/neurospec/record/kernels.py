@@ -146,6 +146,7 @@ _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is una
 _nb_cell: Any = None  # helpers of the moments kernel (set by _compile; globals, not closure cells, so that
 _nb_fit_one: Any = None  # numba's on-disk cache can key the kernel that calls them)
 _nb_regrid_row: Any = None
+_nb_cdf_knots: Any = None
 _nb_moments: Any = None
 _nb_as_pointer: Any = None
 _nb_claim: Any = None
@@ -223,6 +224,30 @@ def _compile() -> dict[str, Any]:
             counts[row + i] = moved[i]
 
     _nb_regrid_row = regrid_row
+
+    @njit
+    def cdf_knots_one(counts, j, low, high, kmin, kmax, knots, cum):  # pragma: no cover - compiled
+        # histogram._cdf_knots for neuron j, into knots and cum (bins + 3 entries each): min, lo, the regular
+        # edges up to hi, max, clipped to [min, max], and the cumulative mass at each. Returns the total mass, or
+        # -1 for a neuron without a usable histogram (no mass, no extremes, or an edge that is not finite).
+        k = knots.shape[0]
+        bins = k - 3
+        cum[0] = 0.0
+        for i in range(k - 1):
+            cum[i + 1] = cum[i] + np.float64(counts[j, i])
+        total = cum[k - 1]
+        if not (total > 0.0 and kmin <= kmax and np.isfinite(low) and np.isfinite(high)):
+            return -1.0
+        knots[0] = kmin
+        for i in range(bins + 1):
+            knots[i + 1] = low + (high - low) * (np.float64(i) / bins)
+        knots[k - 1] = kmax
+        for i in range(k):
+            knots[i] = min(max(knots[i], kmin), kmax)
+        return total
+
+    global _nb_cdf_knots
+    _nb_cdf_knots = cdf_knots_one
 
     @njit
     def moments_kernel(x, shift_rows, step, higher, block, binning, counts, level, first, last, bins, spread_bits,
@@ -426,8 +451,7 @@ def _compile() -> dict[str, Any]:
                          zf):  # pragma: no cover - compiled
         # w1_normal, step 1, for neurons row0 + j (the torch code's operations): each evaluation point's z value
         # (zf[0, j]) and the histogram's CDF there (zf[1, j]); a neuron without a score gets NaN in zf[0, j, 0].
-        k = counts.shape[1] + 1
-        bins = counts.shape[1] - 2
+        k = counts.shape[1] + 1  # knots: min, lo, the bins' upper edges up to hi, max
         knots = np.empty(k)
         cum = np.empty(k)
         points = steps.shape[0]
@@ -437,19 +461,9 @@ def _compile() -> dict[str, Any]:
             a, b, s = mn[j], mx[j], sd[j]
             if not (np.isfinite(a) and np.isfinite(b) and s > 0.0 and b > a):
                 continue
-            low, high, kmin, kmax = lo[j], hi[j], hmin[j], hmax[j]
-            cum[0] = 0.0
-            for i in range(k - 1):
-                cum[i + 1] = cum[i] + np.float64(counts[j, i])
-            total = cum[k - 1]
-            if not (total > 0.0 and kmin <= kmax and np.isfinite(low) and np.isfinite(high)):
+            total = _nb_cdf_knots(counts, j, lo[j], hi[j], hmin[j], hmax[j], knots, cum)
+            if total < 0.0:
                 continue
-            knots[0] = kmin
-            for i in range(bins + 1):
-                knots[i + 1] = low + (high - low) * (np.float64(i) / bins)
-            knots[k - 1] = kmax
-            for i in range(k):
-                knots[i] = min(max(knots[i], kmin), kmax)
             norm = max(total, 1.0)
             m = mean[j]
             p = 0
@@ -536,26 +550,15 @@ def _compile() -> dict[str, Any]:
         # histogram.quantiles per neuron, in the same float64 operations: the CDF knots and their cumulative mass
         # (histogram._cdf_knots), then for each q the first knot whose mass reaches q * total (searchsorted, left)
         # and the linear interpolation before it.
-        k = counts.shape[1] + 1
-        bins = counts.shape[1] - 2
+        k = counts.shape[1] + 1  # knots: min, lo, the bins' upper edges up to hi, max
         knots = np.empty(k)
         cum = np.empty(k)
         for j in range(j_start, j_stop):
-            cum[0] = 0.0
-            for i in range(k - 1):
-                cum[i + 1] = cum[i] + np.float64(counts[j, i])
-            total = cum[k - 1]
-            low, high, kmin, kmax = lo[j], hi[j], hmin[j], hmax[j]
-            if not (total > 0.0 and kmin <= kmax and np.isfinite(low) and np.isfinite(high)):
+            total = _nb_cdf_knots(counts, j, lo[j], hi[j], hmin[j], hmax[j], knots, cum)
+            if total < 0.0:
                 for r in range(q.shape[0]):
                     out[r, j] = np.nan
                 continue
-            knots[0] = kmin
-            for i in range(bins + 1):
-                knots[i + 1] = low + (high - low) * (np.float64(i) / bins)
-            knots[k - 1] = kmax
-            for i in range(k):
-                knots[i] = min(max(knots[i], kmin), kmax)
             for r in range(q.shape[0]):
                 target = q[r] * total
                 a, b = 0, k  # the first index whose mass is >= target, or k
