@@ -10,7 +10,7 @@ This module also re-exports the other accumulators and the histogram readers, so
 
 Where the state lives: always on the CPU, in float64 (sums) and int64 (counts). On the CPU the per-batch work is
 one fused kernel call (:mod:`neurospec.record.kernels`: float64 partial sums, the grids widened, histogram counts
-added in place). On other devices (or with ``NEUROSPEC_NO_KERNELS=1``) it runs in torch on the activation's device in
+added in place) and one more that adds the partials into the state. On other devices (or with ``NEUROSPEC_NO_KERNELS=1``) it runs in torch on the activation's device in
 float32 (float64 for float64 input) and its results travel to the CPU once per batch: one ``[8, width]`` tensor of
 partial sums and one ``[width * (bins + 2)]`` histogram increment.
 
