@@ -445,13 +445,33 @@ def test_fused_histogram_moves_grids_exactly_as_the_torch_path(monkeypatch, ever
     the torch path's (fit_grid, regrid, Binner.counts_torch) bit for bit, batch after batch."""
     data = grid_batches(11, dtype)
     calls = []
-    real = kernels.moments_histogram
-    monkeypatch.setattr(kernels, "moments_histogram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.stats_update
+    monkeypatch.setattr(kernels, "stats_update", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = feed_both_paths(monkeypatch, data, bins=16, every=every)
     assert len(calls) == len(data)
     levels = fast.grid().level
     assert int(levels[0]) > 0 and int(levels[4]) > 0  # the grids really moved up
     assert int(levels[8]) == 1 or every > 1  # 0.5 and 16.5 share no 16-cell window below level 1
+
+
+def test_grid_changed_in_place_by_the_kernel_is_seen_by_the_torch_path(monkeypatch, threads):
+    """The kernel moves the live grid in place; a torch-path batch after it (kernels off, or a batch where every
+    neuron has a non-finite value) must bin on the moved grid, not on a binner built for the old one. Batches
+    alternate between the paths, each one twice (the second time the grid does not move, so only a binner built
+    for the moved grid bins it right); the state equals an all-torch-path one bit for bit."""
+    data = [x for x in grid_batches(5, torch.float32) for _ in range(2)]
+    data[9] = data[9].clone()
+    data[9][0, :] = math.nan  # every neuron non-finite in this batch: the kernel bins none of them
+    mixed = NeuronStats(9, hist_bins=16)
+    slow = NeuronStats(9, hist_bins=16)
+    for i, x in enumerate(data):
+        monkeypatch.setattr(kernels, "ENABLED", i % 4 in (1, 2))
+        mixed.update(x)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        slow.update(x)
+    a, b = mixed.state_dict(), slow.state_dict()
+    for key in ("hist", "hist_lo", "hist_hi", "min", "max", "count", "nonfinite"):
+        torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=0.0, equal_nan=True, msg=key)
 
 
 def test_fused_histogram_leaves_non_finite_neurons_to_the_caller(threads):

@@ -224,6 +224,7 @@ class NeuronStats(Accumulator):
         # would derive from it, without the work)
         self._grid: Grid | None = Grid.empty(width)
         self._binner: Binner | None = None
+        self._buffers = kernels.UpdateBuffers()  # what the kernel calls of update reuse
         super().__init__()
 
     def _initial_state(self) -> dict[str, Tensor]:
@@ -275,7 +276,8 @@ class NeuronStats(Accumulator):
         return type(self).from_state_dict(state, **self.meta())
 
     def grid(self) -> Grid:
-        """The histogram's per-neuron grid; ``NeurospecError`` for a histogram saved by an earlier version."""
+        """The histogram's per-neuron grid; ``NeurospecError`` for a histogram saved by an earlier version. It is
+        the live grid: a CPU batch's :meth:`update` moves its tensors in place (copy them to keep a snapshot)."""
         if self._grid is None:
             s = self._state
             grid = Grid.from_state(s["hist"], s["hist_lo"], s["hist_hi"])
@@ -304,17 +306,20 @@ class NeuronStats(Accumulator):
         fused = None
         if kernels.usable(x):  # one fused kernel call on the CPU (float64 partials, grid and histogram)
             x = x.contiguous()  # (a copy only for a strided view; the kernel then reads it in place)
-            old = self.grid()
-            grid = Grid(old.level.clone(), old.first.clone(), old.last.clone())
-            fused, done = kernels.moments_histogram(x, self._state["hist"].view(-1), grid.level, grid.first,
-                                                    grid.last, self.hist_bins, self.hist_sample_every, higher)
-            self._set_grid(grid, moved=_grid_moved(old, grid))
+            grid, s = self._live_grid(), self._state
+            # The grid changes in place and the kernel writes the edges of the windows that move (as _set_grid).
+            fused, done_np, moved = kernels.stats_update(
+                x, s["hist"], grid.level, grid.first, grid.last, s["hist_lo"], s["hist_hi"], self.hist_bins,
+                self.hist_sample_every, higher, self._buffers)
+            if moved:
+                self._binner = None
             part = fused[: kernels.MOMENT_ROWS]
             sampled = (part[_SHIFT + 1], part[_SHIFT + 2])
+            done = None if done_np.all() else torch.from_numpy(done_np.copy())
         else:
             part = _fast_partials(x).to("cpu", torch.float64)
         keep = None
-        if fused is not None and kernels.add_partials(part, x.shape[0], self._state):  # (as _add_fast, in numba)
+        if fused is not None and kernels.add_partials(part, x.shape[0], self._state, self._buffers):  # (_add_fast)
             batch_min, batch_max = part[_MIN], part[_MAX]
         elif fused is None and bool(torch.isfinite(part).all()):
             self._add_fast(part, x.shape[0])
@@ -323,9 +328,21 @@ class NeuronStats(Accumulator):
             keep = torch.isfinite(x)
             batch_min, batch_max = self._add_exact(_masked_partials(x, keep))
             sampled = None
-        if done is None or not bool(done.all()):
+        if fused is None or done is not None:
             self._add_histogram(x, keep, batch_min, batch_max, sampled, done)
         return fused
+
+    def _live_grid(self) -> Grid:
+        """:meth:`grid`, with contiguous tensors of the kernels' dtypes (the kernel changes them in place)."""
+        grid = self.grid()
+        ok = grid.level.dtype == torch.int64 and grid.first.dtype == grid.last.dtype == torch.float64 and all(
+            t.is_contiguous() and t.device.type == "cpu" for t in (grid.level, grid.first, grid.last))
+        if not ok:
+            grid = Grid(grid.level.to("cpu", torch.int64).contiguous().clone(),
+                        grid.first.to("cpu", torch.float64).contiguous().clone(),
+                        grid.last.to("cpu", torch.float64).contiguous().clone())
+            self._grid = grid
+        return grid
 
     def _set_grid(self, grid: Grid, moved: bool) -> None:
         """Make ``grid`` the histogram's grid (``moved``: some window changed, so the stored edges follow)."""

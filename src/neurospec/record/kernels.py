@@ -2,7 +2,8 @@
 
 The kernels read a batch ``x`` ``[tokens, width]`` (float32 or float64, C-contiguous, on the CPU):
 
-- :func:`moments_histogram` (what ``NeuronStats.update`` calls): everything in one call. Per block of columns:
+- :func:`moments_histogram` (``NeuronStats.update`` calls it as :func:`stats_update`, which also writes the
+  edges of the windows that move and reuses its buffers): everything in one call. Per block of columns:
   per neuron, the sum and sum of squares of ``x - shift``, sum |x|, sum sqrt|x|, the count of x > 0, min and max
   (and min and max over every ``step``-th row, the rows a sampled histogram sees), all accumulated in float64,
   optionally also the sums of the 3rd and 4th powers of ``x - shift`` (the shape statistics of the output-side
@@ -251,11 +252,12 @@ def _compile() -> dict[str, Any]:
 
     @njit
     def moments_kernel(x, shift_rows, step, higher, block, binning, counts, level, first, last, bins, spread_bits,
-                       done, j_start, j_stop, out):  # pragma: no cover - compiled
+                       done, lo_edges, hi_edges, moved, j_start, j_stop, out):  # pragma: no cover - compiled
         n = x.shape[0]
         every = max(1, n // shift_rows)
         taken = (n - 1) // every + 1
         stride = bins + 2
+        edges = lo_edges.shape[0] != 0  # also write the edges of the windows that move
         for j0 in range(j_start, j_stop, block):
             j1 = min(j0 + block, j_stop)
             m = j1 - j0
@@ -368,8 +370,14 @@ def _compile() -> dict[str, Any]:
                     continue
                 count_inside += 1
                 lv, f, la = _nb_fit_one(smn[k], smx[k], level[j], first[j], last[j], bins, spread_bits)
-                if first[j] == first[j] and (lv != level[j] or f != first[j]):
-                    _nb_regrid_row(counts, j * stride, bins, level[j], first[j], lv, f)
+                if not (lv == level[j] and f == first[j]):  # the window moved (always, for a neuron without values)
+                    if first[j] == first[j]:
+                        _nb_regrid_row(counts, j * stride, bins, level[j], first[j], lv, f)
+                    if edges:  # Grid.edges of this neuron: first * 2**level and (first + bins) * 2**level
+                        unit = math.ldexp(1.0, lv)
+                        lo_edges[j] = f * unit
+                        hi_edges[j] = (f + bins) * unit
+                    moved[0] = 1  # (every thread that writes, writes 1)
                 level[j] = lv
                 first[j] = f
                 last[j] = la
@@ -670,6 +678,9 @@ def _compile() -> dict[str, Any]:
         done = numba.carray(_nb_as_pointer(meta[17]), (meta[18],), dtype=np.bool_)
         out = numba.carray(_nb_as_pointer(meta[19]), (meta[20], width), dtype=np.float64)
         counter = meta[22]
+        lo_edges = numba.carray(_nb_as_pointer(meta[23]), (meta[25],), dtype=np.float64)
+        hi_edges = numba.carray(_nb_as_pointer(meta[24]), (meta[25],), dtype=np.float64)
+        moved = numba.carray(_nb_as_pointer(meta[26]), (1,), dtype=np.int64)
         while True:
             p = _nb_claim(counter)
             if p >= parts:
@@ -678,11 +689,11 @@ def _compile() -> dict[str, Any]:
             if meta[3] == 4:
                 x32 = numba.carray(_nb_as_pointer(meta[0]), (n, width), dtype=np.float32)
                 _nb_moments(x32, meta[4], meta[5], meta[6] != 0, meta[7], meta[8] != 0, counts, level, first, last,
-                            meta[15], np.float64(meta[16]), done, j0, j1, out)
+                            meta[15], np.float64(meta[16]), done, lo_edges, hi_edges, moved, j0, j1, out)
             elif meta[3] == 8:
                 x64 = numba.carray(_nb_as_pointer(meta[0]), (n, width), dtype=np.float64)
                 _nb_moments(x64, meta[4], meta[5], meta[6] != 0, meta[7], meta[8] != 0, counts, level, first, last,
-                            meta[15], np.float64(meta[16]), done, j0, j1, out)
+                            meta[15], np.float64(meta[16]), done, lo_edges, hi_edges, moved, j0, j1, out)
 
     _jit = {"moments": moments_kernel, "hist": hist_kernel, "move_rows": move_rows_kernel,
             "moments_team": moments_team, "add_partials": add_partials_kernel, "central_add": central_add_kernel,
@@ -730,12 +741,21 @@ def _parts(width: int, numel: int) -> int:
 
 
 def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: bool, counts: Any, level: Any,
-                  first: Any, last: Any, bins: int, spread_bits: int, done: Any, out: Tensor) -> None:
+                  first: Any, last: Any, bins: int, spread_bits: int, done: Any, out: Any,
+                  edges: tuple[Any, Any, Any] | None = None) -> None:
     """Run the moments kernel over ``x``'s columns: in torch's own OpenMP team when there is one (its worker
     threads, which spin for a while after each of torch's parallel regions, take the other column ranges at once
-    instead of sharing a core with a pool thread), else on the Python pool (:func:`_in_parallel`)."""
+    instead of sharing a core with a pool thread), else on the Python pool (:func:`_in_parallel`). ``out``: a
+    float64 tensor or array; ``edges``: ``(lo, hi, moved)`` arrays (float64 ``[width]`` twice, int64 ``[1]``): the
+    edges of every window that moves are written there and ``moved[0]`` set to 1 if any moved."""
     import numpy as np
 
+    global _NO_EDGES
+    if edges is None:
+        if _NO_EDGES is None:
+            _NO_EDGES = (np.zeros(0), np.zeros(0), np.zeros(1, dtype=np.int64))
+        edges = _NO_EDGES
+    lo_edges, hi_edges, moved = edges
     if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu" or not x.is_contiguous():
         raise ValueError(f"the moments kernel reads contiguous float32 or float64 CPU tensors, got {x.dtype} on "
                          f"{x.device}")
@@ -743,17 +763,17 @@ def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: bool,
     parts = _parts(width, x.numel())
     team = _openmp_team() if parts > 1 else None
     xs = x.numpy()
+    outs = out.numpy() if isinstance(out, Tensor) else out
     if team is None:
         _in_parallel(_compile()["moments"], width, x.numel(), xs, SHIFT_ROWS, int(step), bool(higher), block,
-                     bool(binning), counts, level, first, last, int(bins), float(spread_bits), done,
-                     out.numpy())
+                     bool(binning), counts, level, first, last, int(bins), float(spread_bits), done, lo_edges,
+                     hi_edges, moved, outs)
         return
-    outs = out.numpy()
     meta = np.array([
         xs.ctypes.data, xs.shape[0], width, xs.itemsize, SHIFT_ROWS, int(step), int(higher), int(block),
         int(binning), counts.ctypes.data, counts.shape[0], level.ctypes.data, first.ctypes.data, last.ctypes.data,
         level.shape[0], int(bins), int(spread_bits), done.ctypes.data, done.shape[0], outs.ctypes.data,
-        outs.shape[0], parts, 0,
+        outs.shape[0], parts, 0, lo_edges.ctypes.data, hi_edges.ctypes.data, lo_edges.shape[0], moved.ctypes.data,
     ], dtype=np.int64)
     counter = np.zeros(1, dtype=np.int64)  # the next column range to claim
     meta[22] = counter.ctypes.data
@@ -787,6 +807,7 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
 
 
 _NO_BINS = None  # dummy histogram arguments of a moments-only call (made on first use)
+_NO_EDGES = None  # dummy edge arguments (no edges written)
 
 
 def moments(x: Tensor, step: int = 1, higher: bool = False) -> Tensor:
@@ -846,16 +867,69 @@ def moments_histogram(
     return out, done
 
 
+class UpdateBuffers:
+    """What one accumulator's :func:`stats_update` calls reuse: the float64 partials and ``done`` arrays of its
+    width, the ``moved`` flag, and the numpy views of the tensors it passes (rebuilt when a tensor is replaced)."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, tuple[tuple[Tensor, ...], tuple[Any, ...]]] = {}
+        self.out: Tensor | None = None
+        self.done: Any = None
+        self.moved: Any = None
+
+    def views(self, key: str, tensors: tuple[Tensor, ...]) -> tuple[Any, ...]:
+        """``t.numpy()`` of each tensor, reused while the same tensor objects come back (under ``key``)."""
+        known = self._views.get(key)
+        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors)):
+            known = (tensors, tuple(t.numpy() for t in tensors))
+            self._views[key] = known
+        return known[1]
+
+
+def stats_update(
+    x: Tensor, counts: Tensor, level: Tensor, first: Tensor, last: Tensor, lo: Tensor, hi: Tensor, bins: int,
+    step: int, higher: bool, buffers: UpdateBuffers,
+) -> tuple[Tensor, Any, bool]:
+    """:func:`moments_histogram` as :class:`~neurospec.record.accumulators.NeuronStats` calls it once per batch:
+    the grid (``level``, ``first``, ``last``) changes in place and the kernel also writes the edges ``lo`` and
+    ``hi`` (float64 ``[width]``, :meth:`~neurospec.record.histogram.Grid.edges`) of every window that moves, so
+    that no torch operation is left around the call (inside a forward pass each small one costs tens of
+    microseconds: its code is no longer in the caches). ``x``: contiguous float32/float64 CPU ``[tokens, width]``;
+    ``counts`` contiguous int64 ``[width, bins + 2]``; the others contiguous CPU tensors of the dtypes of
+    :class:`~neurospec.record.histogram.Grid`. Returns ``(partials, done, moved)``: the partials (a buffer of
+    ``buffers``, overwritten by the next call), the numpy bool ``[width]`` of the neurons binned, and whether
+    some window moved."""
+    import numpy as np
+
+    width = x.shape[1]
+    rows = MOMENT_ROWS + (2 if higher else 0)
+    if buffers.out is None or tuple(buffers.out.shape) != (rows, width):
+        buffers.out = torch.empty(rows, width, dtype=torch.float64)
+        buffers.done = np.zeros(width, dtype=np.bool_)
+        buffers.moved = np.zeros(1, dtype=np.int64)
+    out, done, moved = buffers.out, buffers.done, buffers.moved
+    c, lv, f, la, lo_np, hi_np, outs = buffers.views("update", (counts, level, first, last, lo, hi, out))
+    outs.fill(math.nan)  # (see moments: a column range left undone reads as non-finite, never as old sums)
+    done.fill(False)
+    moved[0] = 0
+    block = max(16, min(_BLOCK, _COUNT_BYTES // ((bins + 2) * 8) // 16 * 16))
+    _compile()
+    _moments_call(x, step, higher, block, True, c.reshape(-1), lv, f, la, bins, math.ceil(math.log2(bins)), done,
+                  outs, (lo_np, hi_np, moved))
+    return out, done, bool(moved[0])
+
+
 _STATE_SUMS = ("sum", "sum_sq", "sum_abs", "sum_sqrt_abs", "pos_sum", "neg_sum", "pos_count", "count", "min", "max")
 
 
-def add_partials(part: Tensor, n: int, state: dict[str, Tensor]) -> bool:
+def add_partials(part: Tensor, n: int, state: dict[str, Tensor], buffers: UpdateBuffers | None = None) -> bool:
     """Add a CPU batch's partials (the first :data:`MOMENT_ROWS` rows of :func:`moments_histogram`'s result, from
     ``n`` rows) into a :class:`~neurospec.record.accumulators.NeuronStats` state in place, as its torch
     ``_add_fast`` does (the same float64 operations in the same order, so the same bits), in one call instead of
     about twenty small tensor operations. Returns False, changing nothing, if some partial is not finite (the
     caller then takes the masked path)."""
-    arrays = [state[name].numpy() for name in _STATE_SUMS]
+    tensors = tuple(state[name] for name in _STATE_SUMS)
+    arrays = buffers.views("state", tensors) if buffers is not None else [t.numpy() for t in tensors]
     return bool(_compile()["add_partials"](part.contiguous().numpy(), int(n), *arrays))
 
 
