@@ -880,7 +880,7 @@ class UpdateBuffers:
     def views(self, key: str, tensors: tuple[Tensor, ...]) -> tuple[Any, ...]:
         """``t.numpy()`` of each tensor, reused while the same tensor objects come back (under ``key``)."""
         known = self._views.get(key)
-        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors)):
+        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors, strict=True)):
             known = (tensors, tuple(t.numpy() for t in tensors))
             self._views[key] = known
         return known[1]
