@@ -74,8 +74,20 @@ def _tiny(seed: int = 0):
 # ------------------------------------------------------------------------------------------ one rank fails
 
 
+def _warm_kernels() -> None:
+    """Compile the CPU kernels (or load them from numba's cache) before anything is timed: right after their
+    source changed, a first compile takes several seconds on each rank."""
+    from neurospec.record.accumulators import NeuronStats
+    from neurospec.record.reservoir import Reservoir
+
+    x = torch.randn(64, 4)
+    NeuronStats(4, hist_bins=8).update(x)
+    Reservoir(4, k=8, seed=0).update(x)
+
+
 def _one_rank_fails(rank: int, tmp: Path, port: int) -> None:
     _join(rank, tmp, port)
+    _warm_kernels()
     loaded = _tiny()
     alpha, other = f"alpha={tmp / 'a.txt'}", f"alpha={tmp / 'b.txt'}"
     seen = {
