@@ -104,7 +104,7 @@ def test_location_and_scale_match_the_samples():
 
 
 def test_kernel_in_chunks_keeps_each_neurons_score_and_nan(threads, monkeypatch):
-    """Chunks of 7 neurons (the last one partial): neurons without a score in later chunks (an emptied histogram,
+    """Chunks of 7 neurons per thread (the last one partial): neurons without a score in later chunks (an emptied histogram,
     a constant neuron) stay NaN, and every other score equals the torch path's, so nothing of one chunk's buffers
     leaks into the next."""
     monkeypatch.setattr(kernels, "W1_CHUNK_POINTS", 7 * 1024)
@@ -122,6 +122,21 @@ def test_kernel_in_chunks_keeps_each_neurons_score_and_nan(threads, monkeypatch)
     assert nan[[5, 23, 30, 37]].all() and int(nan.sum()) == 4
     assert torch.equal(torch.isnan(got), nan)
     torch.testing.assert_close(got[~nan], ref[~nan], rtol=1e-12, atol=0.0)
+
+
+def test_kernel_scores_a_neuron_whose_cdf_rises_over_a_subnormal_gap(threads, monkeypatch):
+    """Float64 outputs whose minimum is a negative subnormal: the window's first edge is clipped to it and the
+    next edge is 0, so the CDF rises by one count over a gap of 1e-320, whose slope overflows to inf. The kernel
+    then interpolates by the fraction of the gap (as the torch code does) instead of returning NaN."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(300, 3, generator=g, dtype=torch.float64)
+    x[0, 0] = -1e-320  # the minimum, a subnormal, alone in the cell just below 0
+    x[0, 1] = -5e-324  # the smallest subnormal
+    st = NeuronStats(3)
+    st.update(x)
+    got, ref = _both(st, monkeypatch)
+    assert bool(torch.isfinite(ref).all())
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0.0)
 
 
 def test_quantile_kernel_equals_the_torch_path_bit_for_bit(threads, monkeypatch):

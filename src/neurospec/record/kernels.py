@@ -125,9 +125,10 @@ MAX_BINS = 1 << 20
 MIN_LEVEL = -126
 """The finest histogram level (:data:`neurospec.record.histogram.MIN_LEVEL`)."""
 _MIN_LEVEL = MIN_LEVEL
-W1_CHUNK_POINTS = 1 << 16
-"""Evaluation points per chunk of :func:`w1_normal` (0.5 MB each of z values, CDF values and N(0, 1)'s CDF: they stay in
-the L2 cache between the three steps; 2 MB chunks took 10% longer)."""
+W1_CHUNK_POINTS = 1 << 15
+"""Evaluation points per chunk of :func:`w1_normal` (whole neurons; 256 KB each of z values, CDF values and N(0, 1)'s
+CDF, which stay in the L2 cache between the three steps: 2 MB chunks took 10-40% longer). Each thread takes every
+``threads``-th chunk, all three steps; at this size torch's ``erf`` runs on the calling thread."""
 _MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
 _LOCK = threading.Lock()
 _pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its threads, the process that made it)
@@ -480,7 +481,7 @@ def _compile() -> dict[str, Any]:
             inv_norm = 1.0 / max(total, 1.0)
             for q in range(1, k):
                 gap = knots[q] - knots[q - 1]
-                slope[q] = (cum[q] - cum[q - 1]) / gap if gap > 0.0 else 0.0
+                slope[q] = (cum[q] - cum[q - 1]) / gap if gap > 0.0 else 0.0  # (inf for a subnormal gap)
             m = mean[j]
             inv_s = 1.0 / s
             # Knot interval by knot interval (p: the number of knots <= y), the points inside it in one run.
@@ -494,13 +495,18 @@ def _compile() -> dict[str, Any]:
                 else:
                     c0, sl, k0 = cum[p - 1], slope[p], knots[p - 1]
                 top = knots[p] if p < k else np.inf
+                by_fraction = sl == np.inf  # a gap so small that the slope overflows: the fraction of the gap
                 while i < points:
                     y = a + width_ab * steps[i]
                     if y >= top:
                         break
+                    if by_fraction:
+                        mass = c0 + (cum[p] - c0) * min(max((y - k0) / (top - k0), 0.0), 1.0)
+                    else:
+                        mass = c0 + sl * (y - k0)
                     z = (y - m) * inv_s
                     zf[0, jj, i] = z
-                    zf[1, jj, i] = (c0 + sl * (y - k0)) * inv_norm
+                    zf[1, jj, i] = mass * inv_norm
                     u[jj, i] = z * inv_sqrt2
                     i += 1
 
@@ -796,13 +802,23 @@ def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: bool,
 def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
     """Run ``kernel(*args, j_start, j_stop, out)`` on ``torch.get_num_threads()`` contiguous column ranges at once
     (``args[-1]`` is ``out``): the calling thread takes the first range, pool threads the others."""
-    global _pool
     *front, out = args
     parts = _parts(width, numel)
     if parts == 1:
         kernel(*front, 0, width, out)
         return
     edges = [width * p // parts for p in range(parts + 1)]
+    kernel(*front, 0, 0, out)  # an empty range: compiled (or loaded) here, before threads call it at once
+    _run_parts(lambda p: kernel(*front, edges[p], edges[p + 1], out), parts)
+
+
+def _run_parts(work: Any, parts: int) -> None:
+    """``work(p)`` for ``p = 0 .. parts - 1`` at once: the calling thread takes ``p = 0``, pool threads the others
+    (``work`` should release the GIL: a numba kernel, a torch operation)."""
+    global _pool
+    if parts == 1:
+        work(0)
+        return
     with _LOCK:
         # A new pool when more threads are wanted, or in a forked child (whose copy of the pool has no threads).
         if _pool is None or _pool[1] < parts - 1 or _pool[2] != os.getpid():
@@ -811,9 +827,9 @@ def _in_parallel(kernel: Any, width: int, numel: int, *args: Any) -> None:
             _pool = (ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="neurospec-kernel"), parts - 1,
                      os.getpid())
         pool = _pool[0]
-    futures = [pool.submit(kernel, *front, edges[p], edges[p + 1], out) for p in range(1, parts)]
+    futures = [pool.submit(work, p) for p in range(1, parts)]
     try:
-        kernel(*front, edges[0], edges[1], out)
+        work(0)
     finally:
         for f in futures:
             f.result()
@@ -882,21 +898,46 @@ def moments_histogram(
 
 class UpdateBuffers:
     """What one accumulator's :func:`stats_update` calls reuse: the float64 partials and ``done`` arrays of its
-    width, the ``moved`` flag, and the numpy views of the tensors it passes (rebuilt when a tensor is replaced)."""
+    width, the ``moved`` flag, and the numpy views of the tensors it passes (rebuilt when a tensor is replaced or
+    its storage moved). A copy (``copy.deepcopy``, pickling) starts empty: its views would belong to the copy's
+    tensors' originals."""
 
     def __init__(self) -> None:
-        self._views: dict[str, tuple[tuple[Tensor, ...], tuple[Any, ...]]] = {}
+        self._views: dict[str, tuple[tuple[Tensor, ...], tuple[int, ...], tuple[Any, ...]]] = {}
         self.out: Tensor | None = None
         self.done: Any = None
         self.moved: Any = None
 
-    def views(self, key: str, tensors: tuple[Tensor, ...]) -> tuple[Any, ...]:
-        """``t.numpy()`` of each tensor, reused while the same tensor objects come back (under ``key``)."""
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def views(self, key: str, tensors: tuple[Tensor, ...], check: Any = None) -> tuple[Any, ...]:
+        """``t.numpy()`` of each tensor, reused while the same tensor objects with the same storage come back
+        (under ``key``); ``check(tensors)`` runs whenever they are rebuilt."""
         known = self._views.get(key)
-        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors, strict=True)):
-            known = (tensors, tuple(t.numpy() for t in tensors))
-            self._views[key] = known
-        return known[1]
+        if known is not None and len(known[0]) == len(tensors) and all(
+                a is b and p == b.data_ptr() for a, p, b in zip(known[0], known[1], tensors, strict=True)):
+            return known[2]
+        if check is not None:
+            check(tensors)
+        arrays = tuple(t.numpy() for t in tensors)
+        self._views[key] = (tensors, tuple(t.data_ptr() for t in tensors), arrays)
+        return arrays
+
+
+def _check_update_tensors(tensors: tuple[Tensor, ...]) -> None:
+    counts, level, first, last, lo, hi, _ = tensors
+    width = level.shape[0] if level.dim() == 1 else -1
+    for name, t, dtype in (("counts", counts, torch.int64), ("level", level, torch.int64),
+                           ("first", first, torch.float64), ("last", last, torch.float64),
+                           ("lo", lo, torch.float64), ("hi", hi, torch.float64)):
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"stats_update: {name} must be a contiguous {dtype} CPU tensor")
+        if (t.dim() != 2 or t.shape[0] != width) if name == "counts" else (t.shape != (width,)):
+            raise ValueError(f"stats_update: {name} has shape {tuple(t.shape)}, not of the grid's width {width}")
 
 
 def stats_update(
@@ -909,19 +950,23 @@ def stats_update(
     that no torch operation is left around the call (inside a forward pass each small one costs tens of
     microseconds: its code is no longer in the caches). ``x``: contiguous float32/float64 CPU ``[tokens, width]``;
     ``counts`` contiguous int64 ``[width, bins + 2]``; the others contiguous CPU tensors of the dtypes of
-    :class:`~neurospec.record.histogram.Grid`. Returns ``(partials, done, moved)``: the partials (a buffer of
-    ``buffers``, overwritten by the next call), the numpy bool ``[width]`` of the neurons binned, and whether
-    some window moved."""
+    :class:`~neurospec.record.histogram.Grid` (checked when ``buffers`` first sees them). Returns
+    ``(partials, done, moved)``: the partials (a buffer of ``buffers``, overwritten by the next call), the numpy
+    bool ``[width]`` of the neurons binned, and whether some window moved."""
     import numpy as np
 
     width = x.shape[1]
+    if level.shape[0] != width or counts.shape[-1] != bins + 2 or not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"stats_update: a batch of width {width} and {bins} bins for a grid of width "
+                         f"{level.shape[0]} and counts of shape {tuple(counts.shape)}")
     rows = MOMENT_ROWS + (2 if higher else 0)
     if buffers.out is None or tuple(buffers.out.shape) != (rows, width):
         buffers.out = torch.empty(rows, width, dtype=torch.float64)
         buffers.done = np.zeros(width, dtype=np.bool_)
         buffers.moved = np.zeros(1, dtype=np.int64)
     out, done, moved = buffers.out, buffers.done, buffers.moved
-    c, lv, f, la, lo_np, hi_np, outs = buffers.views("update", (counts, level, first, last, lo, hi, out))
+    c, lv, f, la, lo_np, hi_np, outs = buffers.views("update", (counts, level, first, last, lo, hi, out),
+                                                     _check_update_tensors)
     outs.fill(math.nan)  # (see moments: a column range left undone reads as non-finite, never as old sums)
     done.fill(False)
     moved[0] = 0
@@ -1034,24 +1079,38 @@ def w1_normal(
     ``mn`` and ``mx``; ``counts`` ``[width, bins + 2]`` with ``lo``, ``hi``, ``hmin``, ``hmax`` is the histogram
     (:class:`~neurospec.record.histogram.Histogram`), whose knots must be sorted (``hi >= lo``); all on the CPU.
 
-    Per chunk of :data:`W1_CHUNK_POINTS` points (whole neurons), in three steps: a numba pass per neuron gives
+    Per chunk of :data:`W1_CHUNK_POINTS` points (whole neurons; the threads take every ``threads``-th chunk each), in
+    three steps: a numba pass per neuron gives
     every point's z value, the CDF there (a pointer walks the CDF's knots as the evenly spaced points advance: no
     search) and ``z / sqrt(2)``; torch's vectorised ``erf`` takes the last in place; a second numba pass forms
     N(0, 1)'s CDF ``(1 + erf) / 2``, integrates ``|F - Phi|`` and adds the normal tails. The formulas are the torch
     code's, with a division by a neuron's constant (its standard deviation, its histogram's mass, ``sqrt(2)``)
     replaced by a product with the inverse and the CDF's rise per knot interval computed once per interval, so
     the two agree to float rounding (about 1e-15 relative)."""
+    import numpy as np
+
     width, points = counts.shape[0], steps.numel()
     f64 = [t.to(torch.float64).contiguous().numpy() for t in (steps, lo, hi, hmin, hmax, mn, mx, mean, std)]
     c64 = counts.to(torch.int64).contiguous().numpy()
     out = torch.empty(width, dtype=torch.float64)
     jit = _compile()
     chunk = max(1, min(width, W1_CHUNK_POINTS // points))
-    zf = torch.empty(2, chunk, points, dtype=torch.float64)
-    phi = torch.empty(chunk, points, dtype=torch.float64)
-    for r0 in range(0, width, chunk):
-        n = min(chunk, width - r0)
-        _in_parallel(jit["w1_points"], n, n * points, f64[0], c64, *f64[1:], r0, phi.numpy(), zf.numpy())
-        phi[:n].erf_()  # wasserstein.normal_cdf: 0.5 * (1 + erf(z / sqrt(2))); w1_sum does the rest
-        _in_parallel(jit["w1_sum"], n, n * points, zf.numpy(), phi.numpy(), r0, out.numpy())
+    starts = list(range(0, width, chunk))
+    parts = min(_parts(width, width * points), len(starts))
+    out_np = out.numpy()
+
+    jit["w1_points"](f64[0], c64, *f64[1:], 0, np.empty((1, points)), 0, 0, np.empty((2, 1, points)))
+    jit["w1_sum"](np.empty((2, 1, points)), np.empty((1, points)), 0, 0, 0, out_np)  # (compiled before the threads)
+
+    def run(p: int) -> None:  # every parts-th chunk, all three steps, on one thread with its own buffers
+        zf = torch.empty(2, chunk, points, dtype=torch.float64)
+        phi = torch.empty(chunk, points, dtype=torch.float64)
+        zn, pn = zf.numpy(), phi.numpy()
+        for r0 in starts[p::parts]:
+            n = min(chunk, width - r0)
+            jit["w1_points"](f64[0], c64, *f64[1:], r0, pn, 0, n, zn)
+            phi[:n].erf_()  # wasserstein.normal_cdf: 0.5 * (1 + erf(z / sqrt(2))); w1_sum does the rest
+            jit["w1_sum"](zn, pn, r0, 0, n, out_np)
+
+    _run_parts(run, parts)
     return out
