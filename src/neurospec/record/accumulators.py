@@ -297,7 +297,8 @@ class NeuronStats(Accumulator):
         partials and the histogram of every neuron whose grid holds the batch; the other neurons (a new extreme
         outside the window, non-finite values, the first batch) are binned afterwards on their widened grid.
         Returns the kernel's partials (with ``higher``, also the 3rd and 4th power sums about the shift, rows
-        :data:`~neurospec.record.kernels.HIGHER_ROWS`), or None on the torch path (other devices, kernels off)."""
+        :data:`~neurospec.record.kernels.HIGHER_ROWS`; a buffer that the next update overwrites: read it at once),
+        or None on the torch path (other devices, kernels off)."""
         x = as_rows(x, self.width, "NeuronStats")
         if x.shape[0] == 0:
             return None
