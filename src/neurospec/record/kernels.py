@@ -127,7 +127,7 @@ MIN_LEVEL = -126
 _MIN_LEVEL = MIN_LEVEL
 W1_CHUNK_POINTS = 1 << 15
 """Evaluation points per chunk of :func:`w1_normal` (whole neurons; 256 KB each of z values, CDF values and N(0, 1)'s
-CDF, which stay in the L2 cache between the three steps: 2 MB chunks took 10-40% longer). Each thread takes every
+CDF, which stay in the L2 cache between the three steps: 2 MB chunks took about 10% longer). Each thread takes every
 ``threads``-th chunk, all three steps; at this size torch's ``erf`` runs on the calling thread."""
 _MIN_PER_THREAD = 1 << 16  # entries below which a batch is not split across threads
 _LOCK = threading.Lock()
