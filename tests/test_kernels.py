@@ -518,6 +518,27 @@ def test_reused_kernel_buffers_follow_reset_copies_and_loads(threads):
     same(state(loaded), state(both))
 
 
+def test_stats_update_refuses_tensors_it_cannot_read_in_place():
+    """The kernel reads the state through raw pointers: a wrong dtype, layout or width is a clear error before any
+    memory is touched."""
+    g = Grid.empty(4)
+    counts = torch.zeros(4, 18, dtype=torch.int64)
+    lo, hi = torch.full((4,), math.nan, dtype=torch.float64), torch.full((4,), math.nan, dtype=torch.float64)
+    x = torch.randn(8, 4)
+    args = [counts, g.level.clone(), g.first.clone(), g.last.clone(), lo, hi]
+    for i, bad, what in ((5, hi.float(), "hi must be a contiguous torch.float64"),
+                         (0, torch.zeros(18, 4, dtype=torch.int64).T, "counts must be a contiguous"),
+                         (4, torch.full((5,), math.nan, dtype=torch.float64), "lo has shape")):
+        wrong = list(args)
+        wrong[i] = bad
+        with pytest.raises(ValueError, match=what):
+            kernels.stats_update(x, *wrong, 16, 1, False, kernels.UpdateBuffers())
+    with pytest.raises(ValueError, match="a batch of width 3"):
+        kernels.stats_update(x[:, :3], *args, 16, 1, False, kernels.UpdateBuffers())
+    out, done, moved = kernels.stats_update(x, *args, 16, 1, False, kernels.UpdateBuffers())
+    assert bool(done.all()) and moved and int(counts.sum()) == 32  # the same tensors, accepted
+
+
 def test_fused_histogram_leaves_non_finite_neurons_to_the_caller(threads):
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(12))
     x[5, 1], x[9, 3] = math.nan, math.inf

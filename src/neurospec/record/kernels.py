@@ -858,6 +858,14 @@ def moments(x: Tensor, step: int = 1, higher: bool = False) -> Tensor:
     return out
 
 
+def _require_cpu(caller: str, **named: tuple[Tensor, torch.dtype]) -> None:
+    """A ``ValueError`` naming the first of ``named`` (name -> (tensor, dtype)) that is not a contiguous CPU tensor
+    of its dtype (what the kernels read through raw pointers)."""
+    for name, (t, dtype) in named.items():
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{caller}: {name} must be a contiguous {dtype} CPU tensor")
+
+
 def moments_histogram(
     x: Tensor, counts: Tensor, level: Tensor, first: Tensor, last: Tensor, bins: int, step: int = 1,
     higher: bool = False,
@@ -878,10 +886,8 @@ def moments_histogram(
     rows are binned), at least 16 and at most 1,024 columns."""
     x = x.contiguous()
     width = x.shape[1]
-    for name, t, dtype in (("counts", counts, torch.int64), ("level", level, torch.int64),
-                           ("first", first, torch.float64), ("last", last, torch.float64)):
-        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"moments_histogram: {name} must be a contiguous {dtype} CPU tensor")
+    _require_cpu("moments_histogram", counts=(counts, torch.int64), level=(level, torch.int64),
+                 first=(first, torch.float64), last=(last, torch.float64))
     if counts.numel() != width * (bins + 2) or level.shape != (width,) or first.shape != (width,) \
             or last.shape != (width,):
         raise ValueError("moments_histogram: counts, level, first and last do not match x's width and bins")
@@ -930,12 +936,11 @@ class UpdateBuffers:
 
 def _check_update_tensors(tensors: tuple[Tensor, ...]) -> None:
     counts, level, first, last, lo, hi, _ = tensors
+    named = {"level": (level, torch.int64), "first": (first, torch.float64), "last": (last, torch.float64),
+             "lo": (lo, torch.float64), "hi": (hi, torch.float64)}
+    _require_cpu("stats_update", counts=(counts, torch.int64), **named)
     width = level.shape[0] if level.dim() == 1 else -1
-    for name, t, dtype in (("counts", counts, torch.int64), ("level", level, torch.int64),
-                           ("first", first, torch.float64), ("last", last, torch.float64),
-                           ("lo", lo, torch.float64), ("hi", hi, torch.float64)):
-        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"stats_update: {name} must be a contiguous {dtype} CPU tensor")
+    for name, (t, _) in {"counts": (counts, None), **named}.items():
         if (t.dim() != 2 or t.shape[0] != width) if name == "counts" else (t.shape != (width,)):
             raise ValueError(f"stats_update: {name} has shape {tuple(t.shape)}, not of the grid's width {width}")
 
