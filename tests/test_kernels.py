@@ -690,6 +690,75 @@ def test_fused_kernel_several_column_blocks(monkeypatch, bins, width, threads):
         feed_both_paths(monkeypatch, data, bins=bins, every=every)
 
 
+def one_read_batches(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Batches for binning in the moments' own read: a first batch that gives every neuron but one a grid (neuron
+    3 is all NaN: its block must be read twice in the next batch), then batches whose only value off its window
+    is one new maximum in a middle group of four rows, one new minimum in a last (remainder) row, a NaN in a
+    neuron that has a grid, values inside every window, and a batch that moves most windows at once."""
+    g = torch.Generator().manual_seed(40)
+    out = []
+    for i, n in enumerate((64, 61, 64, 58, 64, 63, 64)):
+        x = torch.randn(n, 40, generator=g, dtype=torch.float64) * 0.5
+        if i == 0:
+            x *= 4.0  # wide windows: the later batches stay inside them unless told otherwise
+            x[:, 3] = math.nan
+        if i == 2:
+            x[29, 7] = 40.0  # a new maximum, alone in its four rows
+        if i == 3:
+            x[57, 11] = -40.0  # a new minimum in the last of 58 rows (58 = 4 * 14 + 2)
+        if i == 4:
+            x[10, 13] = math.nan
+        if i == 6:
+            x *= 1e3  # most windows move
+        out.append(x.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bins", [16, 256])
+def test_binning_in_the_moments_read_equals_a_second_read(dtype, bins, threads):
+    """With ``fuse`` the kernel bins a block in the same read as its moments, on the grids as they stand, and
+    then corrects the neurons whose windows moved or that hold a non-finite value; without, it reads the block a
+    second time. Counts, grids, ``done`` and partials must be equal bit for bit, batch after batch (the torch
+    path equals the second read: the tests above)."""
+    data = one_read_batches(dtype)
+    width = data[0].shape[1]
+    states = []
+    for _ in range(2):
+        grid = Grid.empty(width)
+        states.append((torch.zeros(width * (bins + 2), dtype=torch.int64), grid.level.clone(), grid.first.clone(),
+                       grid.last.clone()))
+    for i, x in enumerate(data):
+        one = kernels.moments_histogram(x, *states[0], bins, 1, True, fuse=True)
+        two = kernels.moments_histogram(x, *states[1], bins, 1, True, fuse=False)
+        for a, b in zip(one + states[0], two + states[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True, msg=f"batch {i}")
+        done = one[1]
+        assert done.tolist() == [bool(torch.isfinite(x[:, j]).all()) for j in range(width)]
+    counts = states[0][0].view(width, bins + 2)
+    assert int(counts[:, 0].sum()) == 0 and int(counts[:, -1].sum()) == 0  # end slots: nothing left in them
+    finite = [j for j in range(width) if j not in (3, 13)]
+    per_neuron = counts.sum(1)
+    assert per_neuron[finite].tolist() == [sum(x.shape[0] for x in data)] * len(finite)
+    assert int(per_neuron[13]) == sum(x.shape[0] for x in data) - data[4].shape[0]  # that batch left to the caller
+
+
+def test_neuron_stats_bins_in_the_moments_read_once_few_windows_move(monkeypatch):
+    """NeuronStats asks for binning in the moments' read only after three batches' worth of rows (the first
+    batches move many windows, where a second read is cheaper); results are the same either way."""
+    seen = []
+    real = kernels.stats_update
+    monkeypatch.setattr(kernels, "stats_update", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    acc = NeuronStats(8, hist_bins=16)
+    g = torch.Generator().manual_seed(41)
+    for n in (10, 10, 10, 10, 50, 10):
+        acc.update(torch.randn(n, 8, generator=g))
+    assert seen == [False, False, False, True, False, True]
+    acc.reset()
+    acc.update(torch.randn(10, 8, generator=g))
+    assert seen[-1] is False
+
+
 def test_add_partials_equals_the_torch_state_update_bit_for_bit():
     """``kernels.add_partials`` (the CPU path's state update) gives the state of ``NeuronStats._add_fast`` exactly,
     batch after batch, for neurons of either sign and of both; partials with a NaN or inf change nothing."""

@@ -225,6 +225,7 @@ class NeuronStats(Accumulator):
         self._grid: Grid | None = Grid.empty(width)
         self._binner: Binner | None = None
         self._buffers = kernels.UpdateBuffers()  # what the kernel calls of update reuse
+        self._rows_seen = 0  # rows updated since the state was made or replaced (when to bin in the moments' read)
         super().__init__()
 
     def _initial_state(self) -> dict[str, Tensor]:
@@ -254,6 +255,7 @@ class NeuronStats(Accumulator):
     def _state_changed(self) -> None:
         self._grid = None
         self._binner = None
+        self._rows_seen = 0
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor], **meta: Any) -> NeuronStats:
@@ -309,9 +311,13 @@ class NeuronStats(Accumulator):
             x = x.contiguous()  # (a copy only for a strided view; the kernel then reads it in place)
             grid, s = self._live_grid(), self._state
             # The grid changes in place and the kernel writes the edges of the windows that move (as _set_grid).
+            # Binning in the moments' own read pays off once few windows move per batch: not in the first few
+            # batches, whose new extremes move many (the counts are the same either way).
+            fuse = self._rows_seen >= 3 * x.shape[0]
+            self._rows_seen += x.shape[0]
             fused, done_np, moved = kernels.stats_update(
                 x, s["hist"], grid.level, grid.first, grid.last, s["hist_lo"], s["hist_hi"], self.hist_bins,
-                self.hist_sample_every, higher, self._buffers)
+                self.hist_sample_every, higher, self._buffers, fuse)
             if moved:
                 self._binner = None
             part = fused[: kernels.MOMENT_ROWS]
