@@ -295,9 +295,10 @@ class NeuronStats(Accumulator):
     def update(self, x: Tensor, higher: bool = False) -> Tensor | None:
         """Add a batch ``x`` ``[tokens, width]`` (any float dtype, any device).
 
-        A CPU batch takes one fused kernel call (:func:`neurospec.record.kernels.moments_histogram`): the float64
-        partials and the histogram of every neuron whose grid holds the batch; the other neurons (a new extreme
-        outside the window, non-finite values, the first batch) are binned afterwards on their widened grid.
+        A CPU batch takes one fused kernel call (:func:`neurospec.record.kernels.stats_update`): the float64
+        partials, each neuron's grid widened to its new extremes and the histogram of every neuron whose values
+        are all finite; a neuron with a NaN or infinite value is binned afterwards, with a mask, by the torch
+        path.
         Returns the kernel's partials (with ``higher``, also the 3rd and 4th power sums about the shift, rows
         :data:`~neurospec.record.kernels.HIGHER_ROWS`; a buffer that the next update overwrites: read it at once),
         or None on the torch path (other devices, kernels off)."""
@@ -313,8 +314,9 @@ class NeuronStats(Accumulator):
             # The grid changes in place and the kernel writes the edges of the windows that move (as _set_grid).
             # Binning in the moments' own read pays off once few windows move per batch: not in the first few
             # batches, whose new extremes move many (the counts are the same either way).
-            fuse = self._rows_seen >= 3 * x.shape[0]
-            self._rows_seen += x.shape[0]
+            seen = getattr(self, "_rows_seen", 0)  # (absent from an object pickled by an earlier version)
+            fuse = seen >= 3 * x.shape[0]
+            self._rows_seen = seen + x.shape[0]
             fused, done_np, moved = kernels.stats_update(
                 x, s["hist"], grid.level, grid.first, grid.last, s["hist_lo"], s["hist_hi"], self.hist_bins,
                 self.hist_sample_every, higher, self._buffers, fuse)

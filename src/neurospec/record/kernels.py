@@ -61,7 +61,7 @@ benchmark machine holds them: 496 columns at 256 bins). Wide blocks matter more 
 that the hardware prefetcher follows, where blocks of 128 columns (512 bytes per row, each row in another page)
 made the moments twice as slow on this project's machine. The moments take four rows at a time (each float64 sum
 is read and written once per four values). The histogram: once every neuron of a block has a grid and the caller
-allows it (``fuse``; NeuronStats does from its fourth batch on), the four rows are binned right after their
+allows it (``fuse``; NeuronStats does once it has seen three times the batch's rows), the four rows are binned right after their
 moments, on the grids as they stand: their slots are computed in a vectorised loop that also takes the least and
 greatest slot (an integer min/max reduction: a boolean "any value off its window" flag in that loop stopped its
 vectorisation and lost the gain), then added in a scalar loop; a group of four rows with a value in an end slot is
@@ -920,7 +920,8 @@ def _moments_call(x: Tensor, step: int, higher: bool, block: int, binning: int, 
     threads, which spin for a while after each of torch's parallel regions, take the other column ranges at once
     instead of sharing a core with a pool thread), else on the Python pool (:func:`_in_parallel`). ``out``: a
     float64 tensor or array; ``binning``: 0 (moments only), 1 (and the histogram, from a second read of each
-    block) or 2 (the histogram in the same read where every neuron of the block has a grid); ``edges``: ``(lo, hi, moved)`` arrays (float64 ``[width]`` twice, int64 ``[1]``): the
+    block) or 2 (the histogram in the same read where every neuron of the block has a grid); ``edges``:
+    ``(lo, hi, moved)`` arrays (float64 ``[width]`` twice, int64 ``[1]``): the
     edges of every window that moves are written there and ``moved[0]`` set to 1 if any moved."""
     import numpy as np
 
@@ -1055,8 +1056,8 @@ def moments_histogram(
     done = torch.zeros(width, dtype=torch.bool)
     block = max(16, min(_BLOCK, _COUNT_BYTES // ((bins + 2) * 8) // 16 * 16))
     _compile()
-    _moments_call(x, step, higher, block, 2 if fuse else 1, counts.numpy(), level.numpy(), first.numpy(), last.numpy(), bins,
-                  math.ceil(math.log2(bins)), done.numpy(), out)
+    _moments_call(x, step, higher, block, 2 if fuse else 1, counts.numpy(), level.numpy(), first.numpy(),
+                  last.numpy(), bins, math.ceil(math.log2(bins)), done.numpy(), out)
     return out, done
 
 
@@ -1136,8 +1137,8 @@ def stats_update(
     moved[0] = 0
     block = max(16, min(_BLOCK, _COUNT_BYTES // ((bins + 2) * 8) // 16 * 16))
     _compile()
-    _moments_call(x, step, higher, block, 2 if fuse else 1, c.reshape(-1), lv, f, la, bins, math.ceil(math.log2(bins)), done,
-                  outs, (lo_np, hi_np, moved))
+    _moments_call(x, step, higher, block, 2 if fuse else 1, c.reshape(-1), lv, f, la, bins,
+                  math.ceil(math.log2(bins)), done, outs, (lo_np, hi_np, moved))
     return out, done, bool(moved[0])
 
 
