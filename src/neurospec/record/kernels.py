@@ -159,6 +159,7 @@ _jit: dict[str, Any] | None = None  # the compiled kernels; {} when numba is una
 _nb_cell: Any = None  # helpers of the moments kernel (set by _compile; globals, not closure cells, so that
 _nb_fit_one: Any = None  # numba's on-disk cache can key the kernel that calls them)
 _nb_regrid_row: Any = None
+_nb_slot: Any = None
 _nb_cdf_knots: Any = None
 _nb_moments: Any = None
 _nb_as_pointer: Any = None
@@ -237,6 +238,18 @@ def _compile() -> dict[str, Any]:
             counts[row + i] = moved[i]
 
     _nb_regrid_row = regrid_row
+
+    @njit
+    def slot_one(v, s, h, lo, hi):  # pragma: no cover - compiled
+        # Binner.counts_torch's slot of one value, in x's dtype: clip(floor(v * s) - h, lo, hi) (s = 2**-level,
+        # h = first - 1, lo = 0, hi = bins + 1), a negative value whose product rounds to -0 in cell -1, NaN in lo
+        t = np.floor(v * s)
+        t -= (t == lo) & (v < lo)
+        t = min(max(t - h, lo), hi)
+        return t if t == t else lo
+
+    global _nb_slot
+    _nb_slot = slot_one
 
     @njit
     def cdf_knots_one(counts, j, low, high, kmin, kmax, knots, cum):  # pragma: no cover - compiled
@@ -408,12 +421,7 @@ def _compile() -> dict[str, Any]:
                         s4[k] += e * e
                 if fuse:  # (these last rows are looked at again below, whatever their values)
                     for k in range(m):
-                        v = row[k]
-                        t = np.floor(v * osc[k])
-                        t -= (t == lo) & (v < lo)
-                        t = min(max(t - osh[k], lo), hi)
-                        t = t if t == t else lo
-                        cb[np.int32(t) + offset[k]] += 1
+                        cb[np.int32(_nb_slot(row[k], osc[k], osh[k], lo, hi)) + offset[k]] += 1
             if step > 1:
                 for i in range(0, n, step):
                     row = x[i, j0:j1]
@@ -472,12 +480,7 @@ def _compile() -> dict[str, Any]:
                         sh[k] = f - 1.0
                     else:
                         for i in range(n):
-                            v = x[i, j]
-                            t = np.floor(v * osc[k])
-                            t -= (t == lo) & (v < lo)
-                            t = min(max(t - osh[k], lo), hi)
-                            t = t if t == t else lo
-                            cb[np.int32(t) + offset[k]] -= 1
+                            cb[np.int32(_nb_slot(x[i, j], osc[k], osh[k], lo, hi)) + offset[k]] -= 1
                     fix[nfix] = k
                     nfix += 1
                 if nfix == 0:
@@ -496,14 +499,9 @@ def _compile() -> dict[str, Any]:
                             if not done[j0 + k]:
                                 continue
                             v = row[k]
-                            t = np.floor(v * osc[k])
-                            t -= (t == lo) & (v < lo)
-                            t = min(max(t - osh[k], lo), hi)
+                            t = _nb_slot(v, osc[k], osh[k], lo, hi)
                             if t == lo or t == hi:
-                                t = np.floor(v * sc[k])
-                                t -= (t == lo) & (v < lo)
-                                t = min(max(t - sh[k], lo), hi)
-                                cb[np.int32(t) + offset[k]] += 1
+                                cb[np.int32(_nb_slot(v, sc[k], sh[k], lo, hi)) + offset[k]] += 1
                 continue
             # The histogram, from the block read again. Each neuron with finite values gets the grid of its old
             # values and this batch's (fit_grid, from its old grid and the extremes of the rows the histogram
